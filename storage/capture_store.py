@@ -1,0 +1,488 @@
+"""The per-sequence zarr v3 capture store, ``capture.zarr``.
+
+Layout: one chunk per (camera, frame), so a camera's frames are written by exactly one writer
+(parallel per-camera writers never share a chunk) and a random-pixel training batch from one
+(camera, t) decodes exactly one chunk. Stage bookkeeping lives in ``attrs["stages"]``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.storage
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from storage import uri as uris
+from storage.records import StageRecord
+
+ARRAY_NAMES = ("frames", "alpha", "depth", "backgrounds")
+FORMAT_NAME = "nersemble-pipeline/capture"
+FORMAT_VERSION = 1
+
+CameraKey = int | np.integer | str
+
+
+def _image_codec() -> BloscCodec:
+    # Bit-shuffled zstd: ~25% smaller than plain zstd on camera frames and masks, same
+    # end-to-end write speed through zarr (see the storage report).
+    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+def _depth_codec() -> ZstdCodec:
+    # Depth is mostly 0 plus smooth or quantised values: plain zstd is smaller and faster here.
+    return ZstdCodec(level=3)
+
+
+class CaptureStoreError(ValueError):
+    """The URI holds something that is not a usable capture store."""
+
+
+class UnknownCameraError(KeyError):
+    """A camera serial (or index) that the store does not have."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+def _open_zarr_store(uri: str, *, read_only: bool) -> zarr.abc.store.Store:
+    if uris.is_local(uri):
+        return zarr.storage.LocalStore(uri, read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(uri, read_only=read_only)
+
+
+def _matrices(name: str, value: Any, cameras: list[str], shape: tuple[int, int]) -> dict[str, list[list[float]]] | None:
+    """Validate per-camera matrices; one bare matrix is shared by every camera."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        shared = np.asarray(value, dtype=np.float64)
+        if shared.shape != shape:
+            raise ValueError(f"{name} must be a dict serial -> {shape[0]}x{shape[1]} or one shared {shape[0]}x{shape[1]}, got shape {shared.shape}")
+        value = {cam: shared for cam in cameras}
+    by_serial = {str(k): v for k, v in value.items()}
+    missing = [c for c in cameras if c not in by_serial]
+    extra = [k for k in by_serial if k not in cameras]
+    if missing or extra:
+        raise ValueError(f"{name} must have exactly the store's cameras; missing {missing}, unknown {extra}")
+    out: dict[str, list[list[float]]] = {}
+    for cam in cameras:
+        m = np.asarray(by_serial[cam], dtype=np.float64)
+        if m.shape != shape:
+            raise ValueError(f"{name}[{cam!r}] must be {shape[0]}x{shape[1]}, got shape {m.shape}")
+        if not np.all(np.isfinite(m)):
+            raise ValueError(f"{name}[{cam!r}] has non-finite values")
+        out[cam] = m.tolist()
+    return out
+
+
+class CaptureStore:
+    """The per-sequence zarr v3 group capture.zarr."""
+
+    def __init__(self, uri: str, group: zarr.Group, store: zarr.abc.store.Store):
+        """Use :meth:`create` or :meth:`open`; this only wraps an already-validated group."""
+        self.uri = uri
+        self.group = group
+        self._store = store
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"CaptureStore({self.uri!r}, cameras={self.n_cameras}, frames={self.n_frames}, "
+            f"size={self.height}x{self.width})"
+        )
+
+    # ------------------------------------------------------------------ create / open
+
+    @classmethod
+    def create(
+        cls,
+        uri: str,
+        *,
+        cameras: list[str],
+        n_frames: int,
+        height: int,
+        width: int,
+        fps: float,
+        frame_indices: list[int],
+        intrinsics: Mapping[str, Any] | None,
+        world_2_cam: Mapping[str, Any] | None,
+        overwrite: bool = False,
+    ) -> CaptureStore:
+        """Allocate the group and all arrays before any writer fans out.
+
+        ``intrinsics`` is K for the *stored* frame size. Refuses to replace an existing store
+        unless ``overwrite=True``, because a store holds hours of matting/depth work.
+        """
+        uri = uris.normalize(uri)
+        cams = [str(c) for c in cameras]
+        if not cams:
+            raise ValueError("a capture store needs at least one camera")
+        if len(set(cams)) != len(cams):
+            raise ValueError(f"camera serials must be unique, got {cams}")
+        if int(n_frames) < 1 or int(height) < 1 or int(width) < 1:
+            raise ValueError(f"n_frames, height and width must be positive, got {n_frames}, {height}, {width}")
+        n_frames, height, width = int(n_frames), int(height), int(width)
+        indices = [int(i) for i in frame_indices]
+        if len(indices) != n_frames:
+            raise ValueError(f"frame_indices has {len(indices)} entries, expected n_frames={n_frames}")
+        if not float(fps) > 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        attrs = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "cameras": cams,
+            "fps": float(fps),
+            "frame_indices": indices,
+            "intrinsics": _matrices("intrinsics", intrinsics, cams, (3, 3)),
+            "world_2_cam": _matrices("world_2_cam", world_2_cam, cams, (4, 4)),
+            "stages": {},
+        }
+        if cls.exists(uri):
+            if not overwrite:
+                raise FileExistsError(
+                    f"a capture store already exists at {uri}; pass overwrite=True to replace it"
+                )
+        store = _open_zarr_store(uri, read_only=False)
+        group = zarr.create_group(store, overwrite=overwrite, attributes=attrs)
+        c, t, h, w = len(cams), n_frames, height, width
+        specs = {
+            "frames": ((c, t, h, w, 3), (1, 1, h, w, 3), "uint8", _image_codec()),
+            "alpha": ((c, t, h, w), (1, 1, h, w), "uint8", _image_codec()),
+            "depth": ((c, t, h, w), (1, 1, h, w), "float32", _depth_codec()),
+            "backgrounds": ((c, h, w, 3), (1, h, w, 3), "uint8", _image_codec()),
+        }
+        for name, (shape, chunks, dtype, codec) in specs.items():
+            group.create_array(
+                name, shape=shape, chunks=chunks, dtype=dtype, compressors=codec,
+                fill_value=0, overwrite=overwrite,
+            )
+        return cls(uri, zarr.open_group(store, mode="r+"), store)
+
+    @classmethod
+    def open(cls, uri: str, mode: str = "r") -> CaptureStore:
+        """Open an existing store, ``"r"`` to read or ``"r+"`` to write chunks and attrs."""
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r} (use CaptureStore.create to make one)")
+        uri = uris.normalize(uri)
+        if not cls.exists(uri):
+            raise FileNotFoundError(f"no capture store at {uri} (no zarr.json there); run the ingest stage first")
+        store = _open_zarr_store(uri, read_only=(mode == "r"))
+        try:
+            group = zarr.open_group(store, mode=mode)
+        except Exception as exc:  # an array or a v2 node where a v3 group should be
+            raise CaptureStoreError(f"{uri} is not a zarr v3 group, so not a capture store: {exc}") from exc
+        attrs = dict(group.attrs)
+        missing_attrs = [k for k in ("cameras", "fps", "frame_indices") if k not in attrs]
+        members = set(group.array_keys())
+        missing_arrays = [n for n in ARRAY_NAMES if n not in members]
+        if missing_attrs or missing_arrays:
+            raise CaptureStoreError(
+                f"{uri} is a zarr group but not a capture store: missing attrs {missing_attrs}, "
+                f"missing arrays {missing_arrays}"
+            )
+        return cls(uri, group, store)
+
+    @staticmethod
+    def exists(uri: str) -> bool:
+        """True if a zarr node (normally a capture store) is at ``uri``."""
+        uri = uris.normalize(uri)
+        if uris.is_local(uri):
+            return os.path.isfile(os.path.join(uri, "zarr.json"))
+        fs, path = uris.filesystem(uri)
+        return bool(fs.exists(f"{path.rstrip('/')}/zarr.json"))
+
+    def refresh(self) -> None:
+        """Re-read the group's attrs (another process may have written calibration or records)."""
+        self.group = zarr.open_group(self._store, mode="r" if self._store.read_only else "r+")
+
+    # ------------------------------------------------------------------ arrays and attrs
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in ARRAY_NAMES:
+            raise KeyError(f"unknown array {name!r}; a capture store has {list(ARRAY_NAMES)}")
+        if name not in self._arrays:
+            arr = self.group[name]
+            assert isinstance(arr, zarr.Array)
+            self._arrays[name] = arr
+        return self._arrays[name]
+
+    @property
+    def frames(self) -> zarr.Array:
+        return self._array("frames")
+
+    @property
+    def alpha(self) -> zarr.Array:
+        return self._array("alpha")
+
+    @property
+    def depth(self) -> zarr.Array:
+        return self._array("depth")
+
+    @property
+    def backgrounds(self) -> zarr.Array:
+        return self._array("backgrounds")
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """A snapshot of the group attrs as loaded (see :meth:`refresh`)."""
+        return dict(self.group.attrs)
+
+    @property
+    def cameras(self) -> list[str]:
+        return [str(c) for c in self.group.attrs["cameras"]]
+
+    @property
+    def fps(self) -> float:
+        return float(self.group.attrs["fps"])
+
+    @property
+    def frame_indices(self) -> list[int]:
+        return [int(i) for i in self.group.attrs["frame_indices"]]
+
+    @property
+    def n_cameras(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.frames.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.frames.shape[2])
+
+    @property
+    def width(self) -> int:
+        return int(self.frames.shape[3])
+
+    @property
+    def intrinsics(self) -> dict[str, np.ndarray] | None:
+        """serial -> 3x3 K (float64) for the stored frame size, or None before calibration."""
+        return self._matrix_attr("intrinsics")
+
+    @property
+    def world_2_cam(self) -> dict[str, np.ndarray] | None:
+        """serial -> 4x4 world-to-camera (OpenCV axes, metres), or None before calibration."""
+        return self._matrix_attr("world_2_cam")
+
+    def _matrix_attr(self, key: str) -> dict[str, np.ndarray] | None:
+        value = self.group.attrs.get(key)
+        if value is None:
+            return None
+        return {str(k): np.asarray(v, dtype=np.float64) for k, v in value.items()}
+
+    def camera_index(self, serial: str) -> int:
+        """Position of a camera serial along the camera axis."""
+        cams = self.cameras
+        try:
+            return cams.index(str(serial))
+        except ValueError:
+            raise UnknownCameraError(
+                f"camera {serial!r} is not in the capture store {self.uri}; known cameras: {cams}"
+            ) from None
+
+    def _cam(self, camera: CameraKey) -> int:
+        if isinstance(camera, str):
+            return self.camera_index(camera)
+        if isinstance(camera, (bool, np.bool_)) or not isinstance(camera, (int, np.integer)):
+            raise TypeError(f"camera must be an index or a serial string, got {type(camera).__name__}")
+        idx = int(camera)
+        if not 0 <= idx < self.n_cameras:
+            raise UnknownCameraError(
+                f"camera index {idx} is out of range for {self.n_cameras} cameras in {self.uri}"
+            )
+        return idx
+
+    def _t(self, t: int) -> int:
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise TypeError(f"frame index t must be an int, got {type(t).__name__}")
+        if not 0 <= int(t) < self.n_frames:
+            raise IndexError(f"frame index t={int(t)} is out of range for {self.n_frames} frames in {self.uri}")
+        return int(t)
+
+    def _update_attrs(self, updates: dict[str, Any]) -> None:
+        """Read-modify-write the attrs from a fresh read, so keys other writers set survive."""
+        if self._store.read_only:
+            raise PermissionError(f"capture store {self.uri} is open read-only; open it with mode='r+'")
+        fresh = zarr.open_group(self._store, mode="r+")
+        fresh.attrs.update(updates)
+        self.group = fresh
+
+    def set_calibration(self, intrinsics: Mapping[str, Any], world_2_cam: Mapping[str, Any]) -> None:
+        """Store K (for the stored frame size) and world_2_cam (4x4) for every camera."""
+        cams = self.cameras
+        self._update_attrs({
+            "intrinsics": _matrices("intrinsics", intrinsics, cams, (3, 3)),
+            "world_2_cam": _matrices("world_2_cam", world_2_cam, cams, (4, 4)),
+        })
+
+    def set_frame_count(self, n_frames: int, frame_indices: list[int] | None = None) -> None:
+        """Change the time axis of frames/alpha/depth, e.g. when the videos were shorter than planned.
+
+        Ingest allocates the store before decoding (so per-camera writers can fan out) and
+        trims it afterwards. Shrinking drops the chunks past the end and truncates
+        ``frame_indices``; growing needs the full new ``frame_indices``.
+        """
+        n_frames = int(n_frames)
+        if n_frames < 1:
+            raise ValueError(f"n_frames must be positive, got {n_frames}")
+        if frame_indices is None:
+            if n_frames > self.n_frames:
+                raise ValueError(
+                    f"growing {self.uri} from {self.n_frames} to {n_frames} frames needs frame_indices"
+                )
+            indices = self.frame_indices[:n_frames]
+        else:
+            indices = [int(i) for i in frame_indices]
+            if len(indices) != n_frames:
+                raise ValueError(f"frame_indices has {len(indices)} entries, expected {n_frames}")
+        if self._store.read_only:
+            raise PermissionError(f"capture store {self.uri} is open read-only; open it with mode='r+'")
+        for name in ("frames", "alpha", "depth"):
+            arr = self._array(name)
+            arr.resize((arr.shape[0], n_frames, *arr.shape[2:]))
+        self._update_attrs({"frame_indices": indices})
+
+    # ------------------------------------------------------------------ reads
+
+    def read_frame(self, camera: CameraKey, t: int) -> np.ndarray:
+        """(H, W, 3) uint8; decodes one chunk."""
+        return np.asarray(self.frames[self._cam(camera), self._t(t)])
+
+    def read_alpha(self, camera: CameraKey, t: int) -> np.ndarray:
+        """(H, W) uint8, 0 = background, 255 = foreground; decodes one chunk."""
+        return np.asarray(self.alpha[self._cam(camera), self._t(t)])
+
+    def read_depth(self, camera: CameraKey, t: int) -> np.ndarray:
+        """(H, W) float32 z-depth in metres, 0 = invalid; decodes one chunk."""
+        return np.asarray(self.depth[self._cam(camera), self._t(t)])
+
+    def read_background(self, camera: CameraKey) -> np.ndarray:
+        """(H, W, 3) uint8 background plate (zeros if none was written)."""
+        return np.asarray(self.backgrounds[self._cam(camera)])
+
+    def read_frames(self, camera: CameraKey, t_start: int = 0, t_stop: int | None = None) -> np.ndarray:
+        """(T', H, W, 3) uint8 for a run of frames of one camera (sequential readers: export, matting)."""
+        c = self._cam(camera)
+        stop = self.n_frames if t_stop is None else t_stop
+        if not 0 <= t_start <= stop <= self.n_frames:
+            raise IndexError(f"frame range [{t_start}, {stop}) is out of range for {self.n_frames} frames")
+        return np.asarray(self.frames[c, t_start:stop])
+
+    def read_pixels(
+        self, array_name: str, camera: CameraKey, t: int | None, ys: np.ndarray, xs: np.ndarray
+    ) -> np.ndarray:
+        """Pixels at (ys, xs) of one (camera, t): shape ``ys.shape`` (+ ``(3,)`` for colour).
+
+        Training samples random pixels from random (camera, t) pairs; this fetches and decodes
+        only that one chunk. For ``backgrounds`` ``t`` is ignored.
+        """
+        arr = self._array(array_name)
+        ys_arr = np.asarray(ys)
+        xs_arr = np.asarray(xs)
+        if ys_arr.shape != xs_arr.shape:
+            raise ValueError(f"ys and xs must have the same shape, got {ys_arr.shape} and {xs_arr.shape}")
+        for label, v, limit in (("ys", ys_arr, self.height), ("xs", xs_arr, self.width)):
+            if v.size and not np.issubdtype(v.dtype, np.integer):
+                raise TypeError(f"{label} must be integers, got {v.dtype}")
+            if v.size and (v.min() < 0 or v.max() >= limit):
+                raise IndexError(f"{label} out of range [0, {limit}): min {v.min()}, max {v.max()}")
+        c = self._cam(camera)
+        trailing = arr.shape[4:] if array_name != "backgrounds" else arr.shape[3:]
+        if ys_arr.size == 0:
+            return np.zeros(ys_arr.shape + tuple(trailing), dtype=arr.dtype)
+        # Basic indexing pinned to one (camera, t) touches exactly one chunk; the bounding box
+        # keeps the copy small when the batch is local (e.g. a patch).
+        y0, y1 = int(ys_arr.min()), int(ys_arr.max()) + 1
+        x0, x1 = int(xs_arr.min()), int(xs_arr.max()) + 1
+        if array_name == "backgrounds":
+            window = np.asarray(arr[c, y0:y1, x0:x1])
+        else:
+            window = np.asarray(arr[c, self._t(t), y0:y1, x0:x1])  # type: ignore[arg-type]
+        return window[ys_arr - y0, xs_arr - x0]
+
+    # ------------------------------------------------------------------ writes
+
+    def _check_image(self, name: str, image: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        arr = np.asarray(image)
+        if arr.shape != shape:
+            raise ValueError(f"{name} must have shape {shape} for store {self.uri}, got {arr.shape}")
+        if dtype == np.uint8 and arr.dtype != np.uint8:
+            if name == "alpha" and arr.dtype == np.bool_:
+                return arr.astype(np.uint8) * 255
+            raise TypeError(f"{name} must be uint8, got {arr.dtype} (scale and convert explicitly)")
+        if dtype == np.float32 and not np.issubdtype(arr.dtype, np.floating):
+            raise TypeError(f"{name} must be floating point (metres), got {arr.dtype}")
+        return np.ascontiguousarray(arr, dtype=dtype)
+
+    def write_frame(self, camera: CameraKey, t: int, image: np.ndarray) -> None:
+        """Write one (H, W, 3) uint8 frame: exactly one chunk."""
+        c, ti = self._cam(camera), self._t(t)
+        self.frames[c, ti] = self._check_image("frame", image, (self.height, self.width, 3), np.dtype(np.uint8))
+
+    def write_frames(self, camera: CameraKey, t_start: int, images: np.ndarray) -> None:
+        """Write (T', H, W, 3) uint8 frames of one camera starting at ``t_start``.
+
+        One call lets zarr compress the chunks concurrently, so ingest should prefer it.
+        """
+        c = self._cam(camera)
+        arr = np.asarray(images)
+        if arr.ndim != 4:
+            raise ValueError(f"frames must have shape (T, {self.height}, {self.width}, 3), got {arr.shape}")
+        stop = t_start + arr.shape[0]
+        if not 0 <= t_start <= stop <= self.n_frames:
+            raise IndexError(f"frames [{t_start}, {stop}) do not fit in {self.n_frames} frames")
+        arr = self._check_image("frames", arr, (arr.shape[0], self.height, self.width, 3), np.dtype(np.uint8))
+        self.frames[c, t_start:stop] = arr
+
+    def write_alpha(self, camera: CameraKey, t: int, alpha: np.ndarray) -> None:
+        """Write one (H, W) uint8 matte (bool masks become 0/255)."""
+        c, ti = self._cam(camera), self._t(t)
+        self.alpha[c, ti] = self._check_image("alpha", alpha, (self.height, self.width), np.dtype(np.uint8))
+
+    def write_depth(self, camera: CameraKey, t: int, depth: np.ndarray) -> None:
+        """Write one (H, W) z-depth map in metres (0 = invalid), stored as float32."""
+        c, ti = self._cam(camera), self._t(t)
+        self.depth[c, ti] = self._check_image("depth", depth, (self.height, self.width), np.dtype(np.float32))
+
+    def write_background(self, camera: CameraKey, image: np.ndarray) -> None:
+        """Write one camera's (H, W, 3) uint8 background plate."""
+        c = self._cam(camera)
+        self.backgrounds[c] = self._check_image("background", image, (self.height, self.width, 3), np.dtype(np.uint8))
+
+    # ------------------------------------------------------------------ stage records
+
+    def stage_records(self) -> dict[str, StageRecord]:
+        """All stage records, freshly read from the store."""
+        self.refresh()
+        raw = self.group.attrs.get("stages") or {}
+        return {name: StageRecord.from_json(rec) for name, rec in raw.items()}
+
+    def stage_record(self, stage: str) -> StageRecord | None:
+        """The stage's record as currently stored, or None if it has not finished."""
+        return self.stage_records().get(stage)
+
+    def is_complete(
+        self, stage: str, config_hash: str, input_digest: str | None = None, *, version: str | None = None
+    ) -> bool:
+        """True if the stage finished with this config hash (and input digest / version, when given)."""
+        record = self.stage_record(stage)
+        return record is not None and record.matches(config_hash, input_digest, version)
+
+    def write_stage_record(self, record: StageRecord) -> None:
+        """Mark a stage finished; call this LAST, after all its outputs are written."""
+        self.refresh()
+        stages = dict(self.group.attrs.get("stages") or {})
+        stages[record.stage] = record.to_json()
+        self._update_attrs({"stages": stages})
+
+    def clear_stage_record(self, stage: str) -> None:
+        """Forget a stage's record; call this BEFORE rewriting its outputs, so a crash mid-way reruns it."""
+        self.refresh()
+        stages = dict(self.group.attrs.get("stages") or {})
+        if stages.pop(stage, None) is not None:
+            self._update_attrs({"stages": stages})
