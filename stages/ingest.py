@@ -14,7 +14,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +26,8 @@ from pipeline.config import IngestConfig
 from pipeline.errors import CaptureLayoutError, PipelineError, VideoError
 from pipeline.raw_capture import RawSequence, discover_sequence
 from pipeline.video import VideoInfo, iter_frames, probe_video
-from storage import CaptureStore, SequenceWorkDir, StageRecord, config_hash, digest_of, sequence_lock
+from stages.bookkeeping import finish_stage
+from storage import CaptureStore, SequenceWorkDir, config_hash, digest_of, sequence_lock
 
 STAGE = "ingest"
 VERSION = "1"
@@ -303,7 +303,4 @@ def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, c
         "config": config.model_dump(),
         "config_hash": chash,
     }
-    work.write_report(STAGE, report)
-    store.write_stage_record(StageRecord(stage=STAGE, version=VERSION, config_hash=chash, input_digest=digest,
-                                         finished_at=datetime.now(timezone.utc).isoformat(), report=report))
-    return report
+    return finish_stage(store, work, STAGE, VERSION, chash, digest, report)
