@@ -1,0 +1,41 @@
+"""Prefect tasks around the stages. They pass paths, configs and reports, never frames.
+
+Retries are for transient I/O only (a network file system hiccup, a busy object store); bad input fails
+at once, because retrying it would only repeat the same clear error.
+"""
+
+from __future__ import annotations
+
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from pipeline.config import IngestConfig
+from pipeline.errors import PipelineError
+
+
+def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry OSErrors that are not about missing files; never retry bad input."""
+    try:
+        state.result()
+    except PipelineError:
+        return False
+    except (FileNotFoundError, FileExistsError, PermissionError):
+        return False
+    except (OSError, TimeoutError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+# The store's stage records are the cache: Prefect's own input caching is off.
+stage_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=is_transient)
+
+
+@stage_task(name="ingest")
+def ingest_task(raw_sequence_dir: str, work_root: str, config: IngestConfig) -> dict:
+    from stages.ingest import ingest_sequence
+
+    return ingest_sequence(raw_sequence_dir, work_root, config)

@@ -1,0 +1,38 @@
+"""The sequence flow under Prefect's real test harness: stages run, artifacts appear, re-runs skip."""
+
+import asyncio
+
+import pytest
+
+from flows.sequence import process_sequence
+from pipeline.config import IngestConfig
+from pipeline.synthetic import synthesize_capture
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory):
+    return synthesize_capture(tmp_path_factory.mktemp("archive"), cameras=3, frames=3, width=48, height=64)
+
+
+async def _artifact_keys() -> set[str]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return {artifact.key for artifact in await client.read_artifacts() if artifact.key}
+
+
+def test_sequence_flow_ingests_publishes_and_skips_on_rerun(prefect_harness, capture, tmp_path):
+    reports = process_sequence(str(capture.sequence_dir), str(tmp_path), IngestConfig(count=2))
+    assert reports["ingest"]["status"] == "completed" and reports["ingest"]["frames"] == 2
+    assert "ingest-001-exp-1-head" in asyncio.run(_artifact_keys())
+    again = process_sequence(str(capture.sequence_dir), str(tmp_path), IngestConfig(count=2))
+    assert again["ingest"]["status"] == "skipped"
+
+
+def test_sequence_flow_fails_on_bad_input_without_retrying(prefect_harness, tmp_path):
+    bad = tmp_path / "archive" / "001" / "sequences" / "EMPTY"
+    (bad / "images").mkdir(parents=True)
+    state = process_sequence(str(bad), str(tmp_path / "work"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="no camera videos"):
+        state.result()
