@@ -31,6 +31,7 @@ from storage import CaptureStore, SequenceWorkDir, config_hash, digest_of, seque
 
 STAGE = "ingest"
 VERSION = "1"
+WRITE_BATCH = 4  # frames per camera held before a write: memory stays at a few frames per worker
 
 ProgressCallback = Callable[[str, int], None]  # (serial, frames written so far)
 
@@ -193,6 +194,16 @@ def _decode_camera(store: CaptureStore, index: int, plan: IngestPlan, config: In
     path = plan.raw.videos[serial]
     size = plan.size if plan.size != plan.source_size else None
     matrix = plan.color_matrices.get(serial)
+    pending: list[np.ndarray] = []  # a few frames, written together so zarr compresses them in parallel
+
+    def flush() -> None:
+        if pending:
+            store.write_frames(index, result.frames, np.stack(pending))
+            result.frames += len(pending)
+            pending.clear()
+            if progress:
+                progress(serial, result.frames)
+
     try:
         frames = iter_frames(path, start=config.start, count=config.count, stride=config.stride, size=size,
                              threads=config.decoder_threads, info=plan.videos[serial])
@@ -204,10 +215,10 @@ def _decode_camera(store: CaptureStore, index: int, plan: IngestPlan, config: In
             if t >= plan.capacity:
                 frames.close()
                 raise VideoError(f"{path}: camera {serial} has more frames than its container's duration announces")
-            store.write_frame(index, t, apply_color_correction(frame, matrix) if matrix is not None else frame)
-            result.frames = t + 1
-            if progress:
-                progress(serial, t + 1)
+            pending.append(apply_color_correction(frame, matrix) if matrix is not None else frame)
+            if len(pending) == WRITE_BATCH:
+                flush()
+        flush()
     except (VideoError, OSError) as error:
         result.error = f"camera {serial}: {error}"
         stop.set()
