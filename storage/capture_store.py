@@ -20,6 +20,7 @@ from storage import uri as uris
 from storage.records import StageRecord
 
 ARRAY_NAMES = ("frames", "alpha", "depth", "backgrounds")
+_NEVER_EMPTY = ("frames", "backgrounds")
 FORMAT_NAME = "nersemble-pipeline/capture"
 FORMAT_VERSION = 1
 
@@ -212,6 +213,10 @@ class CaptureStore:
         if name not in self._arrays:
             arr = self.group[name]
             assert isinstance(arr, zarr.Array)
+            if name in _NEVER_EMPTY:
+                # zarr compares every chunk with the fill value before writing it, which costs as much as
+                # compressing it; camera images are never all zero, so skip that check for them.
+                arr = arr.with_config({"write_empty_chunks": True})
             self._arrays[name] = arr
         return self._arrays[name]
 
