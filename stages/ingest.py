@@ -97,7 +97,8 @@ def plan_ingest(raw: RawSequence, config: IngestConfig) -> IngestPlan:
     """Validate the capture and decide sizes, without decoding a frame."""
     warnings: list[str] = []
     serials = _select_cameras(raw, config)
-    videos = {serial: probe_video(raw.videos[serial]) for serial in serials}
+    with ThreadPoolExecutor(max_workers=8) as pool:  # each probe is one short ffmpeg process
+        videos = dict(zip(serials, pool.map(probe_video, (raw.videos[s] for s in serials))))
     sizes = {(info.width, info.height) for info in videos.values()}
     if len(sizes) > 1:
         reference = videos[serials[0]]
