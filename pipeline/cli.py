@@ -109,6 +109,94 @@ def ingest(
     _print_report(report, ("frames", "size", "fps", "decode_seconds", "frames_per_second", "megabytes_per_second"))
 
 
+@app.command()
+@_user_errors
+def calibrate(
+    sequence_work_dir: Annotated[Path, typer.Argument(help="<WORK>/<PID>/<SEQ>, holding an ingested capture.zarr")],
+    mode: Annotated[str, typer.Option(help="provided | colmap | refine | auto (auto: provided when present, "
+                                           "else colmap)")] = "auto",
+    timesteps: Annotated[int, typer.Option(help="frames per camera whose features that camera pools")] = 8,
+    shared_intrinsics: Annotated[bool, typer.Option(help="one K for every camera")] = False,
+    focal: Annotated[str, typer.Option(help="auto | fixed | refine (auto: fixed at the provided K when there is "
+                                            "one and intrinsics are per camera)")] = "auto",
+    masks: Annotated[bool, typer.Option(help="keep only features on the matte's foreground (run matte first)")]
+    = False,
+    subject_distance: Annotated[float, typer.Option(help="metres from cameras to subject: the scale when no "
+                                                         "calibration was provided")] = 1.0,
+    threads: Annotated[int, typer.Option(help="COLMAP threads (0 = one per core)")] = 0,
+    lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
+) -> None:
+    """Write every camera's K and world_2_cam: the rig's json, or estimated/refined with COLMAP (skipped when done)."""
+    from pydantic import ValidationError
+
+    from pipeline.config import CalibrateConfig
+    from stages.calibrate import calibrate_sequence
+
+    try:
+        config = CalibrateConfig(mode=mode, timesteps=timesteps, shared_intrinsics=shared_intrinsics, focal=focal,
+                                 use_masks=masks, subject_distance=subject_distance, threads=threads,
+                                 lock_timeout=lock_timeout)
+    except ValidationError as error:  # its messages name the field and the allowed values
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
+        raise PipelineError(f"invalid calibrate option: {problems}") from None
+    report = calibrate_sequence(sequence_work_dir, config)
+    typer.echo(f"calibrate {report['status']}: {report.get('solution', '?')} calibration, "
+               f"{report.get('registered_cameras', '?')}/{report.get('cameras_total', '?')} cameras")
+    _print_calibration(report)
+
+
+def _print_calibration(report: dict) -> None:
+    """The calibrate report in a few lines: quality, what failed, time per phase, where the files are."""
+    if report.get("points") is not None:
+        typer.echo(f"  {report['points']} points, mean reprojection error "
+                   f"{report['reprojection_error_px']['mean']:.3f} px")
+    for key, label in (("against_provided", "against provided"), ("motion", "refinement moved")):
+        if report.get(key):
+            rotation, centre = report[key]["rotation_deg"], report[key]["center_mm"]
+            typer.echo(f"  {label}: rotation median {rotation['median']:.3f} / max {rotation['max']:.3f} deg, "
+                       f"centre median {centre['median']:.2f} / max {centre['max']:.2f} mm")
+    for serial in report.get("failed_cameras", []):
+        typer.secho(f"  camera {serial}: {'; '.join(report['cameras'][serial]['problems'])}", fg=typer.colors.YELLOW)
+    phases = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in report.get("timings_s", {}).items())
+    if phases:
+        typer.echo(f"  time: {phases}")
+    for name, uri in report.get("outputs", {}).items():
+        typer.echo(f"  {name:<13} {uri}")
+    for warning in report.get("warnings", []):
+        typer.secho(f"  warning: {warning}", fg=typer.colors.YELLOW)
+
+
+@app.command()
+@_user_errors
+def matte(
+    sequence_work_dir: Annotated[Path, typer.Argument(help="<WORK>/<PID>/<SEQ>, holding an ingested capture.zarr")],
+    method: Annotated[str, typer.Option(help="auto | plate | rembg | fused (auto: fused with a plate, else rembg)")]
+    = "auto",
+    model: Annotated[str, typer.Option(help="rembg model name in the models folder, or a path to an .onnx file")]
+    = "u2netp",
+    plate_dir: Annotated[Optional[Path], typer.Option(help="folder of image_<SERIAL>.jpg plates replacing the "
+                                                           "ingested ones")] = None,
+    temporal_radius: Annotated[int, typer.Option(help="neighbouring frames each side that steady the matte")] = 1,
+    workers: Annotated[int, typer.Option(help="cameras matted in parallel (0 = one per core)")] = 0,
+    lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
+) -> None:
+    """Fill the store's alpha from background plates and/or rembg (skipped when already done)."""
+    from pydantic import ValidationError
+
+    from pipeline.config import MatteConfig
+    from stages.matting import matte_sequence
+
+    try:
+        config = MatteConfig(method=method, model=model, plate_dir=str(plate_dir) if plate_dir else None,
+                             temporal_radius=temporal_radius, workers=workers, lock_timeout=lock_timeout)
+    except ValidationError as error:  # its messages name the field and the allowed values
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
+        raise PipelineError(f"invalid matte option: {problems}") from None
+    report = matte_sequence(sequence_work_dir, config)
+    typer.echo(f"matte {report['status']}: {report['store']}")
+    _print_report(report, ("methods", "coverage", "seconds", "frames_per_second", "preview"))
+
+
 @app.command("list")
 @_user_errors
 def list_captures(
