@@ -12,10 +12,11 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.artifacts import publish_stage_report
-from flows.tasks import ingest_task
-from pipeline.config import IngestConfig
+from flows.tasks import calibrate_task, ingest_task
+from pipeline.config import CalibrateConfig, IngestConfig
+from storage import SequenceWorkDir
 
-STAGES = ("ingest",)
+STAGES = ("ingest", "calibrate")
 
 
 def _run_name() -> str:
@@ -29,6 +30,7 @@ def process_sequence(
     raw_sequence_dir: str,
     work_root: str,
     ingest: IngestConfig = IngestConfig(),
+    calibrate: CalibrateConfig = CalibrateConfig(),
     stages: list[str] | None = None,
 ) -> dict[str, dict]:
     """Run the pipeline on ``<archive>/<PID>/sequences/<SEQ>``; returns each stage's report."""
@@ -40,8 +42,11 @@ def process_sequence(
     path = Path(raw_sequence_dir)
     participant, sequence = path.parent.parent.name, path.name
     reports: dict[str, dict] = {}
+    work = SequenceWorkDir.for_sequence(work_root, participant, sequence)
     if "ingest" in wanted:
         reports["ingest"] = ingest_task(str(path), work_root, ingest)
+    if "calibrate" in wanted:
+        reports["calibrate"] = calibrate_task(work.uri, calibrate)
     for stage, report in reports.items():
         logger.info("%s %s", stage, report["status"])
         publish_stage_report(stage, participant, sequence, report)

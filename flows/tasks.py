@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from pipeline.config import IngestConfig
+from pipeline.config import CalibrateConfig, IngestConfig
 from pipeline.errors import PipelineError
 
 
@@ -39,3 +39,10 @@ def ingest_task(raw_sequence_dir: str, work_root: str, config: IngestConfig) -> 
     from stages.ingest import ingest_sequence
 
     return ingest_sequence(raw_sequence_dir, work_root, config)
+
+
+@stage_task(name="calibrate")
+def calibrate_task(sequence_work_dir: str, config: CalibrateConfig) -> dict:
+    from stages.calibrate import calibrate_sequence
+
+    return calibrate_sequence(sequence_work_dir, config)

@@ -24,9 +24,10 @@ async def _artifact_keys() -> set[str]:
 def test_sequence_flow_ingests_publishes_and_skips_on_rerun(prefect_harness, capture, tmp_path):
     reports = process_sequence(str(capture.sequence_dir), str(tmp_path), IngestConfig(count=2))
     assert reports["ingest"]["status"] == "completed" and reports["ingest"]["frames"] == 2
-    assert "ingest-001-exp-1-head" in asyncio.run(_artifact_keys())
+    assert reports["calibrate"]["status"] == "completed" and reports["calibrate"]["resolved_mode"] == "provided"
+    assert {"ingest-001-exp-1-head", "calibrate-001-exp-1-head"} <= asyncio.run(_artifact_keys())
     again = process_sequence(str(capture.sequence_dir), str(tmp_path), IngestConfig(count=2))
-    assert again["ingest"]["status"] == "skipped"
+    assert again["ingest"]["status"] == again["calibrate"]["status"] == "skipped"
 
 
 def test_sequence_flow_fails_on_bad_input_without_retrying(prefect_harness, tmp_path):
