@@ -12,11 +12,11 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.artifacts import publish_stage_report
-from flows.tasks import calibrate_task, ingest_task
-from pipeline.config import CalibrateConfig, IngestConfig
+from flows.tasks import calibrate_task, ingest_task, matte_task
+from pipeline.config import CalibrateConfig, IngestConfig, MatteConfig
 from storage import SequenceWorkDir
 
-STAGES = ("ingest", "calibrate")
+STAGES = ("ingest", "calibrate", "matte")
 
 
 def _run_name() -> str:
@@ -31,6 +31,7 @@ def process_sequence(
     work_root: str,
     ingest: IngestConfig = IngestConfig(),
     calibrate: CalibrateConfig = CalibrateConfig(),
+    matte: MatteConfig = MatteConfig(),
     stages: list[str] | None = None,
 ) -> dict[str, dict]:
     """Run the pipeline on ``<archive>/<PID>/sequences/<SEQ>``; returns each stage's report."""
@@ -47,6 +48,8 @@ def process_sequence(
         reports["ingest"] = ingest_task(str(path), work_root, ingest)
     if "calibrate" in wanted:
         reports["calibrate"] = calibrate_task(work.uri, calibrate)
+    if "matte" in wanted:
+        reports["matte"] = matte_task(work.uri, matte)
     for stage, report in reports.items():
         logger.info("%s %s", stage, report["status"])
         publish_stage_report(stage, participant, sequence, report)

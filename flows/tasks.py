@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from pipeline.config import CalibrateConfig, IngestConfig
+from pipeline.config import CalibrateConfig, IngestConfig, MatteConfig
 from pipeline.errors import PipelineError
 
 
@@ -46,3 +46,10 @@ def calibrate_task(sequence_work_dir: str, config: CalibrateConfig) -> dict:
     from stages.calibrate import calibrate_sequence
 
     return calibrate_sequence(sequence_work_dir, config)
+
+
+@stage_task(name="matte")
+def matte_task(sequence_work_dir: str, config: MatteConfig) -> dict:
+    from stages.matting import matte_sequence
+
+    return matte_sequence(sequence_work_dir, config)

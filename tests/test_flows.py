@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from flows.sequence import process_sequence
-from pipeline.config import IngestConfig
+from pipeline.config import IngestConfig, MatteConfig
 from pipeline.synthetic import synthesize_capture
 
 
@@ -22,12 +22,16 @@ async def _artifact_keys() -> set[str]:
 
 
 def test_sequence_flow_ingests_publishes_and_skips_on_rerun(prefect_harness, capture, tmp_path):
-    reports = process_sequence(str(capture.sequence_dir), str(tmp_path), IngestConfig(count=2))
+    reports = process_sequence(str(capture.sequence_dir), str(tmp_path), IngestConfig(count=2),
+                               matte=MatteConfig(method="plate"))
     assert reports["ingest"]["status"] == "completed" and reports["ingest"]["frames"] == 2
     assert reports["calibrate"]["status"] == "completed" and reports["calibrate"]["resolved_mode"] == "provided"
-    assert {"ingest-001-exp-1-head", "calibrate-001-exp-1-head"} <= asyncio.run(_artifact_keys())
-    again = process_sequence(str(capture.sequence_dir), str(tmp_path), IngestConfig(count=2))
-    assert again["ingest"]["status"] == again["calibrate"]["status"] == "skipped"
+    assert reports["matte"]["status"] == "completed"
+    keys = asyncio.run(_artifact_keys())
+    assert {f"{stage}-001-exp-1-head" for stage in ("ingest", "calibrate", "matte")} <= keys
+    again = process_sequence(str(capture.sequence_dir), str(tmp_path), IngestConfig(count=2),
+                             matte=MatteConfig(method="plate"))
+    assert {report["status"] for report in again.values()} == {"skipped"}
 
 
 def test_sequence_flow_fails_on_bad_input_without_retrying(prefect_harness, tmp_path):
