@@ -10,6 +10,8 @@ POOL ?= cpu
 DEMO_OUT ?= demo-output
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# The embedded API server migrates its database on first start: slow on a busy 2-core machine.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export U2NET_HOME := $(CURDIR)/models
 
 .PHONY: install demo test bench ui worker deploy clean
