@@ -197,6 +197,39 @@ def matte(
     _print_report(report, ("methods", "coverage", "seconds", "frames_per_second", "preview"))
 
 
+@app.command()
+@_user_errors
+def depth(
+    sequence_work_dir: Annotated[Path, typer.Argument(help="<WORK>/<PID>/<SEQ>, calibrated and matted")],
+    method: Annotated[str, typer.Option(help="auto | sweep | colmap (auto: COLMAP PatchMatch where pycolmap has "
+                                             "CUDA, else the torch plane sweep)")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda: where the plane sweep runs")] = "auto",
+    neighbours: Annotated[int, typer.Option(help="source cameras per view, nearest by viewing direction")] = 3,
+    min_consistent_views: Annotated[int, typer.Option(help="other views that must agree with a depth")] = 2,
+    consistency_tolerance: Annotated[float, typer.Option(help="relative depth difference that still agrees")]
+    = 0.01,
+    coarse_size: Annotated[int, typer.Option(help="longer side (px) of the level the full sweep runs on")] = 160,
+    workers: Annotated[int, typer.Option(help="views matched in parallel (0 = one per core; 1 on CUDA)")] = 0,
+    lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
+) -> None:
+    """Fill the store's depth maps by multi-view stereo, keeping only consistent depths (skipped when done)."""
+    from pydantic import ValidationError
+
+    from pipeline.config import DepthConfig
+    from stages.depth import depth_sequence
+
+    try:
+        config = DepthConfig(method=method, device=device, neighbours=neighbours,
+                             min_consistent_views=min_consistent_views, consistency_tolerance=consistency_tolerance,
+                             coarse_size=coarse_size, workers=workers, lock_timeout=lock_timeout)
+    except ValidationError as error:  # its messages name the field and the allowed values
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
+        raise PipelineError(f"invalid depth option: {problems}") from None
+    report = depth_sequence(sequence_work_dir, config)
+    typer.echo(f"depth {report['status']}: {report['store']}")
+    _print_report(report, ("method", "device", "coverage", "seconds", "seconds_per_view", "preview"))
+
+
 @app.command("list")
 @_user_errors
 def list_captures(

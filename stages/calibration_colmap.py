@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
+import cv2  # before pycolmap: the other import order crashes cv2.imwrite (a zlib clash)
 import numpy as np
 import pycolmap
 
