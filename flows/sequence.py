@@ -12,11 +12,11 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.artifacts import publish_stage_report
-from flows.tasks import calibrate_task, ingest_task, matte_task
-from pipeline.config import CalibrateConfig, IngestConfig, MatteConfig
+from flows.tasks import calibrate_task, depth_task, ingest_task, matte_task
+from pipeline.config import CalibrateConfig, DepthConfig, IngestConfig, MatteConfig
 from storage import SequenceWorkDir
 
-STAGES = ("ingest", "calibrate", "matte")
+STAGES = ("ingest", "calibrate", "matte", "depth")
 
 
 def _run_name() -> str:
@@ -32,6 +32,7 @@ def process_sequence(
     ingest: IngestConfig = IngestConfig(),
     calibrate: CalibrateConfig = CalibrateConfig(),
     matte: MatteConfig = MatteConfig(),
+    depth: DepthConfig = DepthConfig(),
     stages: list[str] | None = None,
 ) -> dict[str, dict]:
     """Run the pipeline on ``<archive>/<PID>/sequences/<SEQ>``; returns each stage's report."""
@@ -50,6 +51,8 @@ def process_sequence(
         reports["calibrate"] = calibrate_task(work.uri, calibrate)
     if "matte" in wanted:
         reports["matte"] = matte_task(work.uri, matte)
+    if "depth" in wanted:
+        reports["depth"] = depth_task(work.uri, depth)
     for stage, report in reports.items():
         logger.info("%s %s", stage, report["status"])
         publish_stage_report(stage, participant, sequence, report)

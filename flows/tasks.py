@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from pipeline.config import CalibrateConfig, IngestConfig, MatteConfig
+from pipeline.config import CalibrateConfig, DepthConfig, IngestConfig, MatteConfig
 from pipeline.errors import PipelineError
 
 
@@ -53,3 +53,10 @@ def matte_task(sequence_work_dir: str, config: MatteConfig) -> dict:
     from stages.matting import matte_sequence
 
     return matte_sequence(sequence_work_dir, config)
+
+
+@stage_task(name="depth")
+def depth_task(sequence_work_dir: str, config: DepthConfig) -> dict:
+    from stages.depth import depth_sequence
+
+    return depth_sequence(sequence_work_dir, config)

@@ -27,8 +27,8 @@ def run_demo(out: Path, frames: int = 24) -> None:
     for stage, report in reports.items():
         typer.echo(f"    {stage:<10} {report['status']}")
     sequence_work = work / capture.participant_dir.name / capture.sequence_dir.name
-    typer.echo(f"\nOutputs: {sequence_work}/ (capture.zarr, calibration/, reports/, export/previews/matte.png)")
+    typer.echo(f"\nOutputs: {sequence_work}/ (capture.zarr, calibration/, reports/, export/previews/)")
     typer.echo("\nWhat runs next on this sequence (stages land one by one; see README.md):")
-    for step in ("depth", "optimize --preset preview", "export --turntable", "evaluate"):
+    for step in ("optimize --preset preview", "export --turntable", "evaluate"):
         command, *options = step.split()
         typer.echo(f"  nersemble-pipeline {command} {sequence_work} {' '.join(options)}".rstrip())

@@ -26,9 +26,9 @@ def test_sequence_flow_ingests_publishes_and_skips_on_rerun(prefect_harness, cap
                                matte=MatteConfig(method="plate"))
     assert reports["ingest"]["status"] == "completed" and reports["ingest"]["frames"] == 2
     assert reports["calibrate"]["status"] == "completed" and reports["calibrate"]["resolved_mode"] == "provided"
-    assert reports["matte"]["status"] == "completed"
+    assert reports["matte"]["status"] == reports["depth"]["status"] == "completed"
     keys = asyncio.run(_artifact_keys())
-    assert {f"{stage}-001-exp-1-head" for stage in ("ingest", "calibrate", "matte")} <= keys
+    assert {f"{stage}-001-exp-1-head" for stage in ("ingest", "calibrate", "matte", "depth")} <= keys
     again = process_sequence(str(capture.sequence_dir), str(tmp_path), IngestConfig(count=2),
                              matte=MatteConfig(method="plate"))
     assert {report["status"] for report in again.values()} == {"skipped"}
