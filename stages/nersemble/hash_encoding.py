@@ -1,0 +1,388 @@
+"""The hash-grid ensemble: K multiresolution hash grids that share one hash function, blended per sample.
+
+Upstream packs 32 logical grids x 2 features into 8 tcnn HashGrids with 8 features per level; since every
+grid shares resolutions and hashing, the ensemble is one hash grid whose entries hold K*F features. That is
+how the ``torch`` backend stores it: one parameter ``table[E, K*F]`` over all levels (tcnn's per-level offsets
+and sizes, so E = 6,299,960 for the paper config), which lets a single fused gather-and-interpolate
+(``embedding_bag``) serve all K grids from 8 corner indices computed once per point and level.
+
+Backends behind :func:`make_encoding` compute the same function:
+- ``reference``: per-grid, per-level, per-corner loops with tcnn's index function written out literally.
+  Slow and obvious; tests and benchmarks hold ``torch`` against it.
+- ``torch``: vectorised, device-agnostic; the CPU path and the fallback on GPUs without tiny-cuda-nn.
+- ``tcnn``: tiny-cuda-nn HashGrids (CUDA only) with the same layout, when ``tinycudann`` imports.
+
+Inputs are positions in [0, 1]^3 (the field maps samples outside the scene box to 0 first). Hashing mimics
+tcnn exactly, including uint32 wrap-around (emulated in int64) and the wrap-around of the dense coarse
+levels at the upper border that tcnn's +0.5 offset causes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import HashEnsembleConfig
+
+PRIMES = (1, 2654435761, 805459861)  # tcnn's coherent_prime_hash factors for 3-D inputs
+UINT32 = 0xFFFFFFFF
+
+Backend = Literal["auto", "torch", "tcnn", "reference"]
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Per-level geometry of a tcnn HashGrid, computed as tcnn computes it (float32 on the host)."""
+
+    scales: tuple[float, ...]  # s_l: an input p maps to p * s_l + 0.5
+    resolutions: tuple[int, ...]  # ceil(s_l) + 1
+    sizes: tuple[int, ...]  # entries in level l: min(next_multiple(res^3, 8), 2^log2)
+    offsets: tuple[int, ...]  # first entry of level l in the flat table
+    dense: tuple[bool, ...]  # res^3 fits the level: direct indexing, else spatial hash
+
+    @property
+    def n_entries(self) -> int:
+        return self.offsets[-1] + self.sizes[-1]
+
+    @property
+    def n_dense(self) -> int:
+        """Dense levels form a prefix, since resolutions never decrease with the level."""
+        return sum(self.dense)
+
+
+def grid_layout(n_levels: int, base_resolution: int, per_level_scale: float, log2_table_size: int) -> GridLayout:
+    """tcnn's level scales, resolutions and parameter offsets (grid.h), in float32 like tcnn's host code."""
+    log2_scale = np.log2(np.float32(per_level_scale))
+    table_size = 1 << log2_table_size
+    scales, resolutions, sizes, offsets, dense = [], [], [], [], []
+    offset = 0
+    for level in range(n_levels):
+        scale = np.exp2(np.float32(level) * log2_scale) * np.float32(base_resolution) - np.float32(1.0)
+        resolution = int(np.ceil(scale)) + 1
+        dense_size = resolution**3
+        size = min(-(-dense_size // 8) * 8, table_size)  # next multiple of 8 keeps accesses aligned in tcnn
+        scales.append(float(scale))
+        resolutions.append(resolution)
+        sizes.append(size)
+        offsets.append(offset)
+        dense.append(dense_size <= size)
+        offset += size
+    return GridLayout(tuple(scales), tuple(resolutions), tuple(sizes), tuple(offsets), tuple(dense))
+
+
+def tcnn_grid_index(coords: list[torch.Tensor], resolution: int, size: int, hashed_level: bool) -> torch.Tensor:
+    """tcnn's ``grid_index`` for integer corner coordinates (one int64 tensor per axis), written out literally.
+
+    Coordinates are first cast to uint32 (as tcnn's ``(uint32_t)(int)floor``); arithmetic wraps mod 2^32.
+    """
+    coords = [c & UINT32 for c in coords]
+    stride = 1
+    index = torch.zeros_like(coords[0])
+    for dim in range(3):
+        if stride > size:
+            break
+        index = (index + coords[dim] * stride) & UINT32
+        stride *= resolution
+    if hashed_level and size < stride:
+        index = torch.zeros_like(coords[0])
+        for dim in range(3):
+            index = index ^ ((coords[dim] * PRIMES[dim]) & UINT32)
+    return index % size
+
+
+class HashEnsembleEncoding(nn.Module):
+    """Interface: ``forward(x[N,3] in [0,1], blend[N,K]) -> [N, L*F]`` (level-major, then feature).
+
+    ``blend`` holds each sample's final per-grid weights (codes after the warm-up rules and the grid window,
+    see :mod:`stages.nersemble.field`); ``grid_features`` gives the unblended ``[N, L, K, F]`` features.
+    """
+
+    def __init__(self, config: HashEnsembleConfig) -> None:
+        super().__init__()
+        self.n_grids = config.n_grids
+        self.n_levels = config.n_levels
+        self.features_per_level = config.features_per_level
+        self.layout = grid_layout(config.n_levels, config.base_resolution, config.per_level_scale,
+                                  config.log2_table_size)
+        self.config = config
+
+    @property
+    def out_dim(self) -> int:
+        return self.n_levels * self.features_per_level
+
+    def grid_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
+        features = self.grid_features(x)  # [N, L, K, F]
+        # Blending after interpolation touches L*K*F values per sample instead of 8*L*K*F.
+        blended = torch.einsum("nlkf,nk->nlf", features, blend.to(features.dtype))
+        return blended.reshape(x.shape[0], self.out_dim)
+
+
+class TorchHashEnsemble(HashEnsembleEncoding):
+    """Vectorised pure-torch backend; all K grids live in one ``table[E, K*F]`` parameter."""
+
+    def __init__(self, config: HashEnsembleConfig, table: nn.Parameter | None = None) -> None:
+        """``table``: share an existing ``[E, K*F]`` parameter (e.g. to run two backends on one table)."""
+        super().__init__(config)
+        layout = self.layout
+        width = self.n_grids * self.features_per_level
+        if table is None:
+            table = nn.Parameter(torch.empty(layout.n_entries, width).uniform_(-config.init_scale, config.init_scale))
+        elif tuple(table.shape) != (layout.n_entries, width):
+            raise ValueError(f"table has shape {tuple(table.shape)}, the config needs {(layout.n_entries, width)}")
+        self.table = table
+        # Level geometry as buffers so it follows the module across devices; not saved in checkpoints.
+        self.register_buffer("scales", torch.tensor(layout.scales, dtype=torch.float32), persistent=False)
+        self.register_buffer("resolutions", torch.tensor(layout.resolutions, dtype=torch.int64), persistent=False)
+        self.register_buffer("sizes", torch.tensor(layout.sizes, dtype=torch.int64), persistent=False)
+        self.register_buffer("offsets", torch.tensor(layout.offsets, dtype=torch.int64), persistent=False)
+
+    def corners(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat table rows ``[L, N, 8]`` of every point's 8 cell corners and its in-cell position ``[L, N, 3]``.
+
+        Level-major so that each level group (dense prefix, hashed rest) is a contiguous block. ``frac``
+        carries the autograd path to ``x`` (d frac / dx = s_l; floor has zero gradient), which is exactly the
+        input gradient tcnn computes.
+        """
+        pos = x[None, :, :] * self.scales.to(x.dtype)[:, None, None] + 0.5  # [L, N, 3]
+        cell = torch.floor(pos)
+        frac = pos - cell
+        low = cell.detach().long()
+        # Per axis, the lower and upper corner coordinate: [L, N, 2] each.
+        cx, cy, cz = torch.stack([low, low + 1], dim=-1).unbind(dim=2)
+        index = torch.empty(self.n_levels, x.shape[0], 2, 2, 2, dtype=torch.int64, device=x.device)
+        n_dense = self.layout.n_dense
+        if n_dense:
+            # x + y*res + z*res^2 in uint32 (the & emulates the wrap for negative inputs), then mod size:
+            # the +1 corner at the upper border wraps around exactly as in tcnn's dense levels.
+            res = self.resolutions[:n_dense, None, None]
+            dense = _corner_sum(cx[:n_dense], cy[:n_dense] * res, cz[:n_dense] * (res * res)) & UINT32
+            torch.remainder(dense, self.sizes[:n_dense, None, None, None, None], out=index[:n_dense])
+        if n_dense < self.n_levels:
+            # Hashed levels have power-of-two sizes, so mod is a mask; the low 32 bits of int64 products and
+            # XORs equal tcnn's uint32 arithmetic, so no intermediate masking is needed.
+            hashed = _corner_xor(cx[n_dense:], cy[n_dense:] * PRIMES[1], cz[n_dense:] * PRIMES[2])
+            torch.bitwise_and(hashed, self.sizes[n_dense:, None, None, None, None] - 1, out=index[n_dense:])
+        index += self.offsets[:, None, None, None, None]
+        return index.view(self.n_levels, x.shape[0], 8), frac
+
+    def interpolated(self, x: torch.Tensor) -> torch.Tensor:
+        """Trilinearly interpolated features of all grids, ``[L, N, K, F]``."""
+        index, frac = self.corners(x)
+        out = trilinear_rows(index, frac, self.table)  # [L, N, K*F]
+        return out.view(self.n_levels, x.shape[0], self.n_grids, self.features_per_level)
+
+    def grid_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.interpolated(x).transpose(0, 1)
+
+    def forward(self, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
+        features = self.interpolated(x)
+        # Blending after interpolation touches L*K*F values per sample instead of 8*L*K*F.
+        blended = torch.einsum("lnkf,nk->nlf", features, blend.to(features.dtype))
+        return blended.reshape(x.shape[0], self.out_dim)
+
+
+def _corner_sum(ax: torch.Tensor, ay: torch.Tensor, az: torch.Tensor) -> torch.Tensor:
+    """All 8 corner combinations ax_i + ay_j + az_k -> [L, N, 2, 2, 2]."""
+    return (ax[..., :, None] + ay[..., None, :])[..., None] + az[..., None, None, :]
+
+
+def _corner_xor(ax: torch.Tensor, ay: torch.Tensor, az: torch.Tensor) -> torch.Tensor:
+    """All 8 corner combinations ax_i ^ ay_j ^ az_k -> [L, N, 2, 2, 2]."""
+    return torch.bitwise_xor(torch.bitwise_xor(ax[..., :, None], ay[..., None, :])[..., None],
+                             az[..., None, None, :])
+
+
+def _axis_weights(frac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(1 - f, f) per axis: three ``[..., 2]`` tensors."""
+    w = torch.stack([1.0 - frac, frac], dim=-1)
+    return w[..., 0, :], w[..., 1, :], w[..., 2, :]
+
+
+def _outer3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a_i b_j c_k`` -> ``[..., 8]`` in the corner order of :func:`_corner_sum` (x slowest, z fastest)."""
+    return ((a[..., :, None] * b[..., None, :])[..., None] * c[..., None, None, :]).flatten(-3)
+
+
+def _corner_weights(frac: torch.Tensor) -> torch.Tensor:
+    """Trilinear weights ``[..., 8]``."""
+    return _outer3(*_axis_weights(frac))
+
+
+_SLOPE = (-1.0, 1.0)  # d(1 - f)/df, d f/df
+
+
+class _TrilinearRows(torch.autograd.Function):
+    """``out[l, n] = sum_c w_c(frac[l, n]) * table[index[l, n, c]]`` with a hand-written backward.
+
+    Forward: one ``embedding_bag`` (a fused gather + weighted sum). Backward: the input gradient is three
+    more ``embedding_bag`` calls with the weight derivatives d w_c / d f_axis as per-sample weights, and
+    the table gradient one ``index_add_``. Autograd would instead sort the indices (embedding_bag's CPU
+    backward), gather all 8 corner rows again and build a dozen broadcast ops: several times slower.
+    """
+
+    @staticmethod
+    def forward(ctx, index: torch.Tensor, frac: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        levels, n = index.shape[:2]
+        weights = _corner_weights(frac.detach()).to(table.dtype)
+        ctx.save_for_backward(index, frac, table)
+        out = F.embedding_bag(index.view(-1, 8), table, per_sample_weights=weights.view(-1, 8), mode="sum")
+        return out.view(levels, n, table.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        index, frac, table = ctx.saved_tensors
+        width = table.shape[1]
+        grad_out = grad_out.to(table.dtype).reshape(-1, width)
+        flat_index = index.view(-1, 8)
+        grad_frac = grad_table = None
+        if ctx.needs_input_grad[1]:
+            wx, wy, wz = (w.to(table.dtype) for w in _axis_weights(frac))
+            slope = torch.tensor(_SLOPE, dtype=table.dtype, device=table.device).expand_as(wx)
+            parts = []
+            for d_weights in (_outer3(slope, wy, wz), _outer3(wx, slope, wz), _outer3(wx, wy, slope)):
+                d_out = F.embedding_bag(flat_index, table, per_sample_weights=d_weights.view(-1, 8), mode="sum")
+                parts.append((d_out * grad_out).sum(-1))
+            grad_frac = torch.stack(parts, dim=-1).view(frac.shape).to(frac.dtype)
+        if ctx.needs_input_grad[2]:
+            weights = _corner_weights(frac).to(table.dtype).view(-1, 8)
+            contributions = (weights[:, :, None] * grad_out[:, None, :]).view(-1, width)
+            grad_table = torch.zeros_like(table).index_add_(0, flat_index.reshape(-1), contributions)
+        return None, grad_frac, grad_table
+
+
+def trilinear_rows(index: torch.Tensor, frac: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Trilinear interpolation of table rows: ``index[L, N, 8]``, ``frac[L, N, 3]`` -> ``[L, N, C]``."""
+    return _TrilinearRows.apply(index, frac, table)
+
+
+class ReferenceHashEnsemble(TorchHashEnsemble):
+    """Per-grid, per-level, per-corner loops over the same table: the obviously-correct twin of ``torch``."""
+
+    def forward(self, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
+        return HashEnsembleEncoding.forward(self, x, blend)  # interpolate per grid, then blend
+
+    def grid_features(self, x: torch.Tensor) -> torch.Tensor:
+        layout, f = self.layout, self.features_per_level
+        # Per level and corner: tcnn's index function, written out, and the trilinear weight.
+        rows, weights = [], []
+        for level in range(self.n_levels):
+            pos = x * torch.tensor(layout.scales[level], dtype=torch.float32).to(x) + 0.5
+            cell = torch.floor(pos)
+            frac = pos - cell
+            cell = cell.long()
+            for corner in itertools.product((0, 1), repeat=3):
+                coords = [cell[:, d] + corner[d] for d in range(3)]
+                index = tcnn_grid_index(coords, layout.resolutions[level], layout.sizes[level],
+                                        hashed_level=not layout.dense[level])
+                rows.append(layout.offsets[level] + index)
+                weight = torch.ones_like(frac[:, 0])
+                for d in range(3):
+                    weight = weight * (frac[:, d] if corner[d] else 1.0 - frac[:, d])
+                weights.append(weight)
+        rows_t = torch.stack(rows, dim=1)  # [N, L * 8], level-major then corner
+        # One split and one read per grid: reading a slice of a big parameter once per corner would make
+        # autograd build (and zero) a table-sized gradient for every single lookup.
+        grids = self.table.split(f, dim=1)
+        per_grid = []
+        for k in range(self.n_grids):
+            grid_rows = grids[k][rows_t]  # [N, L * 8, F]
+            per_level = []
+            for level in range(self.n_levels):
+                acc = torch.zeros(x.shape[0], f, dtype=self.table.dtype, device=x.device)
+                for c in range(8):
+                    j = level * 8 + c
+                    acc = acc + weights[j][:, None].to(acc.dtype) * grid_rows[:, j]
+                per_level.append(acc)
+            per_grid.append(torch.stack(per_level, dim=1))  # [N, L, F]
+        return torch.stack(per_grid, dim=2)  # [N, L, K, F]
+
+
+class TcnnHashEnsemble(HashEnsembleEncoding):
+    """tiny-cuda-nn backend: ceil(K*F / 8) HashGrids with (up to) 8 features per level, as upstream packs them.
+
+    Feature column c*8 + j of the concatenated tcnn outputs is column c*8 + j of the torch backend's table
+    (grid k = column // F), so :meth:`load_table` moves parameters between the two exactly.
+    """
+
+    def __init__(self, config: HashEnsembleConfig, dtype: torch.dtype | None = None) -> None:
+        super().__init__(config)
+        import tinycudann as tcnn  # noqa: PLC0415 - optional dependency, CUDA only
+
+        width = self.n_grids * self.features_per_level
+        self.features_per_encoding = 8 if width >= 8 else 1 << math.ceil(math.log2(width))
+        n_encodings = math.ceil(width / self.features_per_encoding)
+        encoding_config = {
+            "otype": "HashGrid",
+            "n_levels": config.n_levels,
+            "n_features_per_level": self.features_per_encoding,
+            "log2_hashmap_size": config.log2_table_size,
+            "base_resolution": config.base_resolution,
+            "per_level_scale": config.per_level_scale,
+            "interpolation": "Linear",
+        }
+        kwargs = {} if dtype is None else {"dtype": dtype}
+        self.encodings = nn.ModuleList(
+            tcnn.Encoding(n_input_dims=3, encoding_config=encoding_config, seed=1337 + i, **kwargs)
+            for i in range(n_encodings)
+        )
+        expected = self.layout.n_entries * self.features_per_encoding
+        if self.encodings[0].params.numel() != expected:
+            raise RuntimeError(f"tcnn grid has {self.encodings[0].params.numel()} parameters, the torch layout "
+                               f"expects {expected}: the level layouts disagree")
+
+    def grid_features(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x = x.float().contiguous()
+        outs = [enc(x).float().view(n, self.n_levels, self.features_per_encoding) for enc in self.encodings]
+        width = self.n_grids * self.features_per_level
+        return torch.cat(outs, dim=-1)[..., :width].reshape(n, self.n_levels, self.n_grids, self.features_per_level)
+
+    @torch.no_grad()
+    def load_table(self, table: torch.Tensor) -> None:
+        """Copy a torch-backend ``table[E, K*F]`` into the tcnn parameters (tcnn layout: entry-major)."""
+        fpe = self.features_per_encoding
+        padded = torch.zeros(table.shape[0], fpe * len(self.encodings), dtype=torch.float32, device=table.device)
+        padded[:, :table.shape[1]] = table
+        for i, enc in enumerate(self.encodings):
+            enc.params.copy_(padded[:, i * fpe:(i + 1) * fpe].reshape(-1).to(enc.params))
+
+    def export_table(self) -> torch.Tensor:
+        """The parameters in the torch backend's ``[E, K*F]`` layout (a copy)."""
+        fpe = self.features_per_encoding
+        parts = [enc.params.detach().float().view(-1, fpe) for enc in self.encodings]
+        return torch.cat(parts, dim=1)[:, :self.n_grids * self.features_per_level]
+
+
+def tcnn_available() -> bool:
+    """tinycudann imports and a CUDA device exists (tcnn has no CPU path)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import tinycudann  # noqa: F401, PLC0415
+    except Exception:  # ImportError, or an OSError from a build that does not match the driver
+        return False
+    return True
+
+
+def make_encoding(config: HashEnsembleConfig, backend: Backend = "auto") -> HashEnsembleEncoding:
+    """The ensemble encoding for ``backend``; ``auto`` picks ``tcnn`` when usable, else ``torch``."""
+    if backend == "auto":
+        backend = "tcnn" if tcnn_available() else "torch"
+    if backend == "torch":
+        return TorchHashEnsemble(config)
+    if backend == "reference":
+        return ReferenceHashEnsemble(config)
+    if backend == "tcnn":
+        return TcnnHashEnsemble(config)
+    raise ValueError(f"unknown hash-encoding backend {backend!r}")

@@ -1,0 +1,241 @@
+"""NeRSembleModel: deformation + hash-ensemble field + occupancy-grid ray marching + volume rendering.
+
+Spaces: rays, boxes, depths and step sizes are in *model units* (metres x ``config.scene.world_scale``).
+Camera-level entry points (:meth:`render_image`, :meth:`set_training_cameras`) take the pipeline's metric
+OpenCV cameras and do the scaling themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._random import randint
+from .config import NeRSembleConfig
+from .deformation import SE3DeformationField, deform_positions
+from .field import NeRSembleField, TimeCodes, ensemble_weights
+from .hash_encoding import Backend
+from .occupancy import OccupancyGrid, frustum_visibility_mask
+from .packed import segment_sum
+from .rays import camera_rays, pixel_centers, scale_world_2_cam
+from .rendering import composite, render_weights
+from .sampling import RaySamples, march_rays
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Warm-up state at one step: deformation PE window alpha (0..n_freq) and hash window (1..K)."""
+
+    deformation: float
+    hash: float
+
+
+def timestep_index(time: torch.Tensor | float, n_timesteps: int) -> torch.Tensor:
+    """Upstream's ray time in [0, 1] -> timestep index ``round(time * (T - 1))``."""
+    return torch.round(torch.as_tensor(time) * (n_timesteps - 1)).long()
+
+
+class NeRSembleModel(nn.Module):
+    """The whole NeRSemble model for one sequence of ``n_timesteps`` frames inside ``scene_box`` ([2, 3]).
+
+    ``step`` arguments drive the warm-up schedules; ``step=None`` means "after training" (final windows), which
+    is what upstream's evaluation and rendering see. ``self.training`` switches on stratified marching and
+    alpha culling, as in nerfstudio.
+    """
+
+    def __init__(self, config: NeRSembleConfig, n_timesteps: int, scene_box: torch.Tensor | np.ndarray,
+                 backend: Backend = "auto") -> None:
+        super().__init__()
+        if n_timesteps < 1:
+            raise ValueError("need at least one timestep")
+        self.config = config
+        self.n_timesteps = n_timesteps
+        box = torch.as_tensor(np.asarray(scene_box) if not torch.is_tensor(scene_box) else scene_box,
+                              dtype=torch.float32).view(2, 3).clone()
+        if not bool((box[1] > box[0]).all()):
+            raise ValueError(f"scene box must have min < max per axis, got {box.tolist()}")
+        self.register_buffer("scene_box", box)
+        self.codes = TimeCodes(n_timesteps, config.hash.n_grids, config.codes)
+        self.deformation = (SE3DeformationField(config.deformation, config.codes.deformation_dim)
+                            if config.deformation.enabled else None)
+        self.field = NeRSembleField(config.hash, config.field, box, backend)
+        self.occupancy = OccupancyGrid(box, config.occupancy)
+
+    # --- schedules and precision ----------------------------------------------------------------------
+
+    def windows(self, step: int | None) -> Windows:
+        return Windows(self.config.deformation.window.value(step), self.config.hash.window.value(step))
+
+    def _autocast(self, device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+        """fp16 autocast on CUDA only; cache off because networks run first under no_grad, then with grad."""
+        if enabled and self.config.train.mixed_precision and device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.float16, cache_enabled=False)
+        return contextlib.nullcontext()
+
+    # --- point queries ----------------------------------------------------------------------------------
+
+    def canonical_positions(self, positions: torch.Tensor, timesteps: torch.Tensor,
+                            windows: Windows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Warped (canonical) world positions and the applied offsets, ``[N, 3]`` each."""
+        if self.deformation is None:
+            return positions, torch.zeros_like(positions)
+        return deform_positions(positions, self.scene_box, self.deformation, self.codes.deformation(timesteps),
+                                windows.deformation, self.config.deformation.offset_units)
+
+    def blend_weights(self, timesteps: torch.Tensor, windows: Windows) -> torch.Tensor:
+        h = self.config.hash
+        single = windows.hash == 1.0 and h.disable_initial_ensemble
+        codes = None if single else self.codes.blend(timesteps)
+        return ensemble_weights(codes, windows.hash, h.n_grids, h.disable_initial_ensemble, h.soft_transition,
+                                n_samples=timesteps.shape[0], device=timesteps.device)
+
+    def density(self, positions: torch.Tensor, timesteps: torch.Tensor, windows: Windows,
+                mixed_precision: bool = True) -> torch.Tensor:
+        """Density ``[N]`` at world positions, each at its own timestep index."""
+        with self._autocast(positions.device, mixed_precision):
+            canonical, _ = self.canonical_positions(positions, timesteps, windows)
+            sigma, _ = self.field.density(canonical, self.blend_weights(timesteps, windows))
+        return sigma.float()
+
+    def query(self, positions: torch.Tensor, directions: torch.Tensor, timesteps: torch.Tensor,
+              windows: Windows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Density ``[N]``, colour ``[N, 3]`` and deformation offset ``[N, 3]``, all float32."""
+        with self._autocast(positions.device):
+            canonical, offset = self.canonical_positions(positions, timesteps, windows)
+            sigma, geo = self.field.density(canonical, self.blend_weights(timesteps, windows))
+            rgb = self.field.color(directions, geo)
+        return sigma.float(), rgb.float(), offset.float()
+
+    # --- rays -------------------------------------------------------------------------------------------
+
+    def _per_ray_timesteps(self, timesteps: torch.Tensor | int, n_rays: int, device: torch.device) -> torch.Tensor:
+        t = torch.as_tensor(timesteps, device=device).long()
+        return t.expand(n_rays) if t.dim() == 0 else t
+
+    def sample(self, rays_o: torch.Tensor, rays_d: torch.Tensor, timesteps: torch.Tensor, windows: Windows,
+               generator: torch.Generator | None = None) -> RaySamples:
+        """Marched, occupancy-filtered samples; in training also alpha-culled at min(0.01, mean occ)."""
+        s = self.config.sampler
+        with torch.no_grad():
+            samples = march_rays(rays_o, rays_d, self.scene_box, s.step_size, s.near_plane, s.far_plane,
+                                 occupied=self.occupancy.occupied(), stratified=self.training and s.stratified,
+                                 generator=generator)
+            if self.training and self.config.occupancy.enabled and s.alpha_threshold > 0 and len(samples):
+                threshold = self.occupancy.alpha_threshold(s.alpha_threshold)
+                sigma = self.density(samples.positions(rays_o, rays_d), timesteps[samples.ray_indices], windows)
+                alphas = 1.0 - torch.exp(-sigma * samples.deltas)
+                samples = samples.select(alphas >= threshold)
+        return samples
+
+    def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, timesteps: torch.Tensor | int,
+                step: int | None = None, generator: torch.Generator | None = None) -> dict[str, object]:
+        """Render rays (model units, unit directions) at per-ray timestep indices.
+
+        Returns ``rgb [N, 3]`` (over the white background; clamped to [0, 1] in eval), ``alpha [N]``
+        (accumulated opacity), ``depth [N]`` (expected distance along the ray), ``deformation [N, 3]``
+        (weight-averaged offset, for visualisation), and for the losses ``weights [S]`` and ``samples``
+        (:class:`RaySamples`, packed by ray).
+        """
+        n_rays = rays_o.shape[0]
+        timesteps = self._per_ray_timesteps(timesteps, n_rays, rays_o.device)
+        windows = self.windows(step)
+        samples = self.sample(rays_o, rays_d, timesteps, windows, generator)
+        positions = samples.positions(rays_o, rays_d)
+        sigma, rgb, offset = self.query(positions, rays_d[samples.ray_indices], timesteps[samples.ray_indices],
+                                        windows)
+        weights, _, _ = render_weights(sigma, samples.t_starts, samples.t_ends, samples.ray_indices, n_rays)
+        out = composite(weights, rgb, samples.t_mids, samples.ray_indices, n_rays, self.config.field.background_color)
+        rgb_out = out.rgb if self.training else torch.clamp(torch.nan_to_num(out.rgb), 0.0, 1.0)
+        return {
+            "rgb": rgb_out,
+            "alpha": out.accumulation,
+            "depth": out.depth,
+            "deformation": segment_sum(weights[:, None] * offset, samples.ray_indices, n_rays),
+            "weights": weights,
+            "samples": samples,
+        }
+
+    # --- occupancy grid ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_occupancy(self, step: int, generator: torch.Generator | None = None) -> bool:
+        """Call once per training step before the forward pass; updates every ``update_every`` steps.
+
+        Each probe gets its own random timestep. Upstream's callback order makes the update at step s use
+        the windows of step s - 1, reproduced here. Runs without autocast, as upstream.
+        """
+        windows = self.windows(max(step - 1, 0))
+        step_size = self.config.sampler.step_size
+
+        def occ_eval(points: torch.Tensor) -> torch.Tensor:
+            t = randint(self.n_timesteps, (points.shape[0],), points.device, generator)
+            return self.density(points, t, windows, mixed_precision=False) * step_size
+
+        return self.occupancy.update(step, occ_eval, generator)
+
+    def set_training_cameras(self, intrinsics: Sequence[np.ndarray], world_2_cams: Sequence[np.ndarray],
+                             sizes: Sequence[tuple[int, int]]) -> None:
+        """Mask out cells seen by fewer than ``frustum_min_cameras`` training cameras (metric cameras)."""
+        min_cameras = self.config.occupancy.frustum_min_cameras
+        if min_cameras <= 0:
+            return
+        scaled = [scale_world_2_cam(w2c, self.config.scene.world_scale) for w2c in world_2_cams]
+        mask = frustum_visibility_mask(self.scene_box.cpu(), self.config.occupancy.resolution, intrinsics, scaled,
+                                       sizes, min_cameras)
+        self.occupancy.set_visibility(mask)
+
+    # --- optimisation -----------------------------------------------------------------------------------
+
+    def param_groups(self, config: NeRSembleConfig | None = None) -> list[dict]:
+        """The three Adam groups with their learning rates: fields, deformation_field, embeddings."""
+        o = (config or self.config).optim
+        groups = [
+            {"name": "fields", "params": list(self.field.parameters()), "lr": o.lr_fields},
+            {"name": "deformation_field", "params": list(self.deformation.parameters()) if self.deformation else [],
+             "lr": o.lr_deformation},
+            {"name": "embeddings", "params": list(self.codes.parameters()), "lr": o.lr_embeddings},
+        ]
+        return [g for g in groups if g["params"]]
+
+    # --- whole images -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def render_image(self, K: np.ndarray | torch.Tensor, world_2_cam: np.ndarray | torch.Tensor, width: int,
+                     height: int, timestep: int, chunk: int | None = None,
+                     step: int | None = None) -> dict[str, torch.Tensor]:
+        """Render a metric OpenCV camera at one timestep, ``chunk`` rays at a time (bounded memory).
+
+        Uses evaluation semantics whatever the module's mode (no jitter, no culling, RGB clamped; final
+        windows unless ``step`` is given). Returns ``rgb (H, W, 3)``, ``alpha (H, W)``, ``depth (H, W)``
+        (distance along the ray, metres) and ``z_depth (H, W)`` (metres), on the model's device. Depth is 0
+        where a ray met no sample (the capture store's "invalid"), rather than the chunk's nearest sample
+        distance that nerfstudio's clipping would give: the image must not depend on ``chunk``.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            device = self.scene_box.device
+            chunk = chunk or self.config.eval.chunk
+            rays = camera_rays(K, world_2_cam, pixel_centers(width, height, device), self.config.scene.world_scale)
+            parts: dict[str, list[torch.Tensor]] = {"rgb": [], "alpha": [], "depth": []}
+            for start in range(0, rays.origins.shape[0], chunk):
+                sl = slice(start, start + chunk)
+                out = self.forward(rays.origins[sl], rays.directions[sl], timestep, step=step)
+                for key in parts:
+                    parts[key].append(out[key])
+        finally:
+            self.train(was_training)
+        scale = self.config.scene.world_scale
+        alpha = torch.cat(parts["alpha"])
+        depth = torch.where(alpha > 0, torch.cat(parts["depth"]) / scale, torch.zeros_like(alpha))
+        return {
+            "rgb": torch.cat(parts["rgb"]).view(height, width, 3),
+            "alpha": alpha.view(height, width),
+            "depth": depth.view(height, width),
+            "z_depth": (depth * rays.z_dirs).view(height, width),
+        }

@@ -1,0 +1,29 @@
+"""Adam over the model's three parameter groups, each with its own StepLR decay."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import NeRSembleConfig
+from .model import NeRSembleModel
+
+
+def build_optimizer(model: NeRSembleModel, config: NeRSembleConfig | None = None) -> torch.optim.Adam:
+    """Adam (eps 1e-15, no weight decay) over ``model.param_groups``."""
+    o = (config or model.config).optim
+    return torch.optim.Adam(model.param_groups(config), betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: NeRSembleConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """StepLR per group: lr = lr0 * gamma_group ** (n // lr_step_size), n = scheduler steps taken.
+
+    Upstream steps it once per iteration but only when the GradScaler did not just lower its scale, so the
+    decay counts successful steps; the trainer should do the same.
+    """
+    o = config.optim
+    gammas = {"fields": o.gamma_fields, "deformation_field": o.gamma_deformation, "embeddings": o.gamma_embeddings}
+
+    def decay(gamma: float):
+        return lambda n: gamma ** (n // o.lr_step_size)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [decay(gammas[g["name"]]) for g in optimizer.param_groups])
