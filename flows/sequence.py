@@ -43,17 +43,21 @@ def process_sequence(
         raise ValueError(f"unknown stage(s) {', '.join(unknown)}; available: {', '.join(STAGES)}")
     path = Path(raw_sequence_dir)
     participant, sequence = path.parent.parent.name, path.name
-    reports: dict[str, dict] = {}
     work = SequenceWorkDir.for_sequence(work_root, participant, sequence)
-    if "ingest" in wanted:
-        reports["ingest"] = ingest_task(str(path), work_root, ingest)
-    if "calibrate" in wanted:
-        reports["calibrate"] = calibrate_task(work.uri, calibrate)
-    if "matte" in wanted:
-        reports["matte"] = matte_task(work.uri, matte)
-    if "depth" in wanted:
-        reports["depth"] = depth_task(work.uri, depth)
-    for stage, report in reports.items():
+    reports: dict[str, dict] = {}
+
+    def record(stage: str, report: dict) -> None:
+        """Keep the report and publish it now, so the UI shows each stage while later ones run."""
         logger.info("%s %s", stage, report["status"])
         publish_stage_report(stage, participant, sequence, report)
+        reports[stage] = report
+
+    if "ingest" in wanted:
+        record("ingest", ingest_task(str(path), work_root, ingest))
+    if "calibrate" in wanted:
+        record("calibrate", calibrate_task(work.uri, calibrate))
+    if "matte" in wanted:
+        record("matte", matte_task(work.uri, matte))
+    if "depth" in wanted:
+        record("depth", depth_task(work.uri, depth))
     return reports
