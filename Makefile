@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export U2NET_HOME := $(CURDIR)/models
 
-.PHONY: install demo test bench ui worker deploy clean
+.PHONY: install demo test bench ui worker clean
 
 install: $(STAMP) $(MODEL)
 
