@@ -90,8 +90,7 @@ def provided_calibration(store: CaptureStore) -> Calibration | None:
     attrs = store.attrs
     if PROVIDED_ATTR not in attrs:
         snapshot = {"intrinsics": attrs.get("intrinsics"), "world_2_cam": attrs.get("world_2_cam")}
-        store.group.attrs.update({PROVIDED_ATTR: snapshot})
-        store.refresh()
+        store.set_attr(PROVIDED_ATTR, snapshot)
         attrs = store.attrs
     kept = attrs[PROVIDED_ATTR] or {}
     if kept.get("intrinsics") is None or kept.get("world_2_cam") is None:

@@ -322,6 +322,10 @@ class CaptureStore:
         fresh.attrs.update(updates)
         self.group = fresh
 
+    def set_attr(self, key: str, value: Any) -> None:
+        """Set one stage-owned attr (JSON-able), keeping every key other writers set meanwhile."""
+        self._update_attrs({key: value})
+
     def set_calibration(self, intrinsics: Mapping[str, Any], world_2_cam: Mapping[str, Any]) -> None:
         """Store K (for the stored frame size) and world_2_cam (4x4) for every camera."""
         cams = self.cameras
