@@ -19,9 +19,7 @@ def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
     """Retry OSErrors that are not about missing files; never retry bad input."""
     try:
         state.result()
-    except PipelineError:
-        return False
-    except (FileNotFoundError, FileExistsError, PermissionError):
+    except (PipelineError, FileNotFoundError, FileExistsError, PermissionError):
         return False
     except (OSError, TimeoutError):
         return True
