@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field, field_validator
 
 
@@ -165,3 +167,81 @@ class DepthConfig(BaseModel):
     def result_fields(self) -> dict:
         """The fields that decide the depth maps (execution knobs and previews excluded), for the config hash."""
         return self.model_dump(exclude={"device", "workers", "volume_mb", "preview_cameras", "lock_timeout"})
+
+
+# The four rig cameras the NeRSemble paper holds out for novel-view evaluation.
+PAPER_HOLDOUT_CAMERAS = ("222200040", "220700191", "222200043", "221501007")
+
+
+class OptimizeConfig(BaseModel):
+    """How the optimize stage trains NeRSemble. ``overrides`` reaches every model hyper-parameter by name."""
+
+    preset: Literal["preview", "paper"] = Field(
+        "preview", description="preview: minutes on a CPU; paper: the official settings for a large GPU")
+    steps: int | None = Field(None, ge=1, description="training steps; default: the preset's")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="model hyper-parameters by dotted path or unique name, e.g. "
+                                          "{'hash.n_grids': 8, 'rays_per_batch': 2048}")
+    holdout_cameras: list[str] | None = Field(
+        None, description="serials kept out of training for evaluation; default: the paper's four, where present")
+    use_depth: bool = Field(True, description="use the depth stage's maps in the depth losses when they exist")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if torch sees a GPU")
+    encoding: Literal["auto", "torch", "tcnn"] = Field(
+        "auto", description="hash-grid backend: tcnn when importable (auto), or the pure-torch one")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="stop training after this many seconds (a checkpoint is written); steps "
+                                "schedules keep their meaning")
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; default: the preset's")
+    resume: bool = Field(True, description="continue from the last checkpoint of the same config")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    seed: int | None = Field(None, description="random seed; default: the preset's")
+    lock_timeout: float = Field(0.0, ge=0.0, description="seconds to wait for another writer of the sequence")
+
+    @field_validator("holdout_cameras")
+    @classmethod
+    def _holdout_serials_are_strings(cls, cameras: list[str] | None) -> list[str] | None:
+        return [str(c) for c in cameras] if cameras is not None else None
+
+    def result_fields(self) -> dict:
+        """The fields that decide the trained model (execution knobs excluded), for the config hash."""
+        return self.model_dump(exclude={"device", "encoding", "time_budget_s", "checkpoint_every", "resume",
+                                        "threads", "lock_timeout"})
+
+
+class ExportConfig(BaseModel):
+    """What the export stage renders from the trained model, and how it encodes it."""
+
+    turntable: bool = Field(True, description="render the turntable video (export/turntable.mp4)")
+    holdout: bool = Field(True, description="render every hold-out camera for every frame (export/holdout/)")
+    path: str | None = Field(None, description="camera path JSON (keyframes of K, world_2_cam, time) to render")
+    benchmark: bool = Field(False, description="write the NeRSemble benchmark NVS submission layout")
+    seconds: float = Field(4.0, gt=0, description="turntable length")
+    fps: float = Field(24.0, gt=0, description="frames per second of every video")
+    resolution_scale: float = Field(1.0, gt=0, description="render size relative to the stored frames")
+    elevation_deg: float = Field(0.0, description="turntable camera height above the rig's mean, in degrees")
+    radius_m: float | None = Field(None, gt=0, description="turntable orbit distance; default: the rig's mean")
+    background: Literal["white", "transparent"] = Field(
+        "white", description="transparent also writes RGBA PNG frames and an alpha video")
+    crf: int = Field(14, ge=0, le=51, description="H.264 constant rate factor (14: the benchmark's)")
+    depth_videos: bool = Field(False, description="also write depth and alpha videos beside each render")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if torch sees a GPU")
+    chunk: int = Field(8192, ge=256, description="rays rendered at once (bounds memory at any resolution)")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    lock_timeout: float = Field(0.0, ge=0.0, description="seconds to wait for another writer of the sequence")
+
+    def result_fields(self) -> dict:
+        return self.model_dump(exclude={"device", "chunk", "threads", "lock_timeout"})
+
+
+class EvaluateConfig(BaseModel):
+    """The hold-out protocol: which frames, against what reference, with which metrics."""
+
+    timesteps: int = Field(15, ge=0, description="evenly spaced frames per hold-out camera; 0 = all")
+    lpips: bool = Field(True, description="LPIPS when its backbone weights are available offline (never downloaded)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if torch sees a GPU")
+    chunk: int = Field(8192, ge=256, description="rays rendered at once")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    lock_timeout: float = Field(0.0, ge=0.0, description="seconds to wait for another writer of the sequence")
+
+    def result_fields(self) -> dict:
+        return self.model_dump(exclude={"device", "chunk", "threads", "lock_timeout"})
