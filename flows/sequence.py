@@ -1,28 +1,81 @@
 """The per-sequence flow: one flow run per captured sequence, stages in DAG order.
 
-Completed stages are skipped through the store's records, so re-running a crashed flow resumes where it
-stopped. Stages land here as they are implemented.
+ingest -> calibrate -> matte -> depth -> optimize -> export -> evaluate. Each stage checks its own record in
+the capture store and returns a ``skipped`` report when its outputs already match its config and inputs, so a
+re-run (after a crash, a kill or a fix) resumes where the last one stopped. Optimize runs as its own flow,
+in-process or as a deployment run on a GPU work pool.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.artifacts import publish_stage_report
-from flows.tasks import calibrate_task, depth_task, ingest_task, matte_task
-from pipeline.config import CalibrateConfig, DepthConfig, IngestConfig, MatteConfig
+from flows.artifacts import publish_output_link, publish_stage_report
+from flows.ledger import record_finished_sequence
+from flows.optimize import optimize_sequence
+from flows.tasks import calibrate_task, depth_task, evaluate_task, export_task, ingest_task, matte_task
+from pipeline.config import (
+    CalibrateConfig,
+    DepthConfig,
+    EvaluateConfig,
+    ExportConfig,
+    IngestConfig,
+    MatteConfig,
+    OptimizeConfig,
+)
+from pipeline.errors import PipelineError
 from storage import SequenceWorkDir
 
-STAGES = ("ingest", "calibrate", "matte", "depth")
+STAGES = ("ingest", "calibrate", "matte", "depth", "optimize", "export", "evaluate")
+
+
+def check_stages(stages: list[str] | None) -> list[str]:
+    """The stages to run, in pipeline order; unknown names are an error that lists the known ones."""
+    wanted = list(stages) if stages else list(STAGES)
+    unknown = sorted(set(wanted) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; available: {', '.join(STAGES)}")
+    return [stage for stage in STAGES if stage in wanted]
 
 
 def _run_name() -> str:
     """``<PID>/<SEQ>`` from the raw sequence path, so the UI's run list reads like the archive."""
     path = Path(flow_run.parameters["raw_sequence_dir"])
     return f"{path.parent.parent.name}/{path.name}"
+
+
+def optimize_via_deployment(deployment: str, work: SequenceWorkDir, config: OptimizeConfig) -> dict:
+    """Run ``optimize-sequence`` as a deployment run (a GPU worker picks it up) and wait for it.
+
+    The work folder must be shared storage both machines reach; the report is read back from it.
+    """
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(deployment, parameters={"sequence_work_dir": work.uri, "config": config.model_dump(mode="json")},
+                         timeout=None, poll_interval=5)
+    if run.state is None or not run.state.is_completed():
+        state = run.state.name if run.state else "unknown"
+        message = run.state.message if run.state else ""
+        raise PipelineError(f"optimize deployment run {run.name} ({deployment}) ended {state}: {message}")
+    return work.read_report("optimize") or {"status": "completed", "flow_run": str(run.id)}
+
+
+# The files worth a link in the UI, by the stage that writes them (paths inside the sequence's work folder).
+OUTPUT_LINKS = {
+    "export": [("turntable", "turntable video", "export/turntable.mp4")],
+    "evaluate": [("metrics", "hold-out metrics", "export/metrics.json")],
+}
+
+
+def _output_links(stage: str, work: SequenceWorkDir) -> None:
+    """Link artifacts to what export and evaluate wrote, when the files are there."""
+    for what, text, rel_path in OUTPUT_LINKS.get(stage, []):
+        if work.exists(*rel_path.split("/")):
+            publish_output_link(what, work.participant, work.sequence, work.path(*rel_path.split("/")), text)
 
 
 @flow(name="process-sequence", flow_run_name=_run_name, log_prints=True)
@@ -33,23 +86,32 @@ def process_sequence(
     calibrate: CalibrateConfig = CalibrateConfig(),
     matte: MatteConfig = MatteConfig(),
     depth: DepthConfig = DepthConfig(),
+    optimize: OptimizeConfig = OptimizeConfig(),
+    export: ExportConfig = ExportConfig(),
+    evaluate: EvaluateConfig = EvaluateConfig(),
     stages: list[str] | None = None,
+    optimize_deployment: str | None = None,
 ) -> dict[str, dict]:
-    """Run the pipeline on ``<archive>/<PID>/sequences/<SEQ>``; returns each stage's report."""
+    """Run the pipeline on ``<archive>/<PID>/sequences/<SEQ>``; returns each stage's report.
+
+    ``stages`` limits the run to some stages (each still needs its upstream records). ``optimize_deployment``
+    (e.g. ``optimize-sequence/optimize-sequence``) trains on whichever worker serves that deployment instead of
+    in this process.
+    """
     logger = get_run_logger()
-    wanted = stages or list(STAGES)
-    unknown = sorted(set(wanted) - set(STAGES))
-    if unknown:
-        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; available: {', '.join(STAGES)}")
+    started = time.monotonic()
+    wanted = check_stages(stages)
     path = Path(raw_sequence_dir)
     participant, sequence = path.parent.parent.name, path.name
     work = SequenceWorkDir.for_sequence(work_root, participant, sequence)
     reports: dict[str, dict] = {}
 
-    def record(stage: str, report: dict) -> None:
+    def record(stage: str, report: dict, publish: bool = True) -> None:
         """Keep the report and publish it now, so the UI shows each stage while later ones run."""
-        logger.info("%s %s", stage, report["status"])
-        publish_stage_report(stage, participant, sequence, report)
+        logger.info("%s %s", stage, report.get("status"))
+        if publish:
+            publish_stage_report(stage, participant, sequence, report)
+        _output_links(stage, work)
         reports[stage] = report
 
     if "ingest" in wanted:
@@ -60,4 +122,17 @@ def process_sequence(
         record("matte", matte_task(work.uri, matte))
     if "depth" in wanted:
         record("depth", depth_task(work.uri, depth))
+    if "optimize" in wanted:
+        if optimize_deployment:
+            logger.info("optimize runs as a deployment run of %s", optimize_deployment)
+            record("optimize", optimize_via_deployment(optimize_deployment, work, optimize))
+        else:  # the subflow publishes its own report and training progress
+            record("optimize", optimize_sequence(work.uri, optimize), publish=False)
+    if "export" in wanted:
+        record("export", export_task(work.uri, export))
+    if "evaluate" in wanted:
+        record("evaluate", evaluate_task(work.uri, evaluate))
+    configs = {"ingest": ingest, "calibrate": calibrate, "matte": matte, "depth": depth, "optimize": optimize,
+               "export": export, "evaluate": evaluate}
+    record_finished_sequence(work, wanted, configs, reports, time.monotonic() - started)
     return reports

@@ -6,12 +6,23 @@ at once, because retrying it would only repeat the same clear error.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from pipeline.config import CalibrateConfig, DepthConfig, IngestConfig, MatteConfig
+from pipeline.config import (
+    CalibrateConfig,
+    DepthConfig,
+    EvaluateConfig,
+    ExportConfig,
+    IngestConfig,
+    MatteConfig,
+    OptimizeConfig,
+)
 from pipeline.errors import PipelineError
 
 
@@ -28,8 +39,10 @@ def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
     return False
 
 
-# The store's stage records are the cache: Prefect's own input caching is off.
-stage_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=is_transient)
+# The store's stage records are the cache: Prefect's own input caching is off. A retry re-enters the stage,
+# which skips what it finished (and training resumes from its last checkpoint).
+stage_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.5,
+                  retry_condition_fn=is_transient)
 
 
 @stage_task(name="ingest")
@@ -58,3 +71,26 @@ def depth_task(sequence_work_dir: str, config: DepthConfig) -> dict:
     from stages.depth import depth_sequence
 
     return depth_sequence(sequence_work_dir, config)
+
+
+@stage_task(name="optimize")
+def optimize_task(sequence_work_dir: str, config: OptimizeConfig,
+                  progress: Callable[[Any], None] | None = None) -> dict:
+    """Train NeRSemble; ``progress`` receives the trainer's ``TrainingProgress`` every few steps."""
+    from stages.optimize import optimize_sequence
+
+    return optimize_sequence(sequence_work_dir, config, progress=progress)
+
+
+@stage_task(name="export")
+def export_task(sequence_work_dir: str, config: ExportConfig) -> dict:
+    from stages.export import export_sequence
+
+    return export_sequence(sequence_work_dir, config)
+
+
+@stage_task(name="evaluate")
+def evaluate_task(sequence_work_dir: str, config: EvaluateConfig) -> dict:
+    from stages.evaluate import evaluate_sequence
+
+    return evaluate_sequence(sequence_work_dir, config)

@@ -1,17 +1,45 @@
-"""The sequence flow under Prefect's real test harness: stages run, artifacts appear, re-runs skip."""
+"""The sequence flow under Prefect's real test harness: every stage runs, artifacts appear, re-runs skip,
+a killed run resumes, bad input fails clearly without retries."""
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from flows.sequence import process_sequence
-from pipeline.config import IngestConfig, MatteConfig
+from flows.sequence import STAGES, process_sequence
+from pipeline.config import EvaluateConfig, ExportConfig, IngestConfig, MatteConfig, OptimizeConfig
 from pipeline.synthetic import synthesize_capture
+from storage import CaptureStore, SequenceWorkDir
+
+REPO = Path(__file__).resolve().parents[1]
+# A model small enough to train a handful of steps in seconds on one CPU thread (as in test_optimize.py).
+TINY = {
+    "hash.n_levels": 6, "hash.log2_table_size": 12, "rays_per_batch": 256, "images_per_batch": 2,
+    "repeat_images": 4, "step_size": 0.12, "occupancy.warmup_steps": 4, "eval.chunk": 2048,
+}
+KEY = "001-exp-1-head"
 
 
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory):
     return synthesize_capture(tmp_path_factory.mktemp("archive"), cameras=3, frames=3, width=48, height=64)
+
+
+def _configs(capture) -> dict:
+    """Every stage at its smallest: 2 frames, plate matting, 6 training steps, a 2-frame turntable, 1 timestep."""
+    return {
+        "ingest": IngestConfig(count=2),
+        "matte": MatteConfig(method="plate", workers=1),
+        "optimize": OptimizeConfig(steps=6, overrides=TINY, holdout_cameras=[capture.cameras[2]], device="cpu",
+                                   encoding="torch", seed=3, threads=1),
+        "export": ExportConfig(seconds=0.5, fps=4, holdout=False, threads=1),
+        "evaluate": EvaluateConfig(timesteps=1, lpips=False, threads=1),
+    }
 
 
 async def _artifact_keys() -> set[str]:
@@ -21,23 +49,93 @@ async def _artifact_keys() -> set[str]:
         return {artifact.key for artifact in await client.read_artifacts() if artifact.key}
 
 
-def test_sequence_flow_ingests_publishes_and_skips_on_rerun(prefect_harness, capture, tmp_path):
-    reports = process_sequence(str(capture.sequence_dir), str(tmp_path), IngestConfig(count=2),
-                               matte=MatteConfig(method="plate"))
-    assert reports["ingest"]["status"] == "completed" and reports["ingest"]["frames"] == 2
-    assert reports["calibrate"]["status"] == "completed" and reports["calibrate"]["resolved_mode"] == "provided"
-    assert reports["matte"]["status"] == reports["depth"]["status"] == "completed"
+def _records(work: SequenceWorkDir) -> dict[str, str]:
+    if not CaptureStore.exists(work.capture_uri):
+        return {}
+    return {name: record.finished_at for name, record in CaptureStore.open(work.capture_uri).stage_records().items()}
+
+
+@pytest.mark.slow
+def test_sequence_flow_runs_every_stage_publishes_and_skips_on_rerun(prefect_harness, capture, tmp_path):
+    reports = process_sequence(str(capture.sequence_dir), str(tmp_path), **_configs(capture))
+    assert list(reports) == list(STAGES)
+    assert {stage: report["status"] for stage, report in reports.items()} == {
+        stage: "completed" for stage in STAGES} | {"optimize": reports["optimize"]["status"]}
+    assert reports["optimize"]["status"] in ("completed", "done") and reports["optimize"]["steps"] == 6
+    assert reports["calibrate"]["resolved_mode"] == "provided"
+    work = SequenceWorkDir.for_sequence(str(tmp_path), "001", "EXP-1-head")
+    assert work.exists("export", "turntable.mp4") and work.exists("export", "metrics.json")
+
     keys = asyncio.run(_artifact_keys())
-    assert {f"{stage}-001-exp-1-head" for stage in ("ingest", "calibrate", "matte", "depth")} <= keys
-    again = process_sequence(str(capture.sequence_dir), str(tmp_path), IngestConfig(count=2),
-                             matte=MatteConfig(method="plate"))
-    assert {report["status"] for report in again.values()} == {"skipped"}
+    expected = {f"{stage}-{KEY}" for stage in STAGES}
+    expected |= {f"{stage}-cameras-{KEY}" for stage in ("calibrate", "matte", "depth", "evaluate")}
+    expected |= {f"training-progress-{KEY}", f"training-status-{KEY}", f"turntable-{KEY}", f"metrics-{KEY}"}
+    assert expected <= keys, sorted(expected - keys)
+
+    summary = work.read_report("sequence")
+    assert summary["status"] == "completed" and summary["psnr"] == pytest.approx(reports["evaluate"]["psnr"], abs=1e-3)
+    records = _records(work)
+    again = process_sequence(str(capture.sequence_dir), str(tmp_path), **_configs(capture))
+    assert {stage: report["status"] for stage, report in again.items()} == {stage: "skipped" for stage in STAGES}
+    assert _records(work) == records
+
+
+def _api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+_KILLED_RUN = """
+import sys
+from pipeline.config import IngestConfig, MatteConfig, OptimizeConfig
+from flows.sequence import process_sequence
+process_sequence(sys.argv[1], sys.argv[2], IngestConfig(count=2), matte=MatteConfig(method="plate", workers=1),
+                 optimize=OptimizeConfig(steps=400, device="cpu", encoding="torch", threads=1), stages=sys.argv[3:])
+"""
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_way_resumes_where_it_stopped(prefect_harness, capture, tmp_path):
+    """Kill -9 a flow run (its own process) once depth has finished, then run again: done stages skip."""
+    work = SequenceWorkDir.for_sequence(str(tmp_path), "001", "EXP-1-head")
+    # The killed run trains under its own GPU limit: its slot lease outlives the process by up to a minute.
+    env = {**os.environ, "PREFECT_API_URL": _api_url(), "NERSEMBLE_GPU_LIMIT": "gpu-killed-run"}
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(capture.sequence_dir), str(tmp_path),
+                                "ingest", "calibrate", "matte", "depth", "optimize"],
+                               cwd=REPO, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while "depth" not in _records(work) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process.poll() is None, "the flow run ended before it could be killed"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    before = _records(work)
+    assert {"ingest", "calibrate", "matte", "depth"} <= set(before) and "optimize" not in before
+
+    configs = _configs(capture)
+    resumed = process_sequence(str(capture.sequence_dir), str(tmp_path), **configs,
+                               stages=["ingest", "calibrate", "matte", "depth", "optimize"])
+    assert {stage: resumed[stage]["status"] for stage in ("ingest", "calibrate", "matte", "depth")} == {
+        stage: "skipped" for stage in ("ingest", "calibrate", "matte", "depth")}
+    assert resumed["optimize"]["status"] in ("completed", "done")
+    after = _records(work)
+    assert {stage: after[stage] for stage in before} == before
 
 
 def test_sequence_flow_fails_on_bad_input_without_retrying(prefect_harness, tmp_path):
     bad = tmp_path / "archive" / "001" / "sequences" / "EMPTY"
     (bad / "images").mkdir(parents=True)
     state = process_sequence(str(bad), str(tmp_path / "work"), return_state=True)
-    assert state.is_failed()
+    assert state.is_failed() and "no camera videos" in state.message
     with pytest.raises(Exception, match="no camera videos"):
         state.result()
+
+
+def test_unknown_stage_names_are_refused_with_the_known_ones(prefect_harness, capture, tmp_path):
+    state = process_sequence(str(capture.sequence_dir), str(tmp_path), stages=["ingest", "train"],
+                             return_state=True)
+    assert state.is_failed() and "unknown stage(s) train" in state.message and "optimize" in state.message

@@ -1,0 +1,84 @@
+"""The ``optimize-sequence`` flow: NeRSemble training alone, so it can be deployed to a ``gpu`` work pool.
+
+``process-sequence`` runs it in-process (a subflow) by default, or as a deployment run on a GPU worker when
+given ``optimize_deployment``. Either way the training sits inside a global concurrency limit (``gpu`` by
+default, one slot), so one GPU trains one model at a time while the CPU stages of other sequences go on.
+On a host with several GPUs, give each worker its own limit (``NERSEMBLE_GPU_LIMIT=gpu:<host>-<index>``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect import flow, get_run_logger
+from prefect.concurrency.sync import concurrency
+from prefect.runtime import flow_run
+
+from flows.artifacts import publish_stage_report
+from flows.progress import TrainingProgressArtifacts
+from flows.tasks import optimize_task
+from pipeline.config import OptimizeConfig
+from storage import SequenceWorkDir
+
+GPU_LIMIT_ENV = "NERSEMBLE_GPU_LIMIT"
+DEFAULT_GPU_LIMIT = "gpu"
+
+
+def gpu_limit_name(requested: str | None = None) -> str:
+    """The concurrency limit guarding training: the parameter, else the worker's env, else ``gpu``."""
+    return requested or os.environ.get(GPU_LIMIT_ENV) or DEFAULT_GPU_LIMIT
+
+
+def ensure_concurrency_limit(name: str, slots: int = 1) -> bool:
+    """Create the global concurrency limit with ``slots`` if it does not exist yet; True if created.
+
+    An existing limit is left alone: an operator may have set 2 slots for a GPU with room for two models.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return False
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+            return True
+        except ObjectAlreadyExists:  # another run created it a moment ago
+            return False
+
+
+def _run_name() -> str:
+    work = SequenceWorkDir(flow_run.parameters["sequence_work_dir"])
+    return f"{work.participant}/{work.sequence}"
+
+
+@flow(name="optimize-sequence", flow_run_name=_run_name, log_prints=True)
+def optimize_sequence(
+    sequence_work_dir: str,
+    config: OptimizeConfig = OptimizeConfig(),
+    gpu_limit: str | None = None,
+) -> dict:
+    """Train NeRSemble on ``<work>/<PID>/<SEQ>`` (ingested, calibrated, matted; depth used when present).
+
+    Returns the optimize report. Progress shows as ``training-progress-*`` and ``training-status-*``
+    artifacts while training runs; the report as ``optimize-*`` when it ends.
+    """
+    logger = get_run_logger()
+    work = SequenceWorkDir(sequence_work_dir)
+    limit = gpu_limit_name(gpu_limit)
+    if ensure_concurrency_limit(limit):
+        logger.info("created global concurrency limit %r with 1 slot", limit)
+    progress = TrainingProgressArtifacts(work.participant, work.sequence)
+    logger.info("waiting for a slot of concurrency limit %r", limit)
+    with concurrency(limit, occupy=1):
+        logger.info("training %s/%s (%s preset)", work.participant, work.sequence, config.preset)
+        report = optimize_task(work.uri, config, progress=progress)
+    progress.finish(report)
+    publish_stage_report("optimize", work.participant, work.sequence, report)
+    logger.info("optimize %s: %s steps, train PSNR %s", report.get("status"), report.get("steps"),
+                report.get("psnr_train"))
+    return report
