@@ -1,0 +1,334 @@
+"""The training loop: rays from a rotating cache of (camera, timestep) images, checkpoints, progress.
+
+The loop only needs an :class:`ImageSource` (cameras plus a ``load(view, timestep)``), so it knows nothing
+about zarr or the work folder; ``stages/optimize.py`` adapts the capture store to it. As upstream (nerfstudio's
+cached datamanager), rays are drawn uniformly from ``train.images_per_batch`` images that are redrawn every
+``train.repeat_images + 1`` steps, so memory holds a few images, never the sequence.
+
+Checkpoints hold plain tensors, numbers and strings only, so they load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .config import NeRSembleConfig
+from .losses import nersemble_losses
+from .model import NeRSembleModel
+from .optim import build_lr_scheduler, build_optimizer
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrainView:
+    """One training camera: metric OpenCV ``K`` and ``world_2_cam`` for ``width`` x ``height`` frames."""
+
+    K: np.ndarray
+    world_2_cam: np.ndarray
+    width: int
+    height: int
+
+
+@dataclass
+class TrainImage:
+    """One (camera, timestep) target: RGB uint8 (H, W, 3), alpha uint8 (H, W) or None, z-depth metres or None."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None = None
+    depth: np.ndarray | None = None
+
+
+class ImageSource(Protocol):
+    """Where training images come from (the capture store in the pipeline, arrays in tests)."""
+
+    views: list[TrainView]
+    n_timesteps: int
+
+    def load(self, view: int, timestep: int) -> TrainImage: ...
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """What a progress callback sees every ``progress_every`` steps (and at the end)."""
+
+    step: int  # steps done so far
+    total_steps: int
+    losses: dict[str, float]
+    psnr: float | None  # of the last batch's rays (on white), not a hold-out figure
+    rays_per_s: float
+    elapsed_s: float
+    eta_s: float | None
+    samples_per_ray: float = 0.0
+
+
+ProgressCallback = Callable[[TrainingProgress], None]
+
+
+class ImageCache:
+    """``count`` (view, timestep) images as tensors on the training device, redrawn on request."""
+
+    def __init__(self, source: ImageSource, count: int, world_scale: float, depth_range_m: tuple[float, float],
+                 device: torch.device, generator: torch.Generator, pairs: list[int] | None = None) -> None:
+        self.source, self.count, self.device, self.generator = source, count, device, generator
+        self.world_scale, self.depth_range_m = world_scale, depth_range_m
+        self.K = torch.as_tensor(np.stack([v.K for v in source.views]), dtype=torch.float32, device=device)
+        w2c = torch.as_tensor(np.stack([v.world_2_cam for v in source.views]), dtype=torch.float32, device=device)
+        self.rotation = w2c[:, :3, :3]
+        self.origin = -torch.einsum("cji,cj->ci", self.rotation, w2c[:, :3, 3]) * world_scale
+        self.refresh(pairs)
+
+    def refresh(self, pairs: list[int] | None = None) -> None:
+        """Draw ``count`` new (view, timestep) pairs uniformly (with replacement, as random batches do).
+
+        ``pairs`` (``view * n_timesteps + t``) reloads a given set instead: a resumed run continues with the
+        images the interrupted one had, so resuming is exact.
+        """
+        n_views, n_t = len(self.source.views), self.source.n_timesteps
+        if pairs is None:
+            pairs = torch.randint(0, n_views * n_t, (self.count,), generator=self.generator).tolist()
+        self.pairs = list(pairs)
+        rgb, alpha, depth, views, times, sizes = [], [], [], [], [], []
+        for pair in self.pairs:
+            view, t = divmod(pair, n_t)
+            image = self.source.load(view, t)
+            h, w = image.rgb.shape[:2]
+            a = image.alpha if image.alpha is not None else np.full((h, w), 255, np.uint8)
+            d = image.depth if image.depth is not None else np.zeros((h, w), np.float32)
+            lo, hi = self.depth_range_m
+            d = np.where((d >= lo) & (d <= hi), d, 0.0).astype(np.float32)
+            rgb.append(torch.from_numpy(np.ascontiguousarray(image.rgb)).reshape(-1, 3))
+            alpha.append(torch.from_numpy(np.ascontiguousarray(a)).reshape(-1))
+            depth.append(torch.from_numpy(d).reshape(-1))
+            views.append(torch.full((h * w,), view, dtype=torch.long))
+            times.append(torch.full((h * w,), t, dtype=torch.long))
+            sizes.append(w)
+            self.has_alpha = image.alpha is not None
+            self.has_depth = image.depth is not None
+        self.rgb = torch.cat(rgb).to(self.device)
+        self.alpha = torch.cat(alpha).to(self.device)
+        self.depth = torch.cat(depth).to(self.device)
+        self.view = torch.cat(views).to(self.device)
+        self.time = torch.cat(times).to(self.device)
+        self.pixel = torch.cat([torch.arange(r.shape[0]) for r in rgb]).to(self.device)
+        self.width = torch.cat([torch.full((r.shape[0],), w) for r, w in zip(rgb, sizes)]).to(self.device)
+
+    def sample(self, n_rays: int) -> dict[str, torch.Tensor]:
+        """A uniform ray batch: origins/directions in model units, targets on white, depth as distance."""
+        idx = torch.randint(0, self.rgb.shape[0], (n_rays,), generator=self.generator).to(self.device)
+        view, pixel, width = self.view[idx], self.pixel[idx], self.width[idx]
+        u = (pixel % width).float() + 0.5
+        v = torch.div(pixel, width, rounding_mode="floor").float() + 0.5
+        K = self.K[view]
+        y = (v - K[:, 1, 2]) / K[:, 1, 1]
+        x = (u - K[:, 0, 2] - K[:, 0, 1] * y) / K[:, 0, 0]
+        cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)
+        cam = cam / torch.linalg.norm(cam, dim=-1, keepdim=True)
+        directions = torch.einsum("nj,nji->ni", cam, self.rotation[view])  # R^T d
+        alpha = self.alpha[idx].float() / 255.0
+        rgb = self.rgb[idx].float() / 255.0
+        z = self.depth[idx]
+        return {
+            "origins": self.origin[view],
+            "directions": directions,
+            "timesteps": self.time[idx],
+            "rgb": rgb * alpha[:, None] + (1.0 - alpha[:, None]),  # composited on the white background
+            "alpha": alpha if self.has_alpha else None,
+            # z-depth -> distance along the unit ray, in model units (0 stays "no depth")
+            "depth": (z / cam[:, 2] * self.world_scale) if self.has_depth else None,
+        }
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # steps done
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per progress report
+    elapsed_s: float = 0.0  # training time of all sessions, checkpoint writes excluded
+
+
+class Trainer:
+    """Trains one :class:`NeRSembleModel` on one :class:`ImageSource`; resumable from :meth:`state_dict`."""
+
+    def __init__(self, model: NeRSembleModel, source: ImageSource, device: torch.device,
+                 seed: int | None = None) -> None:
+        self.model, self.source, self.device = model, source, device
+        self.config: NeRSembleConfig = model.config
+        cfg = self.config
+        self.generator = torch.Generator().manual_seed(cfg.train.seed if seed is None else seed)
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg)
+        use_amp = cfg.train.mixed_precision and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        self.state = TrainerState()
+        self.cache: ImageCache | None = None
+        self._resume_pairs: list[int] | None = None
+        model.set_training_cameras([v.K for v in source.views], [v.world_2_cam for v in source.views],
+                                   [(v.width, v.height) for v in source.views])
+
+    # --- one step -------------------------------------------------------------------------------------
+
+    def _ensure_cache(self) -> ImageCache:
+        t = self.config.train
+        redraw = self.state.step % (t.repeat_images + 1) == 0
+        if self.cache is None:
+            pairs = None if redraw else self._resume_pairs
+            self.cache = ImageCache(self.source, t.images_per_batch, self.config.scene.world_scale,
+                                    self.config.data.depth_range_m, self.device, self.generator, pairs)
+        elif redraw:
+            self.cache.refresh()
+        return self.cache
+
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step; returns the loss terms, ``psnr`` of the batch and ``samples`` per ray."""
+        cfg, step, model = self.config, self.state.step, self.model
+        batch = self._ensure_cache().sample(cfg.train.rays_per_batch)
+        model.train()
+        model.update_occupancy(step, self.generator)
+        out = model(batch["origins"], batch["directions"], batch["timesteps"], step=step, generator=self.generator)
+        losses = nersemble_losses(out, batch["rgb"], batch["alpha"], batch["depth"], cfg.loss, step)
+        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if cfg.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        scale_before = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if not self.scaler.is_enabled() or self.scaler.get_scale() >= scale_before:
+            self.scheduler.step()  # as upstream: the decay counts only steps the scaler did not skip
+        self.state.step += 1
+        with torch.no_grad():
+            mse = float(torch.mean((out["rgb"].detach().clamp(0, 1) - batch["rgb"]) ** 2))
+        row = {k: float(v.detach()) for k, v in losses.items()}
+        row["total"] = float(total.detach())
+        row["psnr"] = -10.0 * math.log10(max(mse, 1e-10))
+        row["samples"] = len(out["samples"]) / cfg.train.rays_per_batch
+        return row
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    def train(self, until_step: int | None = None, time_budget_s: float | None = None,
+              progress: ProgressCallback | None = None, progress_every: int = 10,
+              checkpoint: Callable[[], None] | None = None, checkpoint_every: int | None = None) -> str:
+        """Train until ``until_step`` steps are done or the time budget is spent.
+
+        Returns why it stopped: ``"steps"`` or ``"time budget"``. ``checkpoint`` is called every
+        ``checkpoint_every`` steps and at the end; its time does not count as training time.
+        """
+        total = until_step if until_step is not None else self.config.train.steps
+        start_elapsed, window_rows = self.state.elapsed_s, []
+        session_start = time.perf_counter()
+        excluded = 0.0  # checkpoint time this session
+        reason = "steps"
+
+        def elapsed() -> float:
+            return start_elapsed + time.perf_counter() - session_start - excluded
+
+        window_start, window_step = elapsed(), self.state.step
+        while self.state.step < total:
+            window_rows.append(self.train_step())
+            step = self.state.step
+            done = step >= total
+            over_budget = time_budget_s is not None and elapsed() - start_elapsed >= time_budget_s
+            if step % progress_every == 0 or done or over_budget:
+                now = elapsed()
+                rate = (step - window_step) / max(now - window_start, 1e-9)
+                row = {k: float(np.mean([r[k] for r in window_rows if k in r])) for k in window_rows[-1]}
+                self.state.elapsed_s = now
+                self.state.history.append({"step": step, "elapsed_s": now, **row})
+                if progress is not None:
+                    progress(TrainingProgress(
+                        step=step, total_steps=total,
+                        losses={k: v for k, v in row.items() if k not in ("psnr", "samples")},
+                        psnr=row["psnr"], rays_per_s=rate * self.config.train.rays_per_batch, elapsed_s=now,
+                        eta_s=(total - step) / rate if rate > 0 else None, samples_per_ray=row["samples"]))
+                window_rows, window_start, window_step = [], now, step
+            if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and not done:
+                t0 = time.perf_counter()
+                self.state.elapsed_s = elapsed()
+                checkpoint()
+                excluded += time.perf_counter() - t0
+            if over_budget and not done:
+                reason = "time budget"
+                break
+        self.state.elapsed_s = elapsed()
+        if checkpoint is not None:
+            checkpoint()
+        return reason
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+
+    def state_dict(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything a resumed run needs; plain types and tensors only (``weights_only`` loadable)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "n_timesteps": self.model.n_timesteps,
+            "scene_box": self.model.scene_box.detach().cpu(),
+            "step": self.state.step,
+            "elapsed_s": self.state.elapsed_s,
+            "history": self.state.history,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "cached_images": list(self.cache.pairs) if self.cache is not None else None,
+            **(extra or {}),
+        }
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.generator.set_state(checkpoint["generator"])
+        self.state = TrainerState(step=int(checkpoint["step"]), history=list(checkpoint["history"]),
+                                  elapsed_s=float(checkpoint["elapsed_s"]))
+        self.cache = None  # rebuilt at the next step with the same images
+        self._resume_pairs = checkpoint.get("cached_images")
+
+
+def save_checkpoint(checkpoint: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
+
+
+def load_checkpoint(data: bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint from bytes, with weights-only loading (no pickled code runs)."""
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu",
+                          backend: str = "auto") -> NeRSembleModel:
+    """Rebuild the trained model (eval mode) from a checkpoint's config, box and weights."""
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"unknown checkpoint format {checkpoint.get('format')!r}")
+    config = NeRSembleConfig.from_dict(checkpoint["config"])
+    model = NeRSembleModel(config, int(checkpoint["n_timesteps"]), checkpoint["scene_box"], backend=backend)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Set torch's CPU thread count for a block (0 leaves it alone)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
