@@ -230,6 +230,132 @@ def depth(
     _print_report(report, ("method", "device", "coverage", "seconds", "seconds_per_view", "preview"))
 
 
+def _validated(model: type, stage: str, **values):
+    """A stage config from CLI values; pydantic's complaints become one line naming the --option."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**values)
+    except ValidationError as error:  # its messages name the field and the allowed values
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
+        raise PipelineError(f"invalid {stage} option: {problems}") from None
+
+
+class _Progress:
+    """A progress bar for ``progress(done, total)`` callbacks, created once the total is known."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.bar, self.shown = label, None, 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = typer.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.shown)
+        self.shown = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@app.command()
+@_user_errors
+def export(
+    sequence_work_dir: Annotated[Path, typer.Argument(help="<WORK>/<PID>/<SEQ>, holding a trained model")],
+    turntable: Annotated[bool, typer.Option("--turntable", help="render export/turntable.mp4")] = False,
+    holdout: Annotated[bool, typer.Option("--holdout", help="render every hold-out camera for every frame")]
+    = False,
+    path: Annotated[Optional[Path], typer.Option("--path", help="camera path JSON: width, height, keyframes of "
+                                                               "{K, world_2_cam, time[, frame]}")] = None,
+    through_cameras: Annotated[Optional[list[str]], typer.Option(help="smooth path through these rig cameras, in "
+                                                                      "order (repeat or comma-separate)")] = None,
+    benchmark: Annotated[bool, typer.Option("--benchmark", help="NeRSemble benchmark NVS submission files")]
+    = False,
+    benchmark_size: Annotated[tuple[int, int], typer.Option(help="benchmark video WIDTH HEIGHT (the NVS task's)")]
+    = (1100, 1604),
+    seconds: Annotated[float, typer.Option(help="turntable / path length")] = 4.0,
+    fps: Annotated[float, typer.Option(help="frames per second")] = 24.0,
+    resolution_scale: Annotated[float, typer.Option(help="render size relative to the stored frames")] = 1.0,
+    elevation: Annotated[float, typer.Option(help="turntable height above the rig's mean, degrees")] = 0.0,
+    radius: Annotated[Optional[float], typer.Option(help="turntable distance in metres (default: the rig's)")]
+    = None,
+    trajectory: Annotated[str, typer.Option(help="orbit | official (upstream's circle around the frontal axis)")]
+    = "orbit",
+    arc: Annotated[float, typer.Option(help="orbit azimuth range in degrees; below 360 it sways across the "
+                                            "front")] = 360.0,
+    background: Annotated[str, typer.Option(help="white | transparent (adds RGBA PNG frames and alpha videos)")]
+    = "white",
+    crf: Annotated[int, typer.Option(help="H.264 constant rate factor")] = 14,
+    depth_videos: Annotated[bool, typer.Option(help="also write depth and alpha videos")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    chunk: Annotated[int, typer.Option(help="rays rendered at once (bounds memory)")] = 8192,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default)")] = 0,
+    lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
+) -> None:
+    """Render turntable, hold-out, camera-path and benchmark videos from the trained model (skipped when done).
+
+    With none of --turntable, --holdout, --path, --through-cameras, --benchmark: the turntable and hold-out videos.
+    """
+    from pipeline.config import ExportConfig
+    from stages.export import export_sequence
+
+    cameras = _split_serials(through_cameras)
+    chosen = turntable or holdout or path is not None or bool(cameras) or benchmark
+    config = _validated(ExportConfig, "export", turntable=turntable or not chosen, holdout=holdout or not chosen,
+                        path=str(path) if path else None, path_cameras=cameras, benchmark=benchmark,
+                        benchmark_size=benchmark_size, seconds=seconds, fps=fps, resolution_scale=resolution_scale, elevation_deg=elevation,
+                        radius_m=radius, trajectory=trajectory, arc_deg=arc, background=background, crf=crf,
+                        depth_videos=depth_videos, device=device, chunk=chunk, threads=threads,
+                        lock_timeout=lock_timeout)
+    bar = _Progress("rendering")
+    try:
+        report = export_sequence(sequence_work_dir, config, progress=bar)
+    finally:
+        bar.close()
+    typer.echo(f"export {report['status']}: {report.get('frames', 0)} frames")
+    for video in report.get("videos", {}).values():
+        typer.echo(f"  {video['video']:<48} {video['frames']} frames {video['size'][0]}x{video['size'][1]}")
+    _print_report(report, ("benchmark_submission", "seconds", "frames_per_second"))
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    sequence_work_dir: Annotated[Path, typer.Argument(help="<WORK>/<PID>/<SEQ>, holding a trained model")],
+    timesteps: Annotated[int, typer.Option(help="evenly spaced frames per hold-out camera (0 = all)")] = 15,
+    lpips: Annotated[bool, typer.Option(help="LPIPS when its weights are on disk (never downloaded)")] = True,
+    ground_truth: Annotated[Optional[Path], typer.Option(help="a synthetic capture's ground_truth.zarr, scored "
+                                                              "separately")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    chunk: Annotated[int, typer.Option(help="rays rendered at once (bounds memory)")] = 8192,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default)")] = 0,
+    lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
+) -> None:
+    """Score the trained model on the hold-out cameras: PSNR, SSIM, LPIPS per camera and overall (skipped when done)."""
+    from pipeline.config import EvaluateConfig
+    from stages.evaluate import evaluate_sequence
+
+    config = _validated(EvaluateConfig, "evaluate", timesteps=timesteps, lpips=lpips,
+                        ground_truth=str(ground_truth) if ground_truth else None, device=device, chunk=chunk,
+                        threads=threads, lock_timeout=lock_timeout)
+    bar = _Progress("evaluating")
+    try:
+        report = evaluate_sequence(sequence_work_dir, config, progress=bar)
+    finally:
+        bar.close()
+    typer.echo(f"evaluate {report['status']}: {report['images']} images, model step {report['model_step']}")
+    for name, result in report["results"].items():
+        typer.echo(f"  against {name}:")
+        rows = [("overall", result["overall"])] + list(result["cameras"].items())
+        for label, scores in rows:
+            lpips_text = f"  LPIPS {scores['lpips']:.4f}" if "lpips" in scores else ""
+            typer.echo(f"    {label:<10} PSNR {scores['psnr']:6.2f} dB  SSIM {scores['ssim']:.4f}{lpips_text}")
+    if not isinstance(report["protocol"]["lpips"], dict):
+        typer.echo(f"  LPIPS: {report['protocol']['lpips']}")
+    _print_report(report, ("metrics", "seconds"))
+
+
 @app.command("list")
 @_user_errors
 def list_captures(

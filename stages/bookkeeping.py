@@ -19,6 +19,8 @@ PRODUCED_BY = {
     "matte": "nersemble-pipeline matte <SEQUENCE_WORK_DIR>",
     "depth": "nersemble-pipeline depth <SEQUENCE_WORK_DIR>",
     "optimize": "nersemble-pipeline optimize <SEQUENCE_WORK_DIR>",
+    "export": "nersemble-pipeline export <SEQUENCE_WORK_DIR>",
+    "evaluate": "nersemble-pipeline evaluate <SEQUENCE_WORK_DIR>",
 }
 
 

@@ -1,0 +1,88 @@
+"""The trained model and the store's cameras, as export and evaluate need them.
+
+Export and evaluate only read the optimize stage's outputs through ``stages.optimize.load_trained_model``
+(model, config, step, train/hold-out cameras, timesteps), so the checkpoint format stays the trainer's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError, StageOrderError
+from stages.bookkeeping import PRODUCED_BY
+from storage import CaptureStore, SequenceWorkDir
+
+
+def resolve_device(device: str, stage: str) -> torch.device:
+    """``auto`` -> CUDA when torch sees a GPU; ``cuda`` without one is an error, never a silent fallback."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"{stage} --device cuda: torch sees no CUDA device here (CPU-only build or no GPU); "
+                            "use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise PipelineError(f"{stage} --device {device!r}: choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+def load_model(work: SequenceWorkDir, device: torch.device, stage: str) -> Any:
+    """``stages.optimize.load_trained_model`` (a ``TrainedModel``), or a StageOrderError naming the optimize command."""
+    try:
+        from stages.optimize import load_trained_model
+    except ImportError as error:  # the trainer is not part of this installation
+        raise StageOrderError(f"{work.uri}: the {stage} stage needs a trained model, and the optimize stage is not "
+                              f"available here ({error}); run `{PRODUCED_BY['optimize']}`") from None
+    return load_trained_model(work.uri, device=str(device))
+
+
+@dataclass(frozen=True)
+class StoreCameras:
+    """The calibrated cameras at the stored frame size."""
+
+    serials: list[str]
+    intrinsics: dict[str, np.ndarray]
+    world_2_cam: dict[str, np.ndarray]
+    width: int
+    height: int
+
+
+def store_cameras(store: CaptureStore, stage: str) -> StoreCameras:
+    intrinsics, world_2_cam = store.intrinsics, store.world_2_cam
+    if intrinsics is None or world_2_cam is None:
+        raise StageOrderError(f"{store.uri}: the {stage} stage needs every camera's K and world_2_cam, and the "
+                              f"store has none: run `{PRODUCED_BY['calibrate']}`")
+    return StoreCameras(list(store.cameras), intrinsics, world_2_cam, store.width, store.height)
+
+
+def check_model_fits(trained: Any, store: CaptureStore, stage: str) -> None:
+    """The model must have been trained on this store: same timesteps, hold-out cameras that exist."""
+    if trained.n_timesteps != store.n_frames:
+        raise StageOrderError(f"{store.uri}: the trained model has {trained.n_timesteps} timesteps but the store has "
+                              f"{store.n_frames} frames (re-ingested since training?); run "
+                              f"`{PRODUCED_BY['optimize']}` again")
+    unknown = [s for s in trained.holdout_cameras if s not in store.cameras]
+    if unknown:
+        raise StageOrderError(f"{store.uri}: the model's hold-out cameras {', '.join(unknown)} are not in the store; "
+                              f"run `{PRODUCED_BY['optimize']}` again")
+
+
+def render_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Pin torch's intra-op threads while rendering (0 keeps the default)."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
