@@ -74,7 +74,8 @@ def optimize_sequence(
         logger.info("created global concurrency limit %r with 1 slot", limit)
     progress = TrainingProgressArtifacts(work.participant, work.sequence)
     logger.info("waiting for a slot of concurrency limit %r", limit)
-    with concurrency(limit, occupy=1):
+    # The slot is a lease the client renews while training runs; a killed run's slot frees within a minute.
+    with concurrency(limit, occupy=1, lease_duration=60):
         logger.info("training %s/%s (%s preset)", work.participant, work.sequence, config.preset)
         report = optimize_task(work.uri, config, progress=progress)
     progress.finish(report)

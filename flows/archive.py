@@ -1,0 +1,197 @@
+"""The ``process-archive`` flow: every (participant, sequence) under an archive root, one sequence run each.
+
+Sequences whose last run finished with the same stages and configs are skipped (``reports/sequence.json``, see
+``flows.ledger``). The rest run as ``process-sequence`` subflows in this process, or as deployment runs on a
+work pool (``sequence_deployment``), at most ``max_concurrent`` at a time. A sequence that fails is a row in
+the summary, never the end of the batch; the archive run itself ends Failed when any sequence failed, with
+their errors in its message, after the summary table artifact is written.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.artifacts import publish_archive_summary
+from flows.ledger import SEQUENCE_REPORT, finished_sequence
+from flows.sequence import check_stages, process_sequence
+from pipeline.config import (
+    CalibrateConfig,
+    DepthConfig,
+    EvaluateConfig,
+    ExportConfig,
+    IngestConfig,
+    MatteConfig,
+    OptimizeConfig,
+)
+from pipeline.errors import PipelineError
+from pipeline.raw_capture import list_archive
+from storage import SequenceWorkDir
+
+SUMMARY_COLUMNS = ("participant", "sequence", "status", "seconds", "psnr", "error", "flow_run")
+
+
+class ArchiveFailures(PipelineError):
+    """Some sequences of an archive run failed; the others finished (see the summary artifact)."""
+
+
+def _run_name() -> str:
+    root = Path(flow_run.parameters["archive_root"])
+    return f"archive {root.name or root}"
+
+
+def _row(participant: str, sequence: str, status: str, seconds: float | None = None, psnr: float | None = None,
+         error: str | None = None, flow_run: str | None = None) -> dict:
+    return {"participant": participant, "sequence": sequence, "status": status,
+            "seconds": None if seconds is None else round(seconds, 1), "psnr": psnr, "error": error,
+            "flow_run": flow_run}
+
+
+def _error_text(state) -> str:  # noqa: ANN001 - a prefect State
+    """The exception behind a failed local run ("Type: message"), else the state's message."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception as raised:  # noqa: BLE001 - a crashed run may not even have a result
+        error = raised
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}"
+    return state.message or state.name
+
+
+def _psnr_of(work: SequenceWorkDir) -> float | None:
+    summary = work.read_report(SEQUENCE_REPORT) or {}
+    return summary.get("psnr")
+
+
+@task(name="sequence", task_run_name="{participant}/{sequence}", cache_policy=NO_CACHE)
+def run_sequence(participant: str, sequence: str, raw_sequence_dir: str, work_root: str, parameters: dict,
+                 sequence_deployment: str | None = None) -> dict:
+    """One sequence as a subflow (or a deployment run); always returns its summary row, failed or not."""
+    started = time.monotonic()
+    work = SequenceWorkDir.for_sequence(work_root, participant, sequence)
+    if sequence_deployment:
+        from prefect.deployments import run_deployment
+
+        jsonable = {name: value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+                    for name, value in parameters.items()}
+        run = run_deployment(sequence_deployment, timeout=None, poll_interval=5,
+                             parameters={"raw_sequence_dir": raw_sequence_dir, "work_root": work_root, **jsonable})
+        state, run_name = run.state, run.name
+        failed = state is None or not state.is_completed()
+        error = (f"{state.name if state else 'unknown'}: {state.message if state else ''}") if failed else None
+    else:
+        state = process_sequence(raw_sequence_dir, work_root, **parameters, return_state=True)
+        run_name = str(state.state_details.flow_run_id) if state.state_details else None
+        failed = not state.is_completed()
+        error = _error_text(state) if failed else None
+    seconds = time.monotonic() - started
+    if failed:
+        return _row(participant, sequence, "failed", seconds, error=error, flow_run=run_name)
+    return _row(participant, sequence, "completed", seconds, psnr=_psnr_of(work), flow_run=run_name)
+
+
+def _location(problem: str, root: Path) -> tuple[str, str]:
+    """(participant, sequence) named by a discovery problem's path, for its summary row."""
+    match = re.search(re.escape(str(root)) + r"/([^/]+)/sequences/([^/:]+)", problem)
+    return (match.group(1), match.group(2)) if match else ("?", "?")
+
+
+def _unknown_filters(root: Path, participants: list[str] | None, sequences: list[str] | None,
+                     found: list) -> list[dict]:
+    """Rows for participants and sequences the caller asked for that the archive does not have."""
+    rows = []
+    present = sorted(p.name for p in root.iterdir() if (p / "sequences").is_dir())
+    for participant in participants or []:
+        if participant not in present:
+            rows.append(_row(participant, "*", "failed",
+                             error=f"participant {participant!r} not found under {root} "
+                                   f"(participants there: {', '.join(present) or 'none'})"))
+    seen = {raw.sequence for raw in found}
+    for sequence in sequences or []:
+        if sequence not in seen:
+            rows.append(_row("*", sequence, "failed",
+                             error=f"sequence {sequence!r} not found under {root}"
+                                   + (f" for participants {', '.join(participants)}" if participants else "")))
+    return rows
+
+
+@flow(name="process-archive", flow_run_name=_run_name, log_prints=True)
+def process_archive(
+    archive_root: str,
+    work_root: str,
+    participants: list[str] | None = None,
+    sequences: list[str] | None = None,
+    ingest: IngestConfig = IngestConfig(),
+    calibrate: CalibrateConfig = CalibrateConfig(),
+    matte: MatteConfig = MatteConfig(),
+    depth: DepthConfig = DepthConfig(),
+    optimize: OptimizeConfig = OptimizeConfig(),
+    export: ExportConfig = ExportConfig(),
+    evaluate: EvaluateConfig = EvaluateConfig(),
+    stages: list[str] | None = None,
+    max_concurrent: int = 1,
+    sequence_deployment: str | None = None,
+    optimize_deployment: str | None = None,
+    rerun_finished: bool = False,
+) -> list[dict]:
+    """Process every sequence under ``archive_root`` (``<PID>/sequences/<SEQ>``) into ``work_root``.
+
+    ``participants`` / ``sequences`` filter by name. ``max_concurrent`` sequence runs at a time: subflows in
+    this process, or deployment runs of ``sequence_deployment`` (e.g. ``process-sequence/process-sequence``)
+    that any worker of its pool picks up. Returns the summary rows (also the ``archive-summary`` artifact).
+    """
+    logger = get_run_logger()
+    if max_concurrent < 1:
+        raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
+    wanted = check_stages(stages)
+    root = Path(archive_root).resolve()
+    found, problems = list_archive(root, participants, sequences)  # a missing root raises: nothing to do
+    configs = {"ingest": ingest, "calibrate": calibrate, "matte": matte, "depth": depth, "optimize": optimize,
+               "export": export, "evaluate": evaluate}
+    parameters = {**configs, "stages": wanted, "optimize_deployment": optimize_deployment}
+
+    rows = _unknown_filters(root, participants, sequences, found)
+    for row in rows:
+        logger.error("%s", row["error"])
+    for problem in problems:
+        logger.error("unreadable capture: %s", problem)
+        rows.append(_row(*_location(problem, root), "failed", error=problem))
+
+    todo = []
+    for raw in found:
+        work = SequenceWorkDir.for_sequence(work_root, raw.participant, raw.sequence)
+        done = None if rerun_finished else finished_sequence(work, wanted, configs)
+        if done is not None:
+            logger.info("%s/%s finished earlier (%s); skipped", raw.participant, raw.sequence, done["finished_at"])
+            rows.append(_row(raw.participant, raw.sequence, "skipped", 0.0, psnr=done.get("psnr")))
+        else:
+            todo.append(raw)
+    logger.info("%d sequence(s) to run, %d finished earlier, %d unreadable or not found", len(todo),
+                sum(row["status"] == "skipped" for row in rows), sum(row["status"] == "failed" for row in rows))
+
+    with ThreadPoolTaskRunner(max_workers=max_concurrent) as runner:
+        futures = [runner.submit(run_sequence, {
+            "participant": raw.participant, "sequence": raw.sequence, "raw_sequence_dir": str(raw.sequence_dir),
+            "work_root": work_root, "parameters": parameters, "sequence_deployment": sequence_deployment})
+            for raw in todo]
+        for future in as_completed(futures):
+            row = future.result()
+            log = logger.error if row["status"] == "failed" else logger.info
+            log("%s/%s %s in %.1f s%s", row["participant"], row["sequence"], row["status"], row["seconds"],
+                f": {row['error']}" if row["error"] else "")
+            rows.append(row)
+
+    rows.sort(key=lambda row: (row["participant"], row["sequence"]))
+    publish_archive_summary(rows, str(root))
+    failures = [row for row in rows if row["status"] == "failed"]
+    if failures:
+        listed = "; ".join(f"{row['participant']}/{row['sequence']}: {row['error']}" for row in failures)
+        raise ArchiveFailures(f"{len(failures)} of {len(rows)} sequence(s) failed: {listed}")
+    return rows
