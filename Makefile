@@ -14,7 +14,11 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export U2NET_HOME := $(CURDIR)/models
 
-.PHONY: install demo test bench ui worker clean
+# `make worker` and `make deploy` talk to the server `make ui` starts, unless PREFECT_API_URL names another one.
+LOCAL_API := http://127.0.0.1:4200/api
+PREFECT := $(VENV)/bin/prefect
+
+.PHONY: install demo test bench ui worker deploy clean
 
 install: $(STAMP) $(MODEL)
 
@@ -38,11 +42,23 @@ test: install
 bench: install
 	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
+# The Prefect server and UI on http://127.0.0.1:4200 (SQLite in ~/.prefect; `make demo` runs show up here too).
 ui: install
-	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+	$(PREFECT) server start --host 127.0.0.1 --port 4200
 
+# A process worker on pool POOL (cpu or gpu): run one per machine and pool, each with the same checkout path.
 worker: install
-	$(VENV)/bin/prefect worker start --pool $(POOL)
+	PREFECT_API_URL=$${PREFECT_API_URL:-$(LOCAL_API)} $(PREFECT) worker start --pool $(POOL) --type process
+
+# Work pools cpu and gpu, the gpu concurrency limit (1 slot) where missing, then prefect.yaml's deployments.
+deploy: install
+	export PREFECT_API_URL=$${PREFECT_API_URL:-$(LOCAL_API)}; \
+	for pool in cpu gpu; do \
+	  $(PREFECT) work-pool inspect $$pool >/dev/null 2>&1 || $(PREFECT) work-pool create $$pool --type process || exit 1; \
+	done; \
+	$(PREFECT) global-concurrency-limit inspect gpu >/dev/null 2>&1 || \
+	  $(PREFECT) global-concurrency-limit create gpu --limit 1 || exit 1; \
+	cd $(CURDIR) && PWD=$(CURDIR) $(PREFECT) --no-prompt deploy --all
 
 clean:
 	rm -rf $(VENV) models $(DEMO_OUT) .pytest_cache build *.egg-info
