@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,6 +32,7 @@ from stages.depth_consistency import filter_consistent
 from stages.depth_geometry import Views, angles_between_axes, make_views, rig_centre, sees_point
 from stages.depth_hull import Hull, depth_bounds, visual_hull
 from stages.depth_sweep import SweepSettings, build_pyramid, sweep_view, to_grey
+from stages.devices import resolve_device, torch_threads
 from storage import CaptureStore, SequenceWorkDir, config_hash, sequence_lock
 
 STAGE = "depth"
@@ -55,16 +54,6 @@ def resolve_method(method: str) -> str:
     if method == "colmap":
         require_colmap()
     return method
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when torch sees a GPU; asking for CUDA without one is an error, not a silent fallback."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("depth --device cuda: torch sees no CUDA device here (CPU-only build or no GPU); "
-                            "use --device cpu or auto")
-    return torch.device(device)
 
 
 def worker_count(config: DepthConfig, device: torch.device, cameras: int) -> int:
@@ -123,7 +112,7 @@ class DepthPlan:
 def plan_depth(store: CaptureStore, config: DepthConfig) -> DepthPlan:
     """Everything decided from the calibration alone: method, device, each view's sources."""
     method = resolve_method(config.method)
-    device = resolve_device(config.device) if method == "sweep" else torch.device("cpu")
+    device = resolve_device(config.device, STAGE) if method == "sweep" else torch.device("cpu")
     views = load_views(store, device)
     sources = choose_sources(views, config.neighbours, config.max_neighbour_angle)
     warnings = [f"camera {views.serials[ref]}: no neighbouring camera within {config.max_neighbour_angle:g} deg "
@@ -191,23 +180,12 @@ class _Tally:
                 self.depth_max[index] = max(self.depth_max[index], float(found.max()))
 
 
-@contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    """Limit torch's intra-op threads while views run in parallel threads, so the two do not fight for cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _run(store: CaptureStore, work: SequenceWorkDir, config: DepthConfig, plan: DepthPlan, chash: str, digest: str,
          progress: ProgressCallback | None) -> dict:
     tally = _Tally(plan.views.count)
     started = time.perf_counter()
     threads = 1 if plan.device.type == "cpu" and plan.workers > 1 else torch.get_num_threads()
-    with _torch_threads(threads), ThreadPoolExecutor(max_workers=plan.workers, thread_name_prefix="depth") as pool:
+    with torch_threads(threads), ThreadPoolExecutor(max_workers=plan.workers, thread_name_prefix="depth") as pool:
         for t in range(store.n_frames):
             _depth_timestep(store, t, config, plan, pool, tally)
             if progress:

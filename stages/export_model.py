@@ -6,29 +6,16 @@ Export and evaluate only read the optimize stage's outputs through ``stages.opti
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.errors import PipelineError, StageOrderError
+from pipeline.errors import StageOrderError
 from stages.bookkeeping import PRODUCED_BY
+from stages.devices import resolve_device, torch_threads  # noqa: F401 - re-exported for export/evaluate
 from storage import CaptureStore, SequenceWorkDir
-
-
-def resolve_device(device: str, stage: str) -> torch.device:
-    """``auto`` -> CUDA when torch sees a GPU; ``cuda`` without one is an error, never a silent fallback."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"{stage} --device cuda: torch sees no CUDA device here (CPU-only build or no GPU); "
-                            "use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise PipelineError(f"{stage} --device {device!r}: choose auto, cpu or cuda")
-    return torch.device(device)
 
 
 def load_model(work: SequenceWorkDir, device: torch.device, stage: str) -> Any:
@@ -74,15 +61,3 @@ def check_model_fits(trained: Any, store: CaptureStore, stage: str) -> None:
 
 def render_size(width: int, height: int, scale: float) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Pin torch's intra-op threads while rendering (0 keeps the default)."""
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

@@ -25,7 +25,7 @@ from pipeline.errors import PipelineError, StageOrderError
 from stages.bookkeeping import PRODUCED_BY, finish_stage, open_store_for, require_stage, upstream_digest
 from stages.depth_geometry import make_views
 from stages.depth_hull import visual_hull
-from stages.devices import resolve_device
+from stages.devices import resolve_device, torch_threads
 from stages.nersemble import NeRSembleConfig, NeRSembleModel, preset, scene_box_from_cameras
 from stages.nersemble.hash_encoding import tcnn_available
 from stages.nersemble.trainer import (
@@ -37,7 +37,6 @@ from stages.nersemble.trainer import (
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
-    torch_threads,
 )
 from stages.optimize_curves import training_curves_png
 from storage import CaptureStore, SequenceWorkDir, config_hash, sequence_lock
@@ -47,7 +46,7 @@ VERSION = "1"
 UPSTREAM = ("ingest", "calibrate", "matte", "depth")
 CHECKPOINTS = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
-HULL_TIMESTEPS = 3  # frames whose matte hulls bound the scene box
+HULL_TIMESTEPS = 6  # frames whose matte hulls bound the scene box and the occupancy grid
 HULL_PADDING_M = 0.03  # margin around the hull: hair and matte edges the hull may have shaved
 
 
@@ -122,26 +121,48 @@ def resolve_backend(encoding: str) -> str:
     return encoding
 
 
-def scene_box(store: CaptureStore, serials: list[str], cfg: NeRSembleConfig) -> tuple[torch.Tensor, str]:
-    """The box the field lives in (model units): the mattes' visual hull, padded; else a box at the rig's focus.
+def matte_hull_points(store: CaptureStore, serials: list[str]) -> np.ndarray | None:
+    """Voxel centres (metres) of the mattes' visual hulls at ``HULL_TIMESTEPS`` frames, padded by their voxel.
 
-    A tight box is the cheapest speed-up there is on a CPU: every ray marches only through it.
+    None when a hull comes out empty (mattes that disagree with the calibration): then nothing is derived
+    from the mattes.
     """
-    K, w2c = store.intrinsics, store.world_2_cam
-    fallback = scene_box_from_cameras([w2c[s] for s in serials], cfg.scene.box_size_m, cfg.scene.world_scale)
-    views = make_views(serials, K, w2c, store.width, store.height, torch.device("cpu"))
+    views = make_views(serials, store.intrinsics, store.world_2_cam, store.width, store.height,
+                       torch.device("cpu"))
     indices = [store.camera_index(s) for s in serials]
-    lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
+    clouds = []
     for t in np.unique(np.linspace(0, store.n_frames - 1, HULL_TIMESTEPS).round().astype(int)):
         masks = np.stack([store.read_alpha(i, int(t)) >= 128 for i in indices])
         hull = visual_hull(views, masks, resolution=64, misses=1, dilation_px=2.0)
         if hull.empty:
-            return fallback, "cameras (the mattes' hull is empty)"
-        points = hull.points.numpy()
-        lo = np.minimum(lo, points.min(0) - hull.voxel / 2)
-        hi = np.maximum(hi, points.max(0) + hull.voxel / 2)
-    box = np.stack([lo - HULL_PADDING_M, hi + HULL_PADDING_M]) * cfg.scene.world_scale
+            return None
+        clouds.append(hull.points.numpy())
+    return np.concatenate(clouds)
+
+
+def scene_box(store: CaptureStore, serials: list[str], cfg: NeRSembleConfig,
+              hull: np.ndarray | None) -> tuple[torch.Tensor, str]:
+    """The box the field lives in (model units): the mattes' visual hull, padded; else a box at the rig's focus.
+
+    A tight box is the cheapest speed-up there is on a CPU: every ray marches only through it.
+    """
+    if hull is None:
+        w2c = store.world_2_cam
+        box = scene_box_from_cameras([w2c[s] for s in serials], cfg.scene.box_size_m, cfg.scene.world_scale)
+        return box, "cameras"
+    box = np.stack([hull.min(0) - HULL_PADDING_M, hull.max(0) + HULL_PADDING_M]) * cfg.scene.world_scale
     return torch.as_tensor(box, dtype=torch.float32), "mattes"
+
+
+def hull_cell_mask(hull: np.ndarray, box: torch.Tensor, resolution: int, world_scale: float) -> torch.Tensor:
+    """Occupancy cells ([R, R, R] bool) that hold a hull voxel, grown by one cell (the subject moves between
+    the frames the hull was carved at, and hair is thinner than a matte can see)."""
+    unit = (torch.as_tensor(hull, dtype=torch.float32) * world_scale - box[0]) / (box[1] - box[0])
+    ijk = torch.clamp((unit * resolution).long(), 0, resolution - 1)
+    mask = torch.zeros(resolution, resolution, resolution)
+    mask[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = 1.0
+    grown = torch.nn.functional.max_pool3d(mask[None, None], kernel_size=3, stride=1, padding=1)[0, 0]
+    return grown > 0
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
@@ -236,16 +257,20 @@ def _train(store: CaptureStore, work: SequenceWorkDir, config: OptimizeConfig, c
     resumed = latest_checkpoint(work) if config.resume else None
     if resumed is not None and resumed.get("run_id") != run_id:
         resumed = None  # another config or other upstream results: start over
+    hull = matte_hull_points(store, train) if resumed is None else None
     box, box_source = ((resumed["scene_box"], "checkpoint") if resumed is not None
-                       else scene_box(store, train, cfg))
+                       else scene_box(store, train, cfg, hull))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # the initial weights are part of what the seed fixes
         model = NeRSembleModel(cfg, store.n_frames, box, backend=backend).to(device)
     source = StoreImageSource(store, train, use_depth)
     trainer = Trainer(model, source, device)
     if resumed is not None:
-        trainer.load_state_dict(resumed)
+        trainer.load_state_dict(resumed)  # the occupancy masks come back with the weights
     else:
+        if cfg.occupancy.matte_hull and hull is not None:
+            model.restrict_occupancy(hull_cell_mask(hull, model.scene_box.cpu(), cfg.occupancy.resolution,
+                                                    cfg.scene.world_scale))
         _remove_checkpoints(work)
     start_step = trainer.state.step
     extra = {"run_id": run_id, "train_cameras": train, "holdout_cameras": holdout}

@@ -10,7 +10,6 @@ Checkpoints hold plain tensors, numbers and strings only, so they load with ``to
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import time
@@ -320,15 +319,3 @@ def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str
     model = NeRSembleModel(config, int(checkpoint["n_timesteps"]), checkpoint["scene_box"], backend=backend)
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval()
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int):
-    """Set torch's CPU thread count for a block (0 leaves it alone)."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
