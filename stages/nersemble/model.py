@@ -21,7 +21,7 @@ from .deformation import SE3DeformationField, deform_positions
 from .field import NeRSembleField, TimeCodes, ensemble_weights
 from .hash_encoding import Backend
 from .occupancy import OccupancyGrid, frustum_visibility_mask
-from .packed import segment_sum
+from .packed import segment_cumsum, segment_sum
 from .rays import camera_rays, pixel_centers, scale_world_2_cam
 from .rendering import composite, render_weights
 from .sampling import RaySamples, march_rays
@@ -119,17 +119,28 @@ class NeRSembleModel(nn.Module):
 
     def sample(self, rays_o: torch.Tensor, rays_d: torch.Tensor, timesteps: torch.Tensor, windows: Windows,
                generator: torch.Generator | None = None) -> RaySamples:
-        """Marched, occupancy-filtered samples; in training also alpha-culled at min(0.01, mean occ)."""
+        """Marched, occupancy-filtered samples, culled as nerfacc's ``render_visibility`` does.
+
+        In training, samples with alpha below min(0.01, mean occ) are dropped; with ``early_stop_eps`` > 0
+        (not upstream's setting), so are samples behind the point where transmittance falls below it, in
+        training and rendering alike -- their weights are below eps, but they cost as much as visible ones.
+        """
         s = self.config.sampler
         with torch.no_grad():
             samples = march_rays(rays_o, rays_d, self.scene_box, s.step_size, s.near_plane, s.far_plane,
                                  occupied=self.occupancy.occupied(), stratified=self.training and s.stratified,
                                  generator=generator)
-            if self.training and self.config.occupancy.enabled and s.alpha_threshold > 0 and len(samples):
-                threshold = self.occupancy.alpha_threshold(s.alpha_threshold)
+            cull_alpha = self.training and self.config.occupancy.enabled and s.alpha_threshold > 0
+            if (cull_alpha or s.early_stop_eps > 0) and len(samples):
                 sigma = self.density(samples.positions(rays_o, rays_d), timesteps[samples.ray_indices], windows)
-                alphas = 1.0 - torch.exp(-sigma * samples.deltas)
-                samples = samples.select(alphas >= threshold)
+                tau = sigma * samples.deltas
+                keep = torch.ones_like(tau, dtype=torch.bool)
+                if cull_alpha:
+                    keep &= (1.0 - torch.exp(-tau)) >= self.occupancy.alpha_threshold(s.alpha_threshold)
+                if s.early_stop_eps > 0:
+                    optical_depth = segment_cumsum(tau, samples.ray_indices, rays_o.shape[0], exclusive=True)
+                    keep &= torch.exp(-optical_depth) >= s.early_stop_eps
+                samples = samples.select(keep)
         return samples
 
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, timesteps: torch.Tensor | int,
@@ -188,6 +199,10 @@ class NeRSembleModel(nn.Module):
         mask = frustum_visibility_mask(self.scene_box.cpu(), self.config.occupancy.resolution, intrinsics, scaled,
                                        sizes, min_cameras)
         self.occupancy.set_visibility(mask)
+
+    def restrict_occupancy(self, mask: torch.Tensor) -> None:
+        """Also switch off the cells where ``mask`` ([R, R, R] bool) is False, e.g. outside the visual hull."""
+        self.occupancy.set_visibility(self.occupancy.visible & mask.to(self.occupancy.visible.device))
 
     # --- optimisation -----------------------------------------------------------------------------------
 
