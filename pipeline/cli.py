@@ -251,12 +251,68 @@ class _Progress:
         if self.bar is None:
             self.bar = typer.progressbar(length=total, label=self.label, file=sys.stderr)
             self.bar.__enter__()
+        self.bar.label = self.label  # a caller may change the label to show live figures
         self.bar.update(done - self.shown)
         self.shown = done
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
+
+
+def _parse_overrides(values: list[str] | None) -> dict:
+    """``--override hash.n_grids=8`` -> {"hash.n_grids": 8}; values are read as JSON when they parse."""
+    overrides = {}
+    for item in values or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise PipelineError(f"--override {item!r}: write it as NAME=VALUE, e.g. hash.n_grids=8")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    return overrides
+
+
+@app.command()
+@_user_errors
+def optimize(
+    sequence_work_dir: Annotated[Path, typer.Argument(help="<WORK>/<PID>/<SEQ>, calibrated and matted")],
+    preset: Annotated[str, typer.Option(help="preview (minutes on a CPU) | paper (the official settings)")]
+    = "preview",
+    steps: Annotated[Optional[int], typer.Option(help="training steps (default: the preset's)")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    encoding: Annotated[str, typer.Option(help="hash-grid backend: auto | torch | tcnn")] = "auto",
+    holdout: Annotated[Optional[list[str]], typer.Option(help="hold-out camera serials (default: the paper's four "
+                                                              "where present); comma-separated or repeated")] = None,
+    override: Annotated[Optional[list[str]], typer.Option(help="model hyper-parameter NAME=VALUE, repeatable "
+                                                               "(e.g. rays_per_batch=2048)")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(help="stop after this many seconds of training")] = None,
+    no_depth: Annotated[bool, typer.Option("--no-depth", help="ignore the depth stage's maps")] = False,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default)")] = 0,
+    lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
+) -> None:
+    """Train NeRSemble on a sequence; resumes from its last checkpoint, skipped when done."""
+    from pipeline.config import OptimizeConfig
+    from stages.optimize import optimize_sequence
+
+    config = _validated(OptimizeConfig, "optimize", preset=preset, steps=steps, device=device, encoding=encoding,
+                        holdout_cameras=_split_serials(holdout), overrides=_parse_overrides(override),
+                        time_budget_s=time_budget, use_depth=not no_depth, threads=threads,
+                        lock_timeout=lock_timeout)
+    bar = _Progress("training")
+
+    def show(p) -> None:  # noqa: ANN001 - a TrainingProgress
+        bar.label = f"training (psnr {p.psnr:.1f} dB, {p.rays_per_s:.0f} rays/s)"
+        bar(p.step, p.total_steps)
+
+    try:
+        report = optimize_sequence(sequence_work_dir, config, progress=show)
+    finally:
+        bar.close()
+    typer.echo(f"optimize {report['status']}: {sequence_work_dir / 'nersemble'}")
+    _print_report(report, ("preset", "steps", "stopped_by", "train_seconds", "psnr_train", "device", "encoding",
+                           "holdout_cameras", "checkpoint"))
 
 
 @app.command()
@@ -387,16 +443,186 @@ def install_models() -> None:
     typer.echo(f"u2netp: {install_u2netp()}")
 
 
+# --- flows: the whole pipeline as Prefect flow runs ------------------------------------------------------
+
+
+def _names(values: list[str] | None) -> list[str] | None:
+    """``--stages a,b --stages c`` -> [a, b, c] (also for participants and sequences)."""
+    return _split_serials(values)
+
+
+def _flow_configs(preset: str, steps: int | None, time_budget: float | None, device: str, matte_method: str,
+                  downscale: float, stride: int, count: int | None) -> dict:
+    """The stage configs the run and archive commands build from their options; the rest keep defaults."""
+    from pipeline.config import IngestConfig, MatteConfig, OptimizeConfig
+
+    return {
+        "ingest": _validated(IngestConfig, "ingest", downscale=downscale, stride=stride, count=count),
+        "matte": _validated(MatteConfig, "matte", method=matte_method),
+        "optimize": _validated(OptimizeConfig, "optimize", preset=preset, steps=steps, time_budget_s=time_budget,
+                               device=device),
+    }
+
+
+def _flow_error(state) -> str:  # noqa: ANN001 - a prefect State
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception as raised:  # noqa: BLE001 - a crashed run may have no result to read
+        error = raised
+    return str(error) if isinstance(error, BaseException) else (state.message or state.name)
+
+
+_PRESET = Annotated[str, typer.Option(help="optimize preset: preview (minutes on a CPU) | paper (official, GPU)")]
+_STEPS = Annotated[Optional[int], typer.Option(help="training steps (default: the preset's)")]
+_BUDGET = Annotated[Optional[float], typer.Option("--time-budget", help="stop training after this many seconds")]
+_DEVICE = Annotated[str, typer.Option(help="auto | cpu | cuda, for training")]
+_MATTE = Annotated[str, typer.Option(help="matte method: auto | plate | rembg | fused")]
+_STAGES = Annotated[Optional[list[str]], typer.Option(help="stages to run (repeat or comma-separate; default: all "
+                                                           "of ingest,calibrate,matte,depth,optimize,export,"
+                                                           "evaluate)")]
+_OPT_DEPLOY = Annotated[Optional[str], typer.Option(help="train through this deployment (e.g. "
+                                                         "optimize-sequence/optimize-sequence) on a gpu worker")]
+
+
+@app.command()
+@_user_errors
+def run(
+    raw_sequence_dir: Annotated[Path, typer.Argument(help="<archive>/<PID>/sequences/<SEQ>")],
+    work: Annotated[str, typer.Option(help="work root (path or fsspec URL); outputs go to <WORK>/<PID>/<SEQ>")],
+    preset: _PRESET = "preview",
+    stages: _STAGES = None,
+    steps: _STEPS = None,
+    time_budget: _BUDGET = None,
+    device: _DEVICE = "auto",
+    matte_method: _MATTE = "auto",
+    downscale: Annotated[float, typer.Option(help="divide frame size by F at ingest")] = 1.0,
+    stride: Annotated[int, typer.Option(help="keep every S-th frame at ingest")] = 1,
+    count: Annotated[Optional[int], typer.Option(help="at most this many frames after the stride")] = None,
+    optimize_deployment: _OPT_DEPLOY = None,
+) -> None:
+    """Run the process-sequence flow on one raw sequence; stages that already finished are skipped."""
+    from flows.local_api import flow_run_page, prefect_api
+
+    configs = _flow_configs(preset, steps, time_budget, device, matte_method, downscale, stride, count)
+    with prefect_api() as api_url:
+        from flows.sequence import check_stages, process_sequence
+
+        wanted = check_stages(_names(stages))
+        state = process_sequence(str(raw_sequence_dir.resolve()), work, **configs, stages=wanted,
+                                 optimize_deployment=optimize_deployment, return_state=True)
+        page = flow_run_page(state.state_details.flow_run_id, api_url)
+    if not state.is_completed():
+        typer.secho(f"process-sequence {state.name.lower()}: {_flow_error(state)}", fg=typer.colors.RED, err=True)
+        typer.echo(f"flow run: {page}", err=True)
+        raise typer.Exit(1)
+    reports = state.result()
+    for stage, report in reports.items():
+        typer.echo(f"  {stage:<10} {report.get('status')}")
+    _print_outputs(work, raw_sequence_dir.resolve())
+    typer.echo(f"flow run: {page}" + ("" if api_url else "  (start `nersemble-pipeline ui` to open it)"))
+
+
+def _print_outputs(work_root: str, raw_sequence_dir: Path) -> None:
+    """Where the sequence's results are: turntable, metrics, previews, reports."""
+    from storage import SequenceWorkDir
+
+    work = SequenceWorkDir.for_sequence(work_root, raw_sequence_dir.parent.parent.name, raw_sequence_dir.name)
+    summary = work.read_report("sequence") or {}
+    for label, parts in (("turntable", ("export", "turntable.mp4")), ("metrics", ("export", "metrics.json")),
+                         ("training curves", ("nersemble", "training_curves.png"))):
+        if work.exists(*parts):
+            typer.echo(f"  {label:<16} {work.path(*parts)}")
+    previews = work.listdir("export", "previews")
+    if previews:
+        typer.echo(f"  {'previews':<16} {work.path('export', 'previews')}/ ({', '.join(previews)})")
+    if summary.get("psnr") is not None:
+        typer.echo(f"  {'hold-out':<16} PSNR {summary['psnr']:.2f} dB, SSIM {summary.get('ssim')}")
+    typer.echo(f"  {'reports':<16} {work.reports_uri}/")
+
+
+@app.command("archive")
+@_user_errors
+def archive_command(
+    archive_root: Annotated[Path, typer.Argument(help="folder holding <PID>/sequences/<SEQ>")],
+    work: Annotated[str, typer.Option(help="work root (path or fsspec URL every worker reaches)")],
+    participants: Annotated[Optional[list[str]], typer.Option("--participant", help="only these participants "
+                                                                                    "(repeat or comma-separate)")]
+    = None,
+    sequences: Annotated[Optional[list[str]], typer.Option("--sequence", help="only these sequence names")] = None,
+    preset: _PRESET = "preview",
+    stages: _STAGES = None,
+    steps: _STEPS = None,
+    time_budget: _BUDGET = None,
+    device: _DEVICE = "auto",
+    matte_method: _MATTE = "auto",
+    downscale: Annotated[float, typer.Option(help="divide frame size by F at ingest")] = 1.0,
+    stride: Annotated[int, typer.Option(help="keep every S-th frame at ingest")] = 1,
+    count: Annotated[Optional[int], typer.Option(help="at most this many frames after the stride")] = None,
+    concurrency: Annotated[int, typer.Option(help="sequences processed at the same time")] = 1,
+    deployment: Annotated[Optional[str], typer.Option(help="run each sequence through this deployment (e.g. "
+                                                           "process-sequence/process-sequence) on a work pool")]
+    = None,
+    optimize_deployment: _OPT_DEPLOY = None,
+    rerun: Annotated[bool, typer.Option(help="also run sequences that finished with these settings before")] = False,
+) -> None:
+    """Run the process-archive flow: every sequence under ARCHIVE_ROOT, finished ones skipped, failures isolated."""
+    from flows.local_api import flow_run_page, prefect_api
+
+    configs = _flow_configs(preset, steps, time_budget, device, matte_method, downscale, stride, count)
+    with prefect_api() as api_url:
+        from flows.archive import ArchiveFailures, process_archive
+        from flows.sequence import check_stages
+
+        wanted = check_stages(_names(stages))
+        state = process_archive(str(archive_root), work, participants=_names(participants),
+                                sequences=_names(sequences), **configs, stages=wanted, max_concurrent=concurrency,
+                                sequence_deployment=deployment, optimize_deployment=optimize_deployment,
+                                rerun_finished=rerun, return_state=True)
+        page = flow_run_page(state.state_details.flow_run_id, api_url)
+        outcome = state.result(raise_on_failure=False)
+    rows = outcome if isinstance(outcome, list) else getattr(outcome, "rows", [])
+    for row in rows:
+        psnr = "" if row.get("psnr") is None else f"PSNR {row['psnr']:.2f}"
+        seconds = "" if row.get("seconds") is None else f"{row['seconds']:.0f} s"
+        typer.echo(f"  {row['participant']:>6}  {row['sequence']:<32} {row['status']:<10} {seconds:>7}  {psnr}")
+        if row.get("error"):
+            typer.secho(f"          {row['error'].splitlines()[0]}", fg=typer.colors.RED)
+    typer.echo(f"flow run: {page}" + ("" if api_url else "  (start `nersemble-pipeline ui` to open it)"))
+    if not state.is_completed():
+        if not isinstance(outcome, ArchiveFailures):
+            typer.secho(f"process-archive {state.name.lower()}: {_flow_error(state)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def ui(
+    host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the UI and API")] = 4200,
+) -> None:
+    """Start the Prefect server and UI (http://127.0.0.1:4200); runs from the CLI and `make demo` show up there."""
+    import os
+
+    from flows.local_api import set_defaults
+
+    set_defaults()
+    prefect = Path(sys.executable).parent / "prefect"
+    command = [str(prefect)] if prefect.exists() else [sys.executable, "-m", "prefect"]
+    command += ["server", "start", "--host", host, "--port", str(port)]
+    typer.echo(f"Prefect UI on http://{host}:{port} (Ctrl-C stops it)")
+    os.execv(command[0], command)
+
+
 @app.command()
 @_user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="folder for the synthetic archive and the work tree")] = Path("demo-output"),
     frames: Annotated[int, typer.Option(help="frames per camera")] = 24,
+    train_seconds: Annotated[float, typer.Option(help="training time budget (preview preset)")] = 360.0,
 ) -> None:
-    """Synthesise a capture and run the pipeline on it, end to end."""
+    """Synthesise a capture and run the whole pipeline on it as a Prefect flow, end to end."""
     from pipeline.demo import run_demo
 
-    run_demo(out, frames=frames)
+    run_demo(out, frames=frames, train_seconds=train_seconds)
 
 
 def main() -> None:  # pragma: no cover - console entry point

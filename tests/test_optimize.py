@@ -149,3 +149,15 @@ def test_bad_input_gets_clear_errors(capture, tmp_path):
     with pytest.raises(StageOrderError, match="nersemble-pipeline optimize"):
         load_trained_model(work.uri, device="cpu")
     assert checkpoint_steps(work) == []  # nothing was started
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["optimize", str(tmp_path / "001" / "SEQ"), "--override", "rays_per_batch"])
+    assert result.exit_code == 1 and "NAME=VALUE" in result.output
+    result = CliRunner().invoke(app, ["optimize", str(tmp_path / "001" / "SEQ")])
+    assert result.exit_code == 1 and "nersemble-pipeline ingest" in result.output
+    assert "Traceback" not in result.output
