@@ -150,6 +150,12 @@ def test_bad_input_gets_clear_errors(capture, tmp_path):
         load_trained_model(work.uri, device="cpu")
     assert checkpoint_steps(work) == []  # nothing was started
 
+    # A time budget ends training early with a usable, recorded model.
+    report = optimize_sequence(work.uri, _config(capture, time_budget_s=1.0))
+    assert report["stopped_by"] == "time budget" and 0 < report["steps"] < STEPS
+    assert checkpoint_steps(work) == [report["steps"]]
+    assert load_trained_model(work.uri, device="cpu").step == report["steps"]
+
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
     from typer.testing import CliRunner
