@@ -289,6 +289,8 @@ def optimize(
                                                                "(e.g. rays_per_batch=2048)")] = None,
     time_budget: Annotated[Optional[float], typer.Option(help="stop after this many seconds of training")] = None,
     no_depth: Annotated[bool, typer.Option("--no-depth", help="ignore the depth stage's maps")] = False,
+    scene_box: Annotated[Optional[tuple[float, float, float, float, float, float]], typer.Option(
+        help="XMIN YMIN ZMIN XMAX YMAX ZMAX in metres (default: from the mattes)")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default)")] = 0,
     lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
 ) -> None:
@@ -299,7 +301,7 @@ def optimize(
     config = _validated(OptimizeConfig, "optimize", preset=preset, steps=steps, device=device, encoding=encoding,
                         holdout_cameras=_split_serials(holdout), overrides=_parse_overrides(override),
                         time_budget_s=time_budget, use_depth=not no_depth, threads=threads,
-                        lock_timeout=lock_timeout)
+                        scene_box=(scene_box[:3], scene_box[3:]) if scene_box else None, lock_timeout=lock_timeout)
     bar = _Progress("training")
 
     def show(p) -> None:  # noqa: ANN001 - a TrainingProgress

@@ -185,6 +185,9 @@ class OptimizeConfig(BaseModel):
     holdout_cameras: list[str] | None = Field(
         None, description="serials kept out of training for evaluation; default: the paper's four, where present")
     use_depth: bool = Field(True, description="use the depth stage's maps in the depth losses when they exist")
+    scene_box: tuple[tuple[float, float, float], tuple[float, float, float]] | None = Field(
+        None, description="((xmin, ymin, zmin), (xmax, ymax, zmax)) in metres, calibration frame; default: the "
+                          "mattes' visual hull, padded (or a box at the rig's focus when the hull is empty)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if torch sees a GPU")
     encoding: Literal["auto", "torch", "tcnn"] = Field(
         "auto", description="hash-grid backend: tcnn when importable (auto), or the pure-torch one")
@@ -196,6 +199,13 @@ class OptimizeConfig(BaseModel):
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
     seed: int | None = Field(None, description="random seed; default: the preset's")
     lock_timeout: float = Field(0.0, ge=0.0, description="seconds to wait for another writer of the sequence")
+
+    @field_validator("scene_box")
+    @classmethod
+    def _box_has_volume(cls, box: tuple | None) -> tuple | None:
+        if box is not None and not all(hi > lo for lo, hi in zip(box[0], box[1])):
+            raise ValueError(f"scene_box {box}: every max must exceed its min")
+        return box
 
     @field_validator("holdout_cameras")
     @classmethod

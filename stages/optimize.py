@@ -140,12 +140,16 @@ def matte_hull_points(store: CaptureStore, serials: list[str]) -> np.ndarray | N
     return np.concatenate(clouds)
 
 
-def scene_box(store: CaptureStore, serials: list[str], cfg: NeRSembleConfig,
-              hull: np.ndarray | None) -> tuple[torch.Tensor, str]:
-    """The box the field lives in (model units): the mattes' visual hull, padded; else a box at the rig's focus.
+def scene_box(store: CaptureStore, serials: list[str], cfg: NeRSembleConfig, hull: np.ndarray | None,
+              given_m: tuple | None = None) -> tuple[torch.Tensor, str]:
+    """The box the field lives in (model units): the given one, else the mattes' visual hull, padded, else a box
+    at the rig's focus.
 
     A tight box is the cheapest speed-up there is on a CPU: every ray marches only through it.
     """
+    if given_m is not None:  # validated by OptimizeConfig
+        box = np.asarray(given_m, dtype=np.float64)
+        return torch.as_tensor(box * cfg.scene.world_scale, dtype=torch.float32), "config"
     if hull is None:
         w2c = store.world_2_cam
         box = scene_box_from_cameras([w2c[s] for s in serials], cfg.scene.box_size_m, cfg.scene.world_scale)
@@ -259,7 +263,7 @@ def _train(store: CaptureStore, work: SequenceWorkDir, config: OptimizeConfig, c
         resumed = None  # another config or other upstream results: start over
     hull = matte_hull_points(store, train) if resumed is None else None
     box, box_source = ((resumed["scene_box"], "checkpoint") if resumed is not None
-                       else scene_box(store, train, cfg, hull))
+                       else scene_box(store, train, cfg, hull, config.scene_box))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # the initial weights are part of what the seed fixes
         model = NeRSembleModel(cfg, store.n_frames, box, backend=backend).to(device)
