@@ -39,7 +39,14 @@ SUMMARY_COLUMNS = ("participant", "sequence", "status", "seconds", "psnr", "erro
 
 
 class ArchiveFailures(PipelineError):
-    """Some sequences of an archive run failed; the others finished (see the summary artifact)."""
+    """Some sequences of an archive run failed; the others finished (``rows``: the whole summary)."""
+
+    def __init__(self, message: str, rows: list[dict] | None = None):
+        super().__init__(message)
+        self.rows = rows or []
+
+    def __reduce__(self):  # noqa: ANN204 - keeps the rows when the exception is pickled into a result
+        return type(self), (str(self), self.rows)
 
 
 def _run_name() -> str:
@@ -193,5 +200,5 @@ def process_archive(
     failures = [row for row in rows if row["status"] == "failed"]
     if failures:
         listed = "; ".join(f"{row['participant']}/{row['sequence']}: {row['error']}" for row in failures)
-        raise ArchiveFailures(f"{len(failures)} of {len(rows)} sequence(s) failed: {listed}")
+        raise ArchiveFailures(f"{len(failures)} of {len(rows)} sequence(s) failed: {listed}", rows)
     return rows

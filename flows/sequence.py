@@ -33,12 +33,16 @@ from storage import SequenceWorkDir
 STAGES = ("ingest", "calibrate", "matte", "depth", "optimize", "export", "evaluate")
 
 
+class UnknownStageError(PipelineError, ValueError):
+    """A stage name that is not one of STAGES."""
+
+
 def check_stages(stages: list[str] | None) -> list[str]:
     """The stages to run, in pipeline order; unknown names are an error that lists the known ones."""
     wanted = list(stages) if stages else list(STAGES)
     unknown = sorted(set(wanted) - set(STAGES))
     if unknown:
-        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; available: {', '.join(STAGES)}")
+        raise UnknownStageError(f"unknown stage(s) {', '.join(unknown)}; available: {', '.join(STAGES)}")
     return [stage for stage in STAGES if stage in wanted]
 
 

@@ -136,3 +136,17 @@ async def _log_messages(flow_run_id) -> list[str]:  # noqa: ANN001 - a UUID
     async with get_client() as client:
         logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     return [log.message for log in logs]
+
+
+def test_the_archive_command_prints_the_summary_and_exits_1_on_failures(prefect_harness, archive, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["archive", str(archive), "--work", str(tmp_path), "--stages", "ingest",
+                                      "--count", "1", "--sequence", "GOOD-2,BROKEN"])
+    assert result.exit_code == 1, result.output
+    lines = [line.split() for line in result.output.splitlines()]
+    assert ["201", "GOOD-2", "completed"] == lines[[i for i, l in enumerate(lines) if "GOOD-2" in l][0]][:3]
+    assert any(line[:3] == ["201", "BROKEN", "failed"] for line in lines)
+    assert "flow run: http" in result.output

@@ -139,3 +139,17 @@ def test_unknown_stage_names_are_refused_with_the_known_ones(prefect_harness, ca
     state = process_sequence(str(capture.sequence_dir), str(tmp_path), stages=["ingest", "train"],
                              return_state=True)
     assert state.is_failed() and "unknown stage(s) train" in state.message and "optimize" in state.message
+
+
+def test_the_run_command_runs_the_flow_and_prints_where_the_outputs_are(prefect_harness, capture, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["run", str(capture.sequence_dir), "--work", str(tmp_path), "--stages",
+                                      "ingest,calibrate", "--count", "1"])
+    assert result.exit_code == 0, result.output
+    assert "ingest     completed" in result.output and "calibrate  completed" in result.output
+    assert "reports" in result.output and "/runs/flow-run/" in result.output
+    refused = CliRunner().invoke(app, ["run", str(capture.sequence_dir), "--work", str(tmp_path), "--stages", "train"])
+    assert refused.exit_code == 1 and "unknown stage(s) train" in refused.output
