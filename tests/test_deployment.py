@@ -2,8 +2,9 @@
 
 The test starts ``prefect server start`` (private PREFECT_HOME, a free port), registers the deployments with
 ``prefect deploy --all`` as ``make deploy`` does, starts ``prefect worker start --type process`` on the cpu
-pool, runs process-sequence (ingest only, on a tiny capture) through ``run_deployment`` and stops the worker
-and the server by their process groups.
+pool, and runs process-archive through ``run_deployment`` with ``sequence_deployment`` set: the worker runs the
+archive flow, which runs its one sequence (ingest only, a tiny capture) as a process-sequence deployment run
+that the same worker picks up. The worker and the server are stopped by their process groups.
 """
 
 import os
@@ -85,8 +86,17 @@ def _prefect(env: dict, *args: str, timeout: float = 60) -> str:
     return result.stdout
 
 
+def _flow_run_names(flow_name: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+    return [run.name for run in runs]
+
+
 @pytest.mark.slow
-def test_a_deployment_runs_on_a_process_worker(server, tmp_path):
+def test_deployments_run_on_a_process_worker(server, tmp_path):
     capture = synthesize_capture(tmp_path / "archive", cameras=2, frames=2, width=48, height=64)
     for pool in ("cpu", "gpu"):
         _prefect(server, "work-pool", "create", pool, "--type", "process")
@@ -103,16 +113,17 @@ def test_a_deployment_runs_on_a_process_worker(server, tmp_path):
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
-            run = run_deployment("process-sequence/process-sequence", timeout=120, poll_interval=1,
-                                 parameters={"raw_sequence_dir": str(capture.sequence_dir),
-                                             "work_root": str(tmp_path / "work"), "stages": ["ingest"],
-                                             "ingest": {"count": 1, "workers": 1}})
+            run = run_deployment("process-archive/process-archive", timeout=150, poll_interval=1,
+                                 parameters={"archive_root": str(capture.root), "work_root": str(tmp_path / "work"),
+                                             "stages": ["ingest"], "ingest": {"count": 1, "workers": 1},
+                                             "sequence_deployment": "process-sequence/process-sequence"})
+            sequence_runs = _flow_run_names("process-sequence")
     finally:
         _stop(worker)
         worker_log.close()
     log = (tmp_path / "worker.log").read_text()
     assert run.state is not None and run.state.is_completed(), f"{run.state}\n{log[-3000:]}"
-    assert run.name == f"{capture.participant_dir.name}/{capture.sequence_dir.name}"
+    assert sequence_runs == [f"{capture.participant_dir.name}/{capture.sequence_dir.name}"]
     work = SequenceWorkDir.for_sequence(str(tmp_path / "work"), capture.participant_dir.name,
                                         capture.sequence_dir.name)
     assert CaptureStore.open(work.capture_uri).stage_record("ingest") is not None
