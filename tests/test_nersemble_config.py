@@ -49,7 +49,11 @@ def test_preview_is_small_and_keeps_schedule_proportions():
     assert c.hash.n_grids == 4 and c.hash.log2_table_size == 14 and 8 <= c.hash.n_levels <= 12
     assert c.train.rays_per_batch == 1024 and c.train.steps == 3000
     assert c.hash.window == Schedule(1, 4, 400, 800)
-    assert c.deformation.window.end == 200 and c.optim.lr_step_size == 200
+    assert c.deformation.window.end == 200 and c.loss.depth_eps.end == 100
+    # CPU-budget deviations (documented in the preset): slower lr decay, fog cleared fast, culling behind T < 1e-3.
+    assert c.optim.lr_step_size == 600 and c.loss.lambda_alpha == 1.0 and c.sampler.early_stop_eps == 1e-3
+    assert c.occupancy.matte_hull and not preset("paper").occupancy.matte_hull
+    assert preset("paper").sampler.early_stop_eps == 0.0 and preset("paper").loss.lambda_alpha == 0.01
 
 
 def test_overrides_in_every_form():

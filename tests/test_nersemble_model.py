@@ -118,6 +118,45 @@ def test_render_image_is_chunk_invariant():
     assert 0.5 < float(a["depth"][hit].mean()) < 1.5  # metres: the box sits 1 m in front of the camera
 
 
+def test_early_termination_drops_only_samples_behind_an_opaque_surface():
+    model = _small_model(step_size=0.05, early_stop_eps=0.0)
+    with torch.no_grad():  # a dense fog: every ray turns opaque within the box
+        for table in model.field.encoding.parameters():
+            table.fill_(0.5)
+        model.codes.blend.weight.fill_(1.0)
+        for layer in model.field.density_mlp:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.abs_()
+        model.field.density_mlp[-1].weight[0].fill_(0.01)  # density ~17 per model unit
+    K, w2c = _rig()[1]
+    rays = camera_rays(K, w2c, pixel_centers(SIZE, SIZE), model.config.scene.world_scale)
+    model.eval()
+    with torch.no_grad():
+        full = model(rays.origins, rays.directions, 0)
+        model.config = model.config.with_overrides(early_stop_eps=1e-3)
+        culled = model(rays.origins, rays.directions, 0)
+    assert len(culled["samples"]) < 0.8 * len(full["samples"])
+    assert float(full["alpha"].max()) > 0.999
+    torch.testing.assert_close(culled["rgb"], full["rgb"], atol=2e-3, rtol=0)
+    torch.testing.assert_close(culled["alpha"], full["alpha"], atol=1e-3, rtol=0)
+
+
+def test_restricting_occupancy_removes_samples_outside_the_mask():
+    model = _small_model(step_size=0.1)
+    K, w2c = _rig()[1]
+    rays = camera_rays(K, w2c, pixel_centers(SIZE, SIZE), model.config.scene.world_scale)
+    model.eval()
+    before = len(model(rays.origins, rays.directions, 0)["samples"])
+    r = model.config.occupancy.resolution
+    mask = torch.zeros(r, r, r, dtype=torch.bool)
+    mask[r // 4: 3 * r // 4, r // 4: 3 * r // 4, r // 4: 3 * r // 4] = True
+    model.restrict_occupancy(mask)
+    out = model(rays.origins, rays.directions, 0)
+    assert 0 < len(out["samples"]) < before
+    positions = out["samples"].positions(rays.origins, rays.directions)
+    assert bool(model.occupancy.lookup(positions).all())
+
+
 def test_rays_and_scene_box():
     rig = _rig()
     box = scene_box_from_cameras([w for _, w in rig], (0.3, 0.3, 0.3), world_scale=9.0)
