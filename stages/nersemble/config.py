@@ -365,9 +365,10 @@ def preview() -> NeRSembleConfig:
 
     Capacity is cut: 4 grids x 8 levels x 2^14 entries up to resolution 512, a 4-layer 64-wide deformation
     MLP with 32-d codes, a 32^3 occupancy grid probed every 4 steps, a 0.1 marching step (~1 cm, 9x the
-    official one: a head ray gets ~20 samples) and 1024 rays. Every step-based schedule is compressed by
-    the ratio of step counts (3000 / 300000), so the phases of training (PE annealing, single-grid warm-up,
-    grid fade-in, learning-rate decays) keep their relative positions. Everything else is the official setting.
+    official one: a head ray gets ~20 samples) and 1024 rays. The warm-up schedules are compressed by the
+    ratio of step counts (3000 / 300000), so PE annealing, the single-grid phase and the grid fade-in keep
+    their relative positions. For a CPU time budget: alpha loss weight 1.0, learning-rate decay every 600
+    steps, the matte-hull occupancy mask and early termination at T < 1e-3 (README.md says why).
     """
     base = NeRSembleConfig()
     steps = 3000
