@@ -127,4 +127,15 @@ class TrainingProgressArtifacts:
             action(progress)
             self.updates += 1
         except Exception as error:  # noqa: BLE001 - the UI must never stop training
-            _log.warning("could not publish training progress of %s: %s", self.label, error)
+            _run_logger().warning("could not publish training progress of %s: %s", self.label, error)
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The run's logger (its lines show in the UI) inside a flow or task run, else this module's."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return _log

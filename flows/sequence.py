@@ -70,6 +70,9 @@ def optimize_via_deployment(deployment: str, work: SequenceWorkDir, config: Opti
 
 # The files worth a link in the UI, by the stage that writes them (paths inside the sequence's work folder).
 OUTPUT_LINKS = {
+    "matte": [("matte-preview", "matte preview", "export/previews/matte.png")],
+    "depth": [("depth-preview", "depth preview", "export/previews/depth.png")],
+    "optimize": [("training-curves", "training curves", "nersemble/training_curves.png")],
     "export": [("turntable", "turntable video", "export/turntable.mp4")],
     "evaluate": [("metrics", "hold-out metrics", "export/metrics.json")],
 }
@@ -129,9 +132,10 @@ def process_sequence(
     if "optimize" in wanted:
         if optimize_deployment:
             logger.info("optimize runs as a deployment run of %s", optimize_deployment)
-            record("optimize", optimize_via_deployment(optimize_deployment, work, optimize))
-        else:  # the subflow publishes its own report and training progress
-            record("optimize", optimize_sequence(work.uri, optimize), publish=False)
+            report = optimize_via_deployment(optimize_deployment, work, optimize)
+        else:
+            report = optimize_sequence(work.uri, optimize)
+        record("optimize", report, publish=False)  # the optimize flow run published its report and progress
     if "export" in wanted:
         record("export", export_task(work.uri, export))
     if "evaluate" in wanted:

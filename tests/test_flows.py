@@ -69,7 +69,8 @@ def test_sequence_flow_runs_every_stage_publishes_and_skips_on_rerun(prefect_har
     keys = asyncio.run(_artifact_keys())
     expected = {f"{stage}-{KEY}" for stage in STAGES}
     expected |= {f"{stage}-cameras-{KEY}" for stage in ("calibrate", "matte", "depth", "evaluate")}
-    expected |= {f"training-progress-{KEY}", f"training-status-{KEY}", f"turntable-{KEY}", f"metrics-{KEY}"}
+    expected |= {f"{what}-{KEY}" for what in ("training-progress", "training-status", "turntable", "metrics",
+                                             "matte-preview", "depth-preview", "training-curves")}
     assert expected <= keys, sorted(expected - keys)
 
     summary = work.read_report("sequence")
