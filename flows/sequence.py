@@ -59,8 +59,8 @@ def optimize_via_deployment(deployment: str, work: SequenceWorkDir, config: Opti
     """
     from prefect.deployments import run_deployment
 
-    run = run_deployment(deployment, parameters={"sequence_work_dir": work.uri, "config": config.model_dump(mode="json")},
-                         timeout=None, poll_interval=5)
+    parameters = {"sequence_work_dir": work.uri, "config": config.model_dump(mode="json")}
+    run = run_deployment(deployment, parameters=parameters, timeout=None, poll_interval=5)
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
         message = run.state.message if run.state else ""
