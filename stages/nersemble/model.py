@@ -27,12 +27,31 @@ from .rendering import composite, render_weights
 from .sampling import RaySamples, march_rays
 
 
+VISIBILITY_SLAB = 16  # samples per ray evaluated at once by front-to-back early termination
+
+
 @dataclass(frozen=True)
 class Windows:
     """Warm-up state at one step: deformation PE window alpha (0..n_freq) and hash window (1..K)."""
 
     deformation: float
     hash: float
+
+
+@dataclass
+class Queried:
+    """Field values of packed samples: density [S], colour [S, 3], deformation offset [S, 3]."""
+
+    sigma: torch.Tensor
+    rgb: torch.Tensor
+    offset: torch.Tensor
+
+    @classmethod
+    def zeros(cls, n: int, device: torch.device) -> Queried:
+        return cls(torch.zeros(n, device=device), torch.zeros(n, 3, device=device), torch.zeros(n, 3, device=device))
+
+    def select(self, keep: torch.Tensor) -> Queried:
+        return Queried(self.sigma[keep], self.rgb[keep], self.offset[keep])
 
 
 def timestep_index(time: torch.Tensor | float, n_timesteps: int) -> torch.Tensor:
@@ -118,12 +137,14 @@ class NeRSembleModel(nn.Module):
         return t.expand(n_rays) if t.dim() == 0 else t
 
     def sample(self, rays_o: torch.Tensor, rays_d: torch.Tensor, timesteps: torch.Tensor, windows: Windows,
-               generator: torch.Generator | None = None) -> RaySamples:
+               generator: torch.Generator | None = None) -> tuple[RaySamples, Queried | None]:
         """Marched, occupancy-filtered samples, culled as nerfacc's ``render_visibility`` does.
 
         In training, samples with alpha below min(0.01, mean occ) are dropped; with ``early_stop_eps`` > 0
         (not upstream's setting), so are samples behind the point where transmittance falls below it, in
         training and rendering alike -- their weights are below eps, but they cost as much as visible ones.
+        Outside training the culling pass already queries the whole field, and those values come back with
+        the samples so nothing is evaluated twice (None when the caller still has to query).
         """
         s = self.config.sampler
         with torch.no_grad():
@@ -132,16 +153,51 @@ class NeRSembleModel(nn.Module):
                                  generator=generator)
             cull_alpha = self.training and self.config.occupancy.enabled and s.alpha_threshold > 0
             if (cull_alpha or s.early_stop_eps > 0) and len(samples):
-                sigma = self.density(samples.positions(rays_o, rays_d), timesteps[samples.ray_indices], windows)
-                tau = sigma * samples.deltas
-                keep = torch.ones_like(tau, dtype=torch.bool)
-                if cull_alpha:
-                    keep &= (1.0 - torch.exp(-tau)) >= self.occupancy.alpha_threshold(s.alpha_threshold)
-                if s.early_stop_eps > 0:
-                    optical_depth = segment_cumsum(tau, samples.ray_indices, rays_o.shape[0], exclusive=True)
-                    keep &= torch.exp(-optical_depth) >= s.early_stop_eps
-                samples = samples.select(keep)
-        return samples
+                threshold = self.occupancy.alpha_threshold(s.alpha_threshold) if cull_alpha else 0.0
+                keep, values = self._visible(samples, rays_o, rays_d, timesteps, windows, threshold,
+                                             full_query=not self.training)
+                return samples.select(keep), (None if values is None else values.select(keep))
+        return samples, None
+
+    def _visible(self, samples: RaySamples, rays_o: torch.Tensor, rays_d: torch.Tensor, timesteps: torch.Tensor,
+                 windows: Windows, alpha_threshold: float, full_query: bool) -> tuple[torch.Tensor, Queried | None]:
+        """Which samples survive culling: alpha >= ``alpha_threshold`` and transmittance >= ``early_stop_eps``.
+
+        With early termination the density is evaluated front to back, ``VISIBILITY_SLAB`` samples per ray at
+        a time, and rays stop being evaluated once they are opaque: the inside of a head is never queried.
+        ``full_query`` evaluates colour and offset too and returns them for every sample (zeros where skipped).
+        """
+        eps = self.config.sampler.early_stop_eps
+        n_rays = rays_o.shape[0]
+        ray_ids = samples.ray_indices
+        counts = torch.bincount(ray_ids, minlength=n_rays)
+        index_in_ray = torch.arange(len(samples), device=ray_ids.device) - (torch.cumsum(counts, 0) - counts)[ray_ids]
+        slab = VISIBILITY_SLAB if eps > 0 else int(counts.max())
+        keep = torch.zeros(len(samples), dtype=torch.bool, device=ray_ids.device)
+        values = Queried.zeros(len(samples), ray_ids.device) if full_query else None
+        optical_depth = torch.zeros(n_rays, dtype=torch.float64, device=ray_ids.device)
+        alive = torch.ones(n_rays, dtype=torch.bool, device=ray_ids.device)
+        for start in range(0, int(counts.max()), slab):
+            ids = torch.nonzero((index_in_ray >= start) & (index_in_ray < start + slab) & alive[ray_ids])[:, 0]
+            if ids.numel() == 0:
+                break
+            part = samples.select(ids)
+            positions, part_t = part.positions(rays_o, rays_d), timesteps[part.ray_indices]
+            if values is None:
+                sigma = self.density(positions, part_t, windows)
+            else:
+                sigma, rgb, offset = self.query(positions, rays_d[part.ray_indices], part_t, windows)
+                values.sigma[ids], values.rgb[ids], values.offset[ids] = sigma, rgb, offset
+            tau = sigma * part.deltas
+            visible = (1.0 - torch.exp(-tau)) >= alpha_threshold
+            if eps > 0:
+                before = optical_depth[part.ray_indices] + segment_cumsum(tau, part.ray_indices, n_rays,
+                                                                          exclusive=True).double()
+                visible &= torch.exp(-before) >= eps
+                optical_depth += segment_sum(tau.double(), part.ray_indices, n_rays)
+                alive = torch.exp(-optical_depth) >= eps
+            keep[ids] = visible
+        return keep, values
 
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, timesteps: torch.Tensor | int,
                 step: int | None = None, generator: torch.Generator | None = None) -> dict[str, object]:
@@ -155,10 +211,11 @@ class NeRSembleModel(nn.Module):
         n_rays = rays_o.shape[0]
         timesteps = self._per_ray_timesteps(timesteps, n_rays, rays_o.device)
         windows = self.windows(step)
-        samples = self.sample(rays_o, rays_d, timesteps, windows, generator)
-        positions = samples.positions(rays_o, rays_d)
-        sigma, rgb, offset = self.query(positions, rays_d[samples.ray_indices], timesteps[samples.ray_indices],
-                                        windows)
+        samples, queried = self.sample(rays_o, rays_d, timesteps, windows, generator)
+        if queried is None:
+            queried = Queried(*self.query(samples.positions(rays_o, rays_d), rays_d[samples.ray_indices],
+                                          timesteps[samples.ray_indices], windows))
+        sigma, rgb, offset = queried.sigma, queried.rgb, queried.offset
         weights, _, _ = render_weights(sigma, samples.t_starts, samples.t_ends, samples.ray_indices, n_rays)
         out = composite(weights, rgb, samples.t_mids, samples.ray_indices, n_rays, self.config.field.background_color)
         rgb_out = out.rgb if self.training else torch.clamp(torch.nan_to_num(out.rgb), 0.0, 1.0)
