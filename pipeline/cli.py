@@ -618,8 +618,8 @@ def ui(
 @_user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="folder for the synthetic archive and the work tree")] = Path("demo-output"),
-    frames: Annotated[int, typer.Option(help="frames per camera")] = 24,
-    train_seconds: Annotated[float, typer.Option(help="training time budget (preview preset)")] = 360.0,
+    frames: Annotated[int, typer.Option(help="frames per camera")] = 12,
+    train_seconds: Annotated[float, typer.Option(help="training time budget (preview preset)")] = 300.0,
 ) -> None:
     """Synthesise a capture and run the whole pipeline on it as a Prefect flow, end to end."""
     from pipeline.demo import run_demo
