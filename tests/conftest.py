@@ -17,3 +17,15 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch pinned to one thread for a test module, restored afterwards. Small tensors gain nothing from
+    threads, and on a shared 2-core runner oversubscribed OpenMP threads made small matmuls ~30x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -32,13 +32,7 @@ from stages.ingest import ingest_sequence
 from storage import CaptureStore, SequenceWorkDir, StageRecord
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """As the stage does on CPU: torch's thread pool only slows these small ops down on a shared 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # The quality bounds of the issue, asserted on the 16-camera rig at half the benchmark's size.
 MAX_MEDIAN_RELATIVE_ERROR = 0.01

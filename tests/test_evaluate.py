@@ -24,12 +24,7 @@ from stages.metrics import SSIM_SETTINGS, load_lpips, lpips_unavailable_reason, 
 from storage import CaptureStore, SequenceWorkDir
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- metrics on known images -----------------------------------------------------------------------------------

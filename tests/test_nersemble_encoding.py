@@ -17,13 +17,7 @@ from stages.nersemble.hash_encoding import (
     trilinear_rows,
 )
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors gain nothing from threads; on a shared 2-core runner OpenMP oversubscription costs ~10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Small configs that still mix dense and hashed levels, non-integer scales and several grids.

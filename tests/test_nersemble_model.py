@@ -19,14 +19,7 @@ RADIUS = 0.12  # metres: the synthetic sphere
 SIZE = 32  # pixels per side of the synthetic views
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny batches gain nothing from threads, and on a shared 2-core runner OpenMP oversubscription made
-    each small matmul ~30x slower; these tests run on one thread and restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _eye(i: int, n: int = 6) -> list[float]:
