@@ -263,7 +263,8 @@ class EvaluateConfig(BaseModel):
     timesteps: int = Field(15, ge=0, description="evenly spaced frames per hold-out camera; 0 = all")
     lpips: bool = Field(True, description="LPIPS when its backbone weights are available offline (never downloaded)")
     ground_truth: str | None = Field(
-        None, description="a synthetic capture's ground_truth.zarr: also score against its exact images")
+        None, description="a synthetic capture's ground_truth.zarr: also score against its exact images; "
+                          "default: the one beside the ingested videos, when there is one")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if torch sees a GPU")
     chunk: int = Field(8192, ge=256, description="rays rendered at once")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")

@@ -85,14 +85,22 @@ class EvaluatePlan:
     warnings: list[str] = field(default_factory=list)
 
 
+def found_ground_truth(store: CaptureStore) -> str | None:
+    """A synthetic capture's ``ground_truth.zarr`` beside the videos the store was ingested from, if any."""
+    source = store.attrs.get("source_sequence_dir")
+    candidate = Path(source) / "ground_truth.zarr" if source else None
+    return str(candidate) if candidate is not None and (candidate / "zarr.json").exists() else None
+
+
 def plan_evaluate(store: CaptureStore, config: EvaluateConfig) -> EvaluatePlan:
     device = resolve_device(config.device, STAGE)
     cameras = store_cameras(store, STAGE)
     truth, truth_digest = None, None
-    if config.ground_truth:
-        truth = SyntheticTruth(config.ground_truth, store)
-        marker = Path(config.ground_truth) / "zarr.json"
-        truth_digest = digest_of(str(Path(config.ground_truth).resolve()),
+    ground_truth = config.ground_truth or found_ground_truth(store)
+    if ground_truth:
+        truth = SyntheticTruth(ground_truth, store)
+        marker = Path(ground_truth) / "zarr.json"
+        truth_digest = digest_of(str(Path(ground_truth).resolve()),
                                  marker.stat().st_mtime_ns if marker.exists() else None)
     return EvaluatePlan(device=device, cameras=cameras,
                         timesteps=evaluation_timesteps(store.n_frames, config.timesteps), truth=truth,

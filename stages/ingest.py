@@ -253,6 +253,9 @@ def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, c
         fps=source_fps / config.stride, frame_indices=[config.start + i * config.stride for i in range(plan.capacity)],
         intrinsics=intrinsics, world_2_cam=world_2_cam, overwrite=True,
     )
+    # Where the frames came from: later stages find files that sit beside the videos (a synthetic capture's
+    # ground_truth.zarr) without being told.
+    store.set_attr("source_sequence_dir", str(Path(plan.raw.sequence_dir).resolve()))
     warnings = plan.warnings
     for index, serial in enumerate(plan.serials):
         plate_path = plan.raw.backgrounds.get(serial)

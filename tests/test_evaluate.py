@@ -124,8 +124,8 @@ def trained(capture, tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluated(trained, capture):
     work, holdout = trained
-    report = evaluate_sequence(work.uri, EvaluateConfig(timesteps=0, ground_truth=capture.ground_truth_uri,
-                                                        device="cpu", chunk=1024))
+    # No ground_truth given: the one beside the ingested videos is found through the store's source folder.
+    report = evaluate_sequence(work.uri, EvaluateConfig(timesteps=0, device="cpu", chunk=1024))
     return work, holdout, report
 
 
@@ -182,7 +182,7 @@ def test_report_states_the_protocol_and_writes_metrics_and_sheets(evaluated):
 def test_rerun_is_skipped_and_the_cli_prints_the_scores(evaluated, capture):
     work, holdout, report = evaluated
     again = evaluate_sequence(work.uri, EvaluateConfig(timesteps=0, ground_truth=capture.ground_truth_uri,
-                                                       device="cpu", chunk=1024))
+                                                       device="cpu", chunk=1024))  # the same file, named
     assert again["status"] == "skipped" and again["psnr"] == report["psnr"]
     result = CliRunner().invoke(app, ["evaluate", work.uri, "--timesteps", "1", "--device", "cpu"])
     assert result.exit_code == 0, result.output
