@@ -8,7 +8,7 @@ Each variant then trains the ``preview`` preset for ``--budget`` seconds on the 
 model is snapshotted every ``--curve-every`` seconds of training (checkpoint-free: a state_dict copy) and
 every snapshot is scored afterwards, so evaluation never eats into the budget. Scores follow the paper's
 protocol: the 4 hold-out cameras at 15 evenly spaced timesteps, the frame composited on white with the
-matting stage's alpha; PSNR and SSIM (Gaussian 11, sigma 1.5, data range 1). "Non-rigid" frames are those
+matting stage's alpha, after the official occupancy-grid filter; PSNR and SSIM (Gaussian 11, sigma 1.5, data range 1). "Non-rigid" frames are those
 where the synthetic jaw is open by more than half its range, where a deformation field alone struggles.
 Curve points score the middle frame of each hold-out camera to keep scoring short; the final row uses all 15.
 """
@@ -133,9 +133,11 @@ def train_variant(store: CaptureStore, overrides: dict, budget: float, curve_eve
     curve = []
     for elapsed, step, state in snapshots:
         model.load_state_dict(state)
+        model.filter_occupancy()  # as the evaluate stage does (the official protocol)
         quick = score(model, store, holdout, [store.n_frames // 2], nonrigid)
         curve.append({"seconds": round(elapsed, 1), "step": step, "psnr": quick["psnr"], "ssim": quick["ssim"]})
     model.load_state_dict(final_state[2])
+    model.filter_occupancy()
     t0 = time.perf_counter()
     final = score(model, store, holdout, evaluation_timesteps(store.n_frames, cfg.eval.max_eval_timesteps), nonrigid)
     render_s = (time.perf_counter() - t0) / max(len(final["images"]), 1)

@@ -137,6 +137,8 @@ def evaluate_sequence(sequence_work_dir: str | os.PathLike[str], config: Evaluat
 def _run(store: CaptureStore, work: SequenceWorkDir, config: EvaluateConfig, plan: EvaluatePlan, trained: Any,
          chash: str, digest: str, progress: ProgressCallback | None) -> dict:
     started = time.perf_counter()
+    # The official evaluation renders after dropping disconnected floaters from the occupancy grid.
+    filtered = trained.model.filter_occupancy() if trained.config.eval.occupancy_filter else None
     lpips = load_lpips(plan.device) if config.lpips else "disabled (--no-lpips)"
     scorer = lpips if isinstance(lpips, Lpips) else None
     serials = list(trained.holdout_cameras)
@@ -184,6 +186,8 @@ def _run(store: CaptureStore, work: SequenceWorkDir, config: EvaluateConfig, pla
                        **({"synthetic": "exact synthetic image (analytic re-render with the rig's true camera) "
                                         "composited on white with exact coverage"} if plan.truth else {})},
         "masked": "both images additionally blended with the reference's alpha, as the paper's masked metrics",
+        "occupancy_filter": ("off (eval.occupancy_filter)" if filtered is None else
+                             f"largest connected component kept, {filtered} occupied cells dropped"),
         "psnr": PSNR_SETTINGS,
         "ssim": SSIM_SETTINGS,
         "lpips": {"backbone": "alex", "backend": lpips.backend} if scorer else lpips,

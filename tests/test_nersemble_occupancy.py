@@ -97,3 +97,20 @@ def test_frustum_mask_needs_two_cameras():
     assert not frustum_visibility_mask(BOX, R, [K], [away], [(100, 100)], min_cameras=1).any()
     centers = frustum_visibility_mask(BOX, R, min_cameras=2, points="centers", **cams)
     assert centers[centre, centre, centre] and not centers[0, 0, 0]
+
+
+def test_evaluation_filter_keeps_the_largest_blob_and_a_margin():
+    from stages.nersemble.occupancy_filter import filter_occupancy, gaussian_blur3d, largest_component
+
+    mask = torch.zeros(32, 32, 32, dtype=torch.bool)
+    mask[4:12, 4:12, 4:12] = True  # the head
+    mask[20:22, 20:22, 20:22] = True  # a floater, not touching it
+    mask[12, 4, 4] = True  # touches the head face-on: same 6-connected component
+    component = largest_component(mask)
+    assert int(component.sum()) == 8**3 + 1 and not bool(component[21, 21, 21])
+
+    occs = torch.where(mask, 5.0, 0.0)
+    keep = filter_occupancy(occs, threshold=0.05, sigma_thinning=1.0, sigma_erosion=2.0)
+    assert bool(keep[4:12, 4:12, 4:12].all()) and bool(keep[13, 8, 8])  # the head and a margin around it
+    assert not bool(keep[21, 21, 21]) and not bool(keep[30, 30, 30])
+    torch.testing.assert_close(gaussian_blur3d(torch.ones(9, 9, 9), 1.5), torch.ones(9, 9, 9))

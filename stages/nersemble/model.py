@@ -21,6 +21,7 @@ from .deformation import SE3DeformationField, deform_positions
 from .field import NeRSembleField, TimeCodes, ensemble_weights
 from .hash_encoding import Backend
 from .occupancy import OccupancyGrid, frustum_visibility_mask
+from .occupancy_filter import filter_occupancy
 from .packed import segment_cumsum, segment_sum
 from .rays import camera_rays, pixel_centers, scale_world_2_cam
 from .rendering import composite, render_weights
@@ -256,6 +257,21 @@ class NeRSembleModel(nn.Module):
         mask = frustum_visibility_mask(self.scene_box.cpu(), self.config.occupancy.resolution, intrinsics, scaled,
                                        sizes, min_cameras)
         self.occupancy.set_visibility(mask)
+
+    @torch.no_grad()
+    def filter_occupancy(self) -> int:
+        """Upstream's evaluation-time filter: keep the largest connected blob of occupied cells (plus a margin).
+
+        Changes the binary grid in place (call it once, before evaluation renders); returns the number of
+        occupied cells it switched off.
+        """
+        e, grid = self.config.eval, self.occupancy
+        r = grid.resolution
+        keep = filter_occupancy(grid.occs.view(r, r, r), e.filter_threshold, e.filter_sigma_thinning,
+                                e.filter_sigma_erosion)
+        before = int(grid.binary.sum())
+        grid.binary &= keep
+        return before - int(grid.binary.sum())
 
     def restrict_occupancy(self, mask: torch.Tensor) -> None:
         """Also switch off the cells where ``mask`` ([R, R, R] bool) is False, e.g. outside the visual hull."""

@@ -1,0 +1,82 @@
+"""The evaluation-time occupancy filter: keep the largest connected blob of the grid (and a margin around it).
+
+Upstream runs it once before its evaluation renders (``util/connected_components.py``): floaters that the
+training cameras never saw are disconnected from the head, so dropping every component but the largest
+removes them from hold-out views. Plain torch, so it runs where the model runs:
+
+1. ``u8 = uint8((sigmoid(occs) - 0.5) * 2 * 255)`` (truncated), blurred with a Gaussian of ``sigma_thinning``;
+2. cells with ``u8 >= 255 * threshold`` are candidates; the largest 6-connected component is kept;
+3. it is grown by a Gaussian blur (``sigma_erosion``) of ``component * 100``: cells whose integer value is > 0.
+
+A grid with no candidate at all (a model trained for a few steps) is left as it is rather than emptied.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+
+TRUNCATE = 4.0  # kernel radius in sigmas (scipy's default, which upstream's filter uses)
+
+
+def gaussian_blur3d(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of an (R, R, R) float volume with reflected borders."""
+    radius = int(TRUNCATE * sigma + 0.5)
+    if radius == 0:
+        return volume
+    x = torch.arange(-radius, radius + 1, dtype=volume.dtype, device=volume.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = volume[None, None]
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = kernel.numel()
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        padded = F.pad(out, pad, mode="reflect") if radius < min(volume.shape) else F.pad(out, pad, mode="replicate")
+        out = F.conv3d(padded, kernel.view(shape))
+    return out[0, 0]
+
+
+def largest_component(mask: torch.Tensor) -> torch.Tensor:
+    """The largest 6-connected component of a boolean (R, R, R) mask (empty mask -> empty)."""
+    if not bool(mask.any()):
+        return mask.clone()
+    labels = torch.where(mask, torch.arange(1, mask.numel() + 1, device=mask.device).view(mask.shape), 0)
+    while True:  # propagate the largest label through 6-neighbours until nothing changes
+        grown = labels.clone()
+        for axis in range(3):
+            for shift in (1, -1):
+                grown = torch.maximum(grown, torch.roll(labels, shift, axis) * _not_wrapped(labels, shift, axis))
+        grown = torch.where(mask, grown, 0)
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    values, counts = torch.unique(labels[mask], return_counts=True)
+    return labels == values[torch.argmax(counts)]
+
+
+def _not_wrapped(labels: torch.Tensor, shift: int, axis: int) -> torch.Tensor:
+    """1 where ``torch.roll`` brought a true neighbour, 0 where it wrapped around the border."""
+    keep = torch.ones_like(labels)
+    index = [slice(None)] * 3
+    index[axis] = 0 if shift == 1 else labels.shape[axis] - 1
+    keep[tuple(index)] = 0
+    return keep
+
+
+def filter_occupancy(occs: torch.Tensor, threshold: float = 0.05, sigma_thinning: float = 1.0,
+                     sigma_erosion: float = 7.0) -> torch.Tensor:
+    """The mask ([R, R, R] bool) of cells to keep, from the grid's EMA values ``occs`` ([R, R, R])."""
+    u8 = torch.floor((torch.sigmoid(occs.float()) - 0.5) * 2 * 255).clamp(0, 255)
+    thinned = torch.floor(gaussian_blur3d(u8, sigma_thinning))
+    candidates = thinned >= 255 * threshold
+    if not bool(candidates.any()):  # nothing dense enough yet (a barely trained model): filter nothing
+        return torch.ones_like(candidates)
+    component = largest_component(candidates)
+    grown = torch.floor(gaussian_blur3d(component.float() * 100, sigma_erosion) + 1e-4)
+    return grown > 0
+
+
+__all__ = ["filter_occupancy", "gaussian_blur3d", "largest_component"]
