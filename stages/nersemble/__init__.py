@@ -45,6 +45,16 @@ A training step, in full::
     loss = sum(nersemble_losses(out, rgb, alpha, depth * cfg.scene.world_scale, cfg.loss, step).values())
     optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step(); scheduler.step()
 
+The trainer (``trainer.py``) runs that step over any ``ImageSource`` (cameras + ``load(view, t)``)::
+
+    trainer = Trainer(model, source, device)          # sets the training cameras' frustum mask
+    trainer.train(time_budget_s=..., progress=callback, checkpoint=save, checkpoint_every=N)
+    save_checkpoint(trainer.state_dict(extra)) -> bytes; trainer.load_state_dict(load_checkpoint(data))
+    model_from_checkpoint(checkpoint, device) -> NeRSembleModel (eval mode)
+
+Rays come from a rotating cache of ``train.images_per_batch`` images; a checkpoint restores it, so a resumed
+run continues exactly. ``model.filter_occupancy()`` is upstream's evaluation-time connected-component filter.
+
 Building blocks, each usable alone: ``hash_encoding`` (``make_encoding``, the torch/reference/tcnn
 backends), ``deformation`` (``SE3DeformationField``, ``windowed_posenc``, ``se3_exp``, ``deform_positions``),
 ``field`` (``NeRSembleField``, ``TimeCodes``, ``ensemble_weights``, ``trunc_exp``), ``occupancy``
