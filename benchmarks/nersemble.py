@@ -41,15 +41,7 @@ from stages.ingest import ingest_sequence  # noqa: E402
 from stages.matting import matte_sequence  # noqa: E402
 from stages.metrics import psnr, ssim  # noqa: E402
 from stages.nersemble import NeRSembleModel  # noqa: E402
-from stages.nersemble.trainer import Trainer  # noqa: E402
-from stages.optimize import (  # noqa: E402
-    StoreImageSource,
-    hull_cell_mask,
-    matte_hull_points,
-    model_config,
-    scene_box,
-    split_cameras,
-)
+from stages.optimize import build_trainer, model_config, split_cameras  # noqa: E402
 from storage import CaptureStore, SequenceWorkDir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -109,14 +101,9 @@ def score(model: NeRSembleModel, store: CaptureStore, holdout: list[str], timest
 def train_variant(store: CaptureStore, overrides: dict, budget: float, curve_every: float, seed: int) -> dict:
     cfg = model_config(OptimizeConfig(overrides=overrides))
     train, holdout = split_cameras(store.cameras, None)
-    hull = matte_hull_points(store, train)
-    box, _ = scene_box(store, train, cfg, hull)
-    torch.manual_seed(cfg.train.seed)
-    model = NeRSembleModel(cfg, store.n_frames, box, backend="torch")
-    trainer = Trainer(model, StoreImageSource(store, train, use_depth=store.stage_record("depth") is not None),
-                      torch.device("cpu"))
-    if cfg.occupancy.matte_hull and hull is not None:
-        model.restrict_occupancy(hull_cell_mask(hull, box, cfg.occupancy.resolution, cfg.scene.world_scale))
+    trainer, _ = build_trainer(store, train, cfg, torch.device("cpu"), "torch",
+                               use_depth=store.stage_record("depth") is not None)
+    model = trainer.model
     snapshots: list[tuple[float, int, dict]] = []
     next_snapshot = [curve_every]
 

@@ -248,6 +248,31 @@ def optimize_sequence(sequence_work_dir: str | os.PathLike[str], config: Optimiz
                           progress)
 
 
+def build_trainer(store: CaptureStore, train: list[str], cfg: NeRSembleConfig, device: torch.device, backend: str,
+                  use_depth: bool, box_m: tuple | None = None,
+                  resumed: dict | None = None) -> tuple[Trainer, str]:
+    """The model and its trainer on the store's training cameras, and where the scene box came from.
+
+    Fresh: the box and the occupancy mask come from the mattes' hull, the weights from the config's seed.
+    ``resumed``: box, weights, occupancy masks and optimiser state come back from that checkpoint.
+    """
+    if resumed is not None:
+        hull, box, box_source = None, resumed["scene_box"], "checkpoint"
+    else:
+        hull = matte_hull_points(store, train)
+        box, box_source = scene_box(store, train, cfg, hull, box_m)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)  # the initial weights are part of what the seed fixes
+        model = NeRSembleModel(cfg, store.n_frames, box, backend=backend).to(device)
+    trainer = Trainer(model, StoreImageSource(store, train, use_depth), device)
+    if resumed is not None:
+        trainer.load_state_dict(resumed)
+    elif cfg.occupancy.matte_hull and hull is not None:
+        model.restrict_occupancy(hull_cell_mask(hull, model.scene_box.cpu(), cfg.occupancy.resolution,
+                                                cfg.scene.world_scale))
+    return trainer, box_source
+
+
 def _out_of_memory_message(cfg: NeRSembleConfig) -> str:
     return (f"optimize ran out of GPU memory; lower train.rays_per_batch ({cfg.train.rays_per_batch}), "
             f"eval.chunk ({cfg.eval.chunk}), hash.log2_table_size ({cfg.hash.log2_table_size}) or hash.n_grids "
@@ -261,20 +286,9 @@ def _train(store: CaptureStore, work: SequenceWorkDir, config: OptimizeConfig, c
     resumed = latest_checkpoint(work) if config.resume else None
     if resumed is not None and resumed.get("run_id") != run_id:
         resumed = None  # another config or other upstream results: start over
-    hull = matte_hull_points(store, train) if resumed is None else None
-    box, box_source = ((resumed["scene_box"], "checkpoint") if resumed is not None
-                       else scene_box(store, train, cfg, hull, config.scene_box))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)  # the initial weights are part of what the seed fixes
-        model = NeRSembleModel(cfg, store.n_frames, box, backend=backend).to(device)
-    source = StoreImageSource(store, train, use_depth)
-    trainer = Trainer(model, source, device)
-    if resumed is not None:
-        trainer.load_state_dict(resumed)  # the occupancy masks come back with the weights
-    else:
-        if cfg.occupancy.matte_hull and hull is not None:
-            model.restrict_occupancy(hull_cell_mask(hull, model.scene_box.cpu(), cfg.occupancy.resolution,
-                                                    cfg.scene.world_scale))
+    trainer, box_source = build_trainer(store, train, cfg, device, backend, use_depth, config.scene_box, resumed)
+    model, box = trainer.model, trainer.model.scene_box.cpu()
+    if resumed is None:
         _remove_checkpoints(work)
     start_step = trainer.state.step
     extra = {"run_id": run_id, "train_cameras": train, "holdout_cameras": holdout}
