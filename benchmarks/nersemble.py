@@ -1,6 +1,7 @@
 """NeRSemble quality within a CPU time budget, and the ensemble-vs-single-grid ablation, on the synthetic capture.
 
     .venv/bin/python benchmarks/nersemble.py [--budget 600] [--variants ensemble,single-grid] [--threads 0]
+                                            [--device auto|cpu|cuda] [--frames 24] [--no-depth]
 
 The default synthetic capture (16 cameras x 24 frames at 220x320) goes through the real ingest, calibrate
 (provided), matte (plate) and depth stages once (kept in benchmarks/results/nersemble-capture for re-runs).
@@ -8,8 +9,9 @@ Each variant then trains the ``preview`` preset for ``--budget`` seconds on the 
 model is snapshotted every ``--curve-every`` seconds of training (checkpoint-free: a state_dict copy) and
 every snapshot is scored afterwards, so evaluation never eats into the budget. Scores follow the paper's
 protocol: the 4 hold-out cameras at 15 evenly spaced timesteps, the frame composited on white with the
-matting stage's alpha, after the official occupancy-grid filter; PSNR and SSIM (Gaussian 11, sigma 1.5, data range 1). "Non-rigid" frames are those
-where the synthetic jaw is open by more than half its range, where a deformation field alone struggles.
+matting stage's alpha, after the official occupancy-grid filter; PSNR and SSIM (Gaussian 11, sigma 1.5,
+data range 1). "Non-rigid" frames are those where the synthetic jaw is open by more than half its range, where
+a deformation field alone struggles.
 Curve points score the middle frame of each hold-out camera to keep scoring short; the final row uses all 15.
 """
 
@@ -31,17 +33,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import CalibrateConfig, DepthConfig, IngestConfig, MatteConfig, OptimizeConfig  # noqa: E402
-from pipeline.synthetic import synthesize_capture  # noqa: E402
 from pipeline.synthetic_scene import scene_for_seed  # noqa: E402
-from stages.calibrate import calibrate_sequence  # noqa: E402
-from stages.depth import depth_sequence  # noqa: E402
+from stages.devices import resolve_device  # noqa: E402
 from stages.evaluate import evaluation_timesteps  # noqa: E402
 from stages.evaluate_truth import matte_reference  # noqa: E402
-from stages.ingest import ingest_sequence  # noqa: E402
-from stages.matting import matte_sequence  # noqa: E402
 from stages.metrics import psnr, ssim  # noqa: E402
 from stages.nersemble import NeRSembleModel  # noqa: E402
-from stages.optimize import build_trainer, model_config, split_cameras  # noqa: E402
+from stages.optimize import build_trainer, model_config, resolve_backend, split_cameras  # noqa: E402
 from storage import CaptureStore, SequenceWorkDir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,20 +50,32 @@ VARIANTS = {
 }
 
 
-def prepare(root: Path, seed: int) -> SequenceWorkDir:
-    """The default synthetic capture through ingest, calibrate, matte and depth (skipped when already done)."""
+def prepare(root: Path, seed: int, frames: int, depth: bool) -> SequenceWorkDir:
+    """The synthetic capture through ingest, calibrate, matte and depth (skipped when already done).
+
+    The stages are imported here, so that scoring a prepared capture needs neither pycolmap nor ffmpeg.
+    """
+    from pipeline.synthetic import synthesize_capture
+    from stages.calibrate import calibrate_sequence
+    from stages.depth import depth_sequence
+    from stages.ingest import ingest_sequence
+    from stages.matting import matte_sequence
+
     raw, work_root = root / "raw", root / "work"
     capture_marker = root / "capture.json"
-    if not capture_marker.exists():
+    wanted = {"seed": seed, "frames": frames}
+    if not capture_marker.exists() or any(json.loads(capture_marker.read_text()).get(k, 24 if k == "frames" else v)
+                                          != v for k, v in wanted.items()):
         shutil.rmtree(root, ignore_errors=True)
-        capture = synthesize_capture(raw, seed=seed)
-        capture_marker.write_text(json.dumps({"sequence_dir": str(capture.sequence_dir), "seed": seed}))
+        capture = synthesize_capture(raw, seed=seed, frames=frames)
+        capture_marker.write_text(json.dumps({"sequence_dir": str(capture.sequence_dir), **wanted}))
     sequence_dir = Path(json.loads(capture_marker.read_text())["sequence_dir"])
     ingest_sequence(sequence_dir, str(work_root), IngestConfig())
     work = SequenceWorkDir.for_sequence(str(work_root), sequence_dir.parent.parent.name, sequence_dir.name)
     calibrate_sequence(work.uri, CalibrateConfig(mode="provided"))
     matte_sequence(work.uri, MatteConfig(method="plate"))
-    depth_sequence(work.uri, DepthConfig())
+    if depth:
+        depth_sequence(work.uri, DepthConfig())
     return work
 
 
@@ -84,7 +94,7 @@ def score(model: NeRSembleModel, store: CaptureStore, holdout: list[str], timest
         for t in timesteps:
             ref = matte_reference(store, serial, t)
             out = model.render_image(store.intrinsics[serial], store.world_2_cam[serial], store.width, store.height,
-                                     t)["rgb"]
+                                     t)["rgb"].cpu()
             target = torch.as_tensor(ref.image)
             rows.append({"camera": serial, "t": t, "psnr": psnr(out, target), "ssim": ssim(out, target),
                          "nonrigid": t in nonrigid})
@@ -98,11 +108,11 @@ def score(model: NeRSembleModel, store: CaptureStore, holdout: list[str], timest
     }
 
 
-def train_variant(store: CaptureStore, overrides: dict, budget: float, curve_every: float, seed: int) -> dict:
+def train_variant(store: CaptureStore, overrides: dict, budget: float, curve_every: float, seed: int,
+                  device: torch.device, use_depth: bool) -> dict:
     cfg = model_config(OptimizeConfig(overrides=overrides))
     train, holdout = split_cameras(store.cameras, None)
-    trainer, _ = build_trainer(store, train, cfg, torch.device("cpu"), "torch",
-                               use_depth=store.stage_record("depth") is not None)
+    trainer, _ = build_trainer(store, train, cfg, device, resolve_backend("auto"), use_depth)
     model = trainer.model
     snapshots: list[tuple[float, int, dict]] = []
     next_snapshot = [curve_every]
@@ -130,7 +140,8 @@ def train_variant(store: CaptureStore, overrides: dict, budget: float, curve_eve
     render_s = (time.perf_counter() - t0) / max(len(final["images"]), 1)
     curve.append({"seconds": round(final_state[0], 1), "step": final_state[1], "psnr": final["psnr"],
                   "ssim": final["ssim"]})
-    return {"overrides": overrides, "stopped_by": stopped, "steps": final_state[1],
+    return {"overrides": overrides, "device": str(device), "encoding": type(model.field.encoding).__name__,
+            "use_depth": use_depth, "stopped_by": stopped, "steps": final_state[1],
             "train_seconds": round(final_state[0], 1), "seconds_per_render": round(render_s, 2),
             "holdout": holdout, "curve": curve, **final}
 
@@ -143,19 +154,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic capture seed")
     parser.add_argument("--capture", type=Path, default=RESULTS / "nersemble-capture")
+    parser.add_argument("--frames", type=int, default=24, help="frames of the synthetic capture")
+    parser.add_argument("--no-depth", action="store_true", help="skip the depth stage and the depth losses")
+    parser.add_argument("--device", default="cpu", help="auto, cpu or cuda")
     args = parser.parse_args()
+    device = resolve_device(args.device, "benchmark")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    work = prepare(args.capture, args.seed)
+    work = prepare(args.capture, args.seed, args.frames, depth=not args.no_depth)
     print(f"capture ready in {time.perf_counter() - t0:.0f} s: {work.uri}")
     store = CaptureStore.open(work.capture_uri)
     results = {}
     for name in args.variants.split(","):
         print(f"training {name} for {args.budget:.0f} s")
-        results[name] = train_variant(store, VARIANTS[name], args.budget, args.curve_every, args.seed)
+        results[name] = train_variant(store, VARIANTS[name], args.budget, args.curve_every, args.seed, device,
+                                      use_depth=store.stage_record("depth") is not None and not args.no_depth)
 
-    print(f"\nhold-out cameras, frames on white with the matte ({torch.get_num_threads()} torch threads)")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} torch threads"
+    print(f"\nhold-out cameras, frames on white with the matte ({where}, {store.n_frames} frames)")
     print(f"{'variant':<12} {'steps':>6} {'train s':>8} {'PSNR':>7} {'SSIM':>7} {'PSNR non-rigid':>15} "
           f"{'SSIM non-rigid':>15} {'s/render':>9}")
     for name, r in results.items():
@@ -171,7 +188,8 @@ def main() -> None:
         print(f"\nensemble - single grid on non-rigid frames: {gain:+.2f} dB PSNR, "
               f"{results['ensemble']['ssim_nonrigid'] - results['single-grid']['ssim_nonrigid']:+.4f} SSIM")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "nersemble.json").write_text(json.dumps({"budget_s": args.budget, "variants": results}, indent=2))
+    summary = {"budget_s": args.budget, "device": str(device), "frames": store.n_frames, "variants": results}
+    (RESULTS / "nersemble.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {RESULTS / 'nersemble.json'}")
 
 
