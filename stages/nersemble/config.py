@@ -363,8 +363,9 @@ def paper() -> NeRSembleConfig:
 def preview() -> NeRSembleConfig:
     """A CPU-sized variant for 220x320 x 12 cameras x 24 frames (timings: README.md).
 
-    Capacity is cut: 4 grids x 8 levels x 2^14 entries up to resolution 512, a 4-layer 64-wide deformation
-    MLP with 32-d codes, a 32^3 occupancy grid probed every 4 steps, a 0.1 marching step (~1 cm, 9x the
+    Capacity is cut: 4 grids x 8 levels x 2^14 entries up to resolution 512, a 4-layer 32-wide deformation
+    MLP with 32-d codes (it dominates a sample's FLOPs: 64 wide ran 26% fewer steps in the same time, for a
+    lower hold-out SSIM), a 32^3 occupancy grid probed every 4 steps, a 0.1 marching step (~1 cm, 9x the
     official one: a head ray gets ~20 samples) and 1024 rays. The warm-up schedules are compressed by the
     ratio of step counts (3000 / 300000), so PE annealing, the single-grid phase and the grid fade-in keep
     their relative positions. For a CPU time budget: alpha loss weight 1.0, learning-rate decay every 600
@@ -379,7 +380,7 @@ def preview() -> NeRSembleConfig:
         base,
         name="preview",
         codes=replace(base.codes, deformation_dim=32),
-        deformation=replace(base.deformation, num_layers=4, layer_width=64, skip_connections=(2,),
+        deformation=replace(base.deformation, num_layers=4, layer_width=32, skip_connections=(2,),
                             window=base.deformation.window.scaled(factor)),
         hash=replace(
             base.hash, n_grids=n_grids, n_levels=8, log2_table_size=14,
