@@ -274,9 +274,10 @@ def build_trainer(store: CaptureStore, train: list[str], cfg: NeRSembleConfig, d
 
 
 def _out_of_memory_message(cfg: NeRSembleConfig) -> str:
+    smaller_preset = "" if cfg.name == "preview" else ", or use --preset preview"
     return (f"optimize ran out of GPU memory; lower train.rays_per_batch ({cfg.train.rays_per_batch}), "
             f"eval.chunk ({cfg.eval.chunk}), hash.log2_table_size ({cfg.hash.log2_table_size}) or hash.n_grids "
-            f"({cfg.hash.n_grids}) with --override, or use --preset preview")
+            f"({cfg.hash.n_grids}) with --override{smaller_preset}")
 
 
 def _train(store: CaptureStore, work: SequenceWorkDir, config: OptimizeConfig, cfg: NeRSembleConfig,

@@ -125,6 +125,22 @@ def test_a_killed_run_resumes_from_its_checkpoint_exactly(trained, capture, tmp_
         assert torch.allclose(resumed[name].float(), value.float(), atol=1e-5), name
 
 
+def test_gpu_out_of_memory_names_the_values_to_lower_and_keeps_the_checkpoint(capture, tmp_path):
+    """torch raises OutOfMemoryError from inside a training step; it is raised here from the same place (the
+    progress callback runs inside the training loop), since this machine has no GPU to exhaust."""
+    work = _prepared(capture, tmp_path)
+
+    def exhaust_gpu(p: TrainingProgress) -> None:
+        if p.step >= 60:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(PipelineError, match=r"out of GPU memory; lower train.rays_per_batch \(256\)") as error:
+        optimize_sequence(work.uri, _config(capture, checkpoint_every=50), progress=exhaust_gpu)
+    assert "hash.n_grids (4)" in str(error.value) and "--override" in str(error.value)
+    assert checkpoint_steps(work) == [50]  # what was written survives
+    assert CaptureStore.open(work.capture_uri).stage_record("optimize") is None
+
+
 def test_bad_input_gets_clear_errors(capture, tmp_path):
     ingest_sequence(capture.sequence_dir, str(tmp_path), IngestConfig())
     work = SequenceWorkDir.for_sequence(str(tmp_path), capture.participant_dir.name, capture.sequence_dir.name)
