@@ -65,12 +65,13 @@ def prepare(root: Path, seed: int, frames: int, depth: bool) -> SequenceWorkDir:
 
     raw, work_root = root / "raw", root / "work"
     capture_marker = root / "capture.json"
-    wanted = {"seed": seed, "frames": frames}
-    if not capture_marker.exists() or any(json.loads(capture_marker.read_text()).get(k, 24 if k == "frames" else v)
-                                          != v for k, v in wanted.items()):
+    recorded = json.loads(capture_marker.read_text()) if capture_marker.exists() else None
+    # Markers written before --frames existed hold the default 24 frames.
+    if recorded is None or recorded.get("seed") != seed or recorded.get("frames", 24) != frames:
         shutil.rmtree(root, ignore_errors=True)
         capture = synthesize_capture(raw, seed=seed, frames=frames)
-        capture_marker.write_text(json.dumps({"sequence_dir": str(capture.sequence_dir), **wanted}))
+        capture_marker.write_text(json.dumps({"sequence_dir": str(capture.sequence_dir), "seed": seed,
+                                              "frames": frames}))
     sequence_dir = Path(json.loads(capture_marker.read_text())["sequence_dir"])
     ingest_sequence(sequence_dir, str(work_root), IngestConfig())
     work = SequenceWorkDir.for_sequence(str(work_root), sequence_dir.parent.parent.name, sequence_dir.name)
