@@ -44,11 +44,11 @@ def largest_component(mask: torch.Tensor) -> torch.Tensor:
     if not bool(mask.any()):
         return mask.clone()
     labels = torch.where(mask, torch.arange(1, mask.numel() + 1, device=mask.device).view(mask.shape), 0)
+    neighbours = [(shift, axis, _not_wrapped(labels, shift, axis)) for axis in range(3) for shift in (1, -1)]
     while True:  # propagate the largest label through 6-neighbours until nothing changes
         grown = labels.clone()
-        for axis in range(3):
-            for shift in (1, -1):
-                grown = torch.maximum(grown, torch.roll(labels, shift, axis) * _not_wrapped(labels, shift, axis))
+        for shift, axis, inside in neighbours:
+            grown = torch.maximum(grown, torch.roll(labels, shift, axis) * inside)
         grown = torch.where(mask, grown, 0)
         if torch.equal(grown, labels):
             break
