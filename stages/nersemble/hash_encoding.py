@@ -156,23 +156,24 @@ class TorchHashEnsemble(HashEnsembleEncoding):
         pos = x[None, :, :] * self.scales.to(x.dtype)[:, None, None] + 0.5  # [L, N, 3]
         cell = torch.floor(pos)
         frac = pos - cell
-        low = cell.detach().long()
-        # Per axis, the lower and upper corner coordinate: [L, N, 2] each.
-        cx, cy, cz = torch.stack([low, low + 1], dim=-1).unbind(dim=2)
-        index = torch.empty(self.n_levels, x.shape[0], 2, 2, 2, dtype=torch.int64, device=x.device)
+        cx, cy, cz = cell.detach().long().unbind(dim=2)  # lower corner coordinate per axis, [L, N] each
+        index = torch.empty(self.n_levels, x.shape[0], 8, dtype=torch.int64, device=x.device)
         n_dense = self.layout.n_dense
         if n_dense:
             # x + y*res + z*res^2 in uint32 (the & emulates the wrap for negative inputs), then mod size:
             # the +1 corner at the upper border wraps around exactly as in tcnn's dense levels.
-            res = self.resolutions[:n_dense, None, None]
-            dense = _corner_sum(cx[:n_dense], cy[:n_dense] * res, cz[:n_dense] * (res * res)) & UINT32
-            torch.remainder(dense, self.sizes[:n_dense, None, None, None, None], out=index[:n_dense])
+            d = slice(0, n_dense)
+            res = self.resolutions[d, None]
+            dense = _combine_corners(_pair(cx[d]), _pair(cy[d], res), _pair(cz[d], res * res), torch.add) & UINT32
+            torch.remainder(dense, self.sizes[d, None, None], out=index[d])
         if n_dense < self.n_levels:
             # Hashed levels have power-of-two sizes, so mod is a mask; the low 32 bits of int64 products and
             # XORs equal tcnn's uint32 arithmetic, so no intermediate masking is needed.
-            hashed = _corner_xor(cx[n_dense:], cy[n_dense:] * PRIMES[1], cz[n_dense:] * PRIMES[2])
-            torch.bitwise_and(hashed, self.sizes[n_dense:, None, None, None, None] - 1, out=index[n_dense:])
-        index += self.offsets[:, None, None, None, None]
+            h = slice(n_dense, self.n_levels)
+            hashed = _combine_corners(_pair(cx[h]), _pair(cy[h], PRIMES[1]), _pair(cz[h], PRIMES[2]),
+                                      torch.bitwise_xor)
+            torch.bitwise_and(hashed, self.sizes[h, None, None] - 1, out=index[h])
+        index += self.offsets[:, None, None]
         return index.view(self.n_levels, x.shape[0], 8), frac
 
     def interpolated(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,40 +186,71 @@ class TorchHashEnsemble(HashEnsembleEncoding):
         return self.interpolated(x).transpose(0, 1)
 
     def forward(self, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
-        features = self.interpolated(x)
-        # Blending after interpolation touches L*K*F values per sample instead of 8*L*K*F.
-        blended = torch.einsum("lnkf,nk->nlf", features, blend.to(features.dtype))
-        return blended.reshape(x.shape[0], self.out_dim)
+        index, frac = self.corners(x)
+        rows = trilinear_rows(index, frac, self.table)  # [L, N, K*F]
+        # Blending after interpolation touches L*K*F values per sample instead of 8*L*K*F. Each grid's
+        # weight is repeated over its F columns so the product broadcasts over levels only (contiguous
+        # rows); an einsum here permutes and copies the features on every call.
+        per_column = blend.to(rows.dtype).repeat_interleave(self.features_per_level, dim=1)  # [N, K*F]
+        levels, n = rows.shape[:2]
+        blended = (rows * per_column).view(levels, n, self.n_grids, self.features_per_level).sum(2)
+        return blended.transpose(0, 1).reshape(n, self.out_dim)
 
 
-def _corner_sum(ax: torch.Tensor, ay: torch.Tensor, az: torch.Tensor) -> torch.Tensor:
-    """All 8 corner combinations ax_i + ay_j + az_k -> [L, N, 2, 2, 2]."""
-    return (ax[..., :, None] + ay[..., None, :])[..., None] + az[..., None, None, :]
+def _pair(low: torch.Tensor, factor: torch.Tensor | int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lower and upper corner coordinate of one axis, each times ``factor``."""
+    return low * factor, (low + 1) * factor
 
 
-def _corner_xor(ax: torch.Tensor, ay: torch.Tensor, az: torch.Tensor) -> torch.Tensor:
-    """All 8 corner combinations ax_i ^ ay_j ^ az_k -> [L, N, 2, 2, 2]."""
-    return torch.bitwise_xor(torch.bitwise_xor(ax[..., :, None], ay[..., None, :])[..., None],
-                             az[..., None, None, :])
+def _combine_corners(ax: tuple[torch.Tensor, torch.Tensor], ay: tuple[torch.Tensor, torch.Tensor],
+                     az: tuple[torch.Tensor, torch.Tensor], op) -> torch.Tensor:  # noqa: ANN001
+    """``op(op(ax_i, ay_j), az_k)`` for all 8 corners -> ``[..., 8]``, x slowest and z fastest.
+
+    Whole-tensor ops on ``[...]`` operands: broadcasting ``[..., 2]`` pairs is several times slower on a CPU.
+    """
+    xy = [op(ax[i], ay[j]) for i in (0, 1) for j in (0, 1)]
+    return torch.stack([op(p, az[k]) for p in xy for k in (0, 1)], dim=-1)
 
 
-def _axis_weights(frac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(1 - f, f) per axis: three ``[..., 2]`` tensors."""
-    w = torch.stack([1.0 - frac, frac], dim=-1)
-    return w[..., 0, :], w[..., 1, :], w[..., 2, :]
+class _CornerWeights:
+    """Trilinear corner weights of in-cell positions ``frac[..., 3]`` and their derivatives, ``[..., 8]`` each.
 
+    Corners are ordered as in :func:`_combine_corners` (x slowest, z fastest). Every product is an elementwise
+    op on whole ``[...]`` tensors: broadcasting ``[..., 2]`` axis pairs against each other (the textbook
+    outer product) runs several times slower on a CPU, because the innermost dimension is only 2 long.
+    """
 
-def _outer3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``a_i b_j c_k`` -> ``[..., 8]`` in the corner order of :func:`_corner_sum` (x slowest, z fastest)."""
-    return ((a[..., :, None] * b[..., None, :])[..., None] * c[..., None, None, :]).flatten(-3)
+    def __init__(self, frac: torch.Tensor) -> None:
+        f = frac.unbind(-1)
+        self.axes = [(1.0 - fa, fa) for fa in f]  # (weight of the lower corner, of the upper one) per axis
+        self.yz = self._pairs(1, 2)
+
+    def _pairs(self, a: int, b: int) -> list[torch.Tensor]:
+        """Products of two axes' weights, index ``[i * 2 + j]`` (i for axis ``a``, j for axis ``b``)."""
+        wa, wb = self.axes[a], self.axes[b]
+        return [wa[i] * wb[j] for i in (0, 1) for j in (0, 1)]
+
+    def values(self) -> torch.Tensor:
+        wx = self.axes[0]
+        return torch.stack([wx[i] * yz for i in (0, 1) for yz in self.yz], dim=-1)
+
+    def d_dx(self) -> torch.Tensor:
+        """d w_c / d frac_x: -w_yz for the lower x corners, +w_yz for the upper ones."""
+        yz = torch.stack(self.yz, dim=-1)
+        return torch.cat([-yz, yz], dim=-1)
+
+    def d_dy(self) -> torch.Tensor:
+        xz = self._pairs(0, 2)
+        return torch.stack([-xz[0], -xz[1], xz[0], xz[1], -xz[2], -xz[3], xz[2], xz[3]], dim=-1)
+
+    def d_dz(self) -> torch.Tensor:
+        xy = self._pairs(0, 1)
+        return torch.stack([-xy[0], xy[0], -xy[1], xy[1], -xy[2], xy[2], -xy[3], xy[3]], dim=-1)
 
 
 def _corner_weights(frac: torch.Tensor) -> torch.Tensor:
-    """Trilinear weights ``[..., 8]``."""
-    return _outer3(*_axis_weights(frac))
-
-
-_SLOPE = (-1.0, 1.0)  # d(1 - f)/df, d f/df
+    """Trilinear weights ``[..., 8]`` in the corner order of :func:`_combine_corners`."""
+    return _CornerWeights(frac).values()
 
 
 class _TrilinearRows(torch.autograd.Function):
@@ -233,7 +265,7 @@ class _TrilinearRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, index: torch.Tensor, frac: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         levels, n = index.shape[:2]
-        weights = _corner_weights(frac.detach()).to(table.dtype)
+        weights = _corner_weights(frac.detach().to(table.dtype))
         ctx.save_for_backward(index, frac, table)
         out = F.embedding_bag(index.view(-1, 8), table, per_sample_weights=weights.view(-1, 8), mode="sum")
         return out.view(levels, n, table.shape[1])
@@ -245,18 +277,16 @@ class _TrilinearRows(torch.autograd.Function):
         width = table.shape[1]
         grad_out = grad_out.to(table.dtype).reshape(-1, width)
         flat_index = index.view(-1, 8)
+        weights = _CornerWeights(frac.to(table.dtype).reshape(-1, 3))
         grad_frac = grad_table = None
         if ctx.needs_input_grad[1]:
-            wx, wy, wz = (w.to(table.dtype) for w in _axis_weights(frac))
-            slope = torch.tensor(_SLOPE, dtype=table.dtype, device=table.device).expand_as(wx)
             parts = []
-            for d_weights in (_outer3(slope, wy, wz), _outer3(wx, slope, wz), _outer3(wx, wy, slope)):
-                d_out = F.embedding_bag(flat_index, table, per_sample_weights=d_weights.view(-1, 8), mode="sum")
+            for d_weights in (weights.d_dx(), weights.d_dy(), weights.d_dz()):
+                d_out = F.embedding_bag(flat_index, table, per_sample_weights=d_weights, mode="sum")
                 parts.append((d_out * grad_out).sum(-1))
             grad_frac = torch.stack(parts, dim=-1).view(frac.shape).to(frac.dtype)
         if ctx.needs_input_grad[2]:
-            weights = _corner_weights(frac).to(table.dtype).view(-1, 8)
-            contributions = (weights[:, :, None] * grad_out[:, None, :]).view(-1, width)
+            contributions = (weights.values()[:, :, None] * grad_out[:, None, :]).view(-1, width)
             grad_table = torch.zeros_like(table).index_add_(0, flat_index.reshape(-1), contributions)
         return None, grad_frac, grad_table
 
