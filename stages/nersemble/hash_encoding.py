@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -203,7 +204,8 @@ def _pair(low: torch.Tensor, factor: torch.Tensor | int = 1) -> tuple[torch.Tens
 
 
 def _combine_corners(ax: tuple[torch.Tensor, torch.Tensor], ay: tuple[torch.Tensor, torch.Tensor],
-                     az: tuple[torch.Tensor, torch.Tensor], op) -> torch.Tensor:  # noqa: ANN001
+                     az: tuple[torch.Tensor, torch.Tensor],
+                     op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``op(op(ax_i, ay_j), az_k)`` for all 8 corners -> ``[..., 8]``, x slowest and z fastest.
 
     Whole-tensor ops on ``[...]`` operands: broadcasting ``[..., 2]`` pairs is several times slower on a CPU.
