@@ -187,8 +187,7 @@ class TorchHashEnsemble(HashEnsembleEncoding):
         return self.interpolated(x).transpose(0, 1)
 
     def forward(self, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
-        index, frac = self.corners(x)
-        rows = trilinear_rows(index, frac, self.table)  # [L, N, K*F]
+        rows = self.interpolated(x).flatten(2)  # [L, N, K*F]
         # Blending after interpolation touches L*K*F values per sample instead of 8*L*K*F. Each grid's
         # weight is repeated over its F columns so the product broadcasts over levels only (contiguous
         # rows); an einsum here permutes and copies the features on every call.
@@ -199,8 +198,9 @@ class TorchHashEnsemble(HashEnsembleEncoding):
 
 
 def _pair(low: torch.Tensor, factor: torch.Tensor | int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The lower and upper corner coordinate of one axis, each times ``factor``."""
-    return low * factor, (low + 1) * factor
+    """The lower and upper corner coordinate of one axis, each times ``factor`` (``(low + 1) * f = low * f + f``)."""
+    lower = low if isinstance(factor, int) and factor == 1 else low * factor
+    return lower, lower + factor
 
 
 def _combine_corners(ax: tuple[torch.Tensor, torch.Tensor], ay: tuple[torch.Tensor, torch.Tensor],
