@@ -275,7 +275,9 @@ def build_trainer(store: CaptureStore, train: list[str], cfg: NeRSembleConfig, d
 
 def _out_of_memory_message(cfg: NeRSembleConfig) -> str:
     smaller_preset = "" if cfg.name == "preview" else ", or use --preset preview"
-    return (f"optimize ran out of GPU memory; lower train.rays_per_batch ({cfg.train.rays_per_batch}), "
+    budget = (f", train.max_rays_per_batch ({cfg.train.max_rays_per_batch})"
+              if cfg.train.target_samples_per_batch else "")
+    return (f"optimize ran out of GPU memory; lower train.rays_per_batch ({cfg.train.rays_per_batch}){budget}, "
             f"eval.chunk ({cfg.eval.chunk}), hash.log2_table_size ({cfg.hash.log2_table_size}) or hash.n_grids "
             f"({cfg.hash.n_grids}) with --override{smaller_preset}")
 
@@ -303,7 +305,8 @@ def _train(store: CaptureStore, work: SequenceWorkDir, config: OptimizeConfig, c
     def report_progress(p: TrainingProgress) -> None:
         terms = " ".join(f"{k}={v:.4g}" for k, v in p.losses.items())
         log_lines.append(f"step {p.step}/{p.total_steps} psnr={p.psnr:.2f} {terms} rays/s={p.rays_per_s:.0f} "
-                         f"samples/ray={p.samples_per_ray:.1f} elapsed={p.elapsed_s:.1f}s")
+                         f"samples/ray={p.samples_per_ray:.1f} rays/step={p.rays_per_step:.0f} "
+                         f"elapsed={p.elapsed_s:.1f}s")
         if progress is not None:
             progress(p)
 
@@ -333,6 +336,8 @@ def _train(store: CaptureStore, work: SequenceWorkDir, config: OptimizeConfig, c
         "psnr_train": round(last.get("psnr", float("nan")), 2),
         "loss": round(last.get("total", float("nan")), 6),
         "samples_per_ray": round(last.get("samples", float("nan")), 1),
+        "rays_per_step": round(last.get("rays", 0)),
+        "rays": trainer.state.rays,
         "device": str(device),
         "encoding": model.field.encoding.__class__.__name__,
         "train_cameras": train,

@@ -40,7 +40,7 @@ def _panel(title: str, x: np.ndarray, series: dict[str, np.ndarray], log_y: bool
 def training_curves_png(history: list[dict[str, float]]) -> bytes:
     """Loss terms (log scale) and batch PSNR against the step, side by side."""
     x = np.array([row["step"] for row in history], float)
-    skip = {"step", "elapsed_s", "psnr", "samples"}
+    skip = {"step", "elapsed_s", "psnr", "samples", "rays"}
     names = sorted({k for row in history for k in row} - skip)
     losses = {k: np.array([row.get(k, np.nan) for row in history], float) for k in names}
     psnr = {"psnr (batch)": np.array([row.get("psnr", np.nan) for row in history], float)}

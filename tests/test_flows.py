@@ -19,7 +19,7 @@ from storage import CaptureStore, SequenceWorkDir
 REPO = Path(__file__).resolve().parents[1]
 # A model small enough to train a handful of steps in seconds on one CPU thread (as in test_optimize.py).
 TINY = {
-    "hash.n_levels": 6, "hash.log2_table_size": 12, "rays_per_batch": 256, "images_per_batch": 2,
+    "hash.n_levels": 6, "hash.log2_table_size": 12, "rays_per_batch": 256, "target_samples_per_batch": 0, "images_per_batch": 2,
     "repeat_images": 4, "step_size": 0.12, "occupancy.warmup_steps": 4, "eval.chunk": 2048,
 }
 KEY = "001-exp-1-head"

@@ -38,6 +38,7 @@ def test_paper_preset_is_the_official_setting():
     assert (opt.lr_step_size, opt.gamma_fields, opt.gamma_deformation, opt.gamma_embeddings) == (20000, 0.8, 0.5, 0.8)
     t = c.train
     assert (t.steps, t.rays_per_batch, t.seed, t.mixed_precision) == (300001, 4096, 19980801, True)
+    assert t.target_samples_per_batch == 0  # upstream's batches are fixed
     assert c.scene.world_scale == 9.0
     assert (c.eval.chunk, c.eval.max_eval_timesteps, c.eval.filter_threshold, c.eval.filter_sigma_erosion) == (
         8192, 15, 0.05, 7.0)
@@ -53,6 +54,7 @@ def test_preview_is_small_and_keeps_schedule_proportions():
     # CPU-budget deviations (documented in the preset): slower lr decay, fog cleared fast, culling behind T < 1e-3.
     assert c.optim.lr_step_size == 600 and c.loss.lambda_alpha == 1.0 and c.sampler.early_stop_eps == 1e-3
     assert c.occupancy.matte_hull and not preset("paper").occupancy.matte_hull
+    assert (c.train.target_samples_per_batch, c.train.max_rays_per_batch) == (4096, 4096)
     assert preset("paper").sampler.early_stop_eps == 0.0 and preset("paper").loss.lambda_alpha == 0.01
 
 
@@ -68,6 +70,8 @@ def test_overrides_in_every_form():
         c.with_overrides(no_such_field=1)
     with pytest.raises(ValueError):
         c.with_overrides(hash__n_grids=2)  # the window still runs to 4 grids
+    with pytest.raises(ValueError, match=r"max_rays_per_batch \(512\) >= rays_per_batch \(1024\)"):
+        c.with_overrides(max_rays_per_batch=512)
 
 
 def test_dict_round_trip_is_json():

@@ -23,7 +23,7 @@ TINY = {
     "hash.n_levels": 6, "hash.log2_table_size": 12, "rays_per_batch": 256, "images_per_batch": 6,
     "repeat_images": 4, "step_size": 0.12, "lambda_alpha": 1.0, "occupancy.warmup_steps": 16,
     "deformation.window": [0, 7, 0, 30], "hash.window": [1, 4, 30, 60], "lr_step_size": 60,
-    "eval.chunk": 2048,
+    "eval.chunk": 2048, "target_samples_per_batch": 4096, "max_rays_per_batch": 512,
 }
 
 
@@ -68,6 +68,9 @@ def test_training_learns_the_capture(trained, capture):
     history = [p.losses["total"] for p in seen]
     assert np.mean(history[-3:]) < 0.5 * np.mean(history[:2])
     assert seen[-1].step == STEPS and seen[-1].eta_s == pytest.approx(0, abs=1e-6) and seen[-1].rays_per_s > 0
+    # The sample budget: 256 rays while every ray marches many samples, more once pruning has thinned them.
+    assert seen[0].rays_per_step < seen[-1].rays_per_step <= 512
+    assert STEPS * 256 < report["rays"] <= STEPS * 512
 
     # A training camera at the last timestep, against its frame composited on white with its matte.
     store = CaptureStore.open(work.capture_uri)

@@ -68,6 +68,7 @@ class TrainingProgress:
     elapsed_s: float
     eta_s: float | None
     samples_per_ray: float = 0.0
+    rays_per_step: float = 0.0  # mean over the steps since the last report
 
 
 ProgressCallback = Callable[[TrainingProgress], None]
@@ -152,6 +153,8 @@ class TrainerState:
     step: int = 0  # steps done
     history: list[dict[str, float]] = field(default_factory=list)  # one row per progress report
     elapsed_s: float = 0.0  # training time of all sessions, checkpoint writes excluded
+    rays: int = 0  # rays trained on so far
+    samples_per_ray: float = 0.0  # EMA over recent steps (0 = none yet): sizes sample-budgeted batches
 
 
 class Trainer:
@@ -186,10 +189,18 @@ class Trainer:
             self.cache.refresh()
         return self.cache
 
+    def rays_for_next_step(self) -> int:
+        """``train.rays_per_batch``, or with a sample budget, the rays that fill it at the recent samples per ray."""
+        t, samples_per_ray = self.config.train, self.state.samples_per_ray
+        if not t.target_samples_per_batch or samples_per_ray <= 0:
+            return t.rays_per_batch
+        return int(min(t.max_rays_per_batch, max(t.rays_per_batch, t.target_samples_per_batch / samples_per_ray)))
+
     def train_step(self) -> dict[str, float]:
-        """One optimisation step; returns the loss terms, ``psnr`` of the batch and ``samples`` per ray."""
+        """One optimisation step; returns the loss terms, ``psnr`` of the batch, ``samples`` per ray and ``rays``."""
         cfg, step, model = self.config, self.state.step, self.model
-        batch = self._ensure_cache().sample(cfg.train.rays_per_batch)
+        n_rays = self.rays_for_next_step()
+        batch = self._ensure_cache().sample(n_rays)
         model.train()
         model.update_occupancy(step, self.generator)
         out = model(batch["origins"], batch["directions"], batch["timesteps"], step=step, generator=self.generator)
@@ -205,13 +216,18 @@ class Trainer:
         self.scaler.update()
         if not self.scaler.is_enabled() or self.scaler.get_scale() >= scale_before:
             self.scheduler.step()  # as upstream: the decay counts only steps the scaler did not skip
+        samples_per_ray = len(out["samples"]) / n_rays
+        ema = self.state.samples_per_ray
+        self.state.samples_per_ray = samples_per_ray if ema <= 0 else 0.9 * ema + 0.1 * samples_per_ray
+        self.state.rays += n_rays
         self.state.step += 1
         with torch.no_grad():
             mse = float(torch.mean((out["rgb"].detach().clamp(0, 1) - batch["rgb"]) ** 2))
         row = {k: float(v.detach()) for k, v in losses.items()}
         row["total"] = float(total.detach())
         row["psnr"] = -10.0 * math.log10(max(mse, 1e-10))
-        row["samples"] = len(out["samples"]) / cfg.train.rays_per_batch
+        row["samples"] = samples_per_ray
+        row["rays"] = float(n_rays)
         return row
 
     # --- the loop -------------------------------------------------------------------------------------
@@ -248,9 +264,10 @@ class Trainer:
                 if progress is not None:
                     progress(TrainingProgress(
                         step=step, total_steps=total,
-                        losses={k: v for k, v in row.items() if k not in ("psnr", "samples")},
-                        psnr=row["psnr"], rays_per_s=rate * self.config.train.rays_per_batch, elapsed_s=now,
-                        eta_s=(total - step) / rate if rate > 0 else None, samples_per_ray=row["samples"]))
+                        losses={k: v for k, v in row.items() if k not in ("psnr", "samples", "rays")},
+                        psnr=row["psnr"], rays_per_s=rate * row["rays"], elapsed_s=now,
+                        eta_s=(total - step) / rate if rate > 0 else None, samples_per_ray=row["samples"],
+                        rays_per_step=row["rays"]))
                 window_rows, window_start, window_step = [], now, step
             if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and not done:
                 t0 = time.perf_counter()
@@ -276,6 +293,8 @@ class Trainer:
             "scene_box": self.model.scene_box.detach().cpu(),
             "step": self.state.step,
             "elapsed_s": self.state.elapsed_s,
+            "rays": self.state.rays,
+            "samples_per_ray": self.state.samples_per_ray,
             "history": self.state.history,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
@@ -294,7 +313,8 @@ class Trainer:
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.generator.set_state(checkpoint["generator"])
         self.state = TrainerState(step=int(checkpoint["step"]), history=list(checkpoint["history"]),
-                                  elapsed_s=float(checkpoint["elapsed_s"]))
+                                  elapsed_s=float(checkpoint["elapsed_s"]), rays=int(checkpoint.get("rays", 0)),
+                                  samples_per_ray=float(checkpoint.get("samples_per_ray", 0.0)))
         self.cache = None  # rebuilt at the next step with the same images
         self._resume_pairs = checkpoint.get("cached_images")
 
