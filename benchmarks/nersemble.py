@@ -49,6 +49,8 @@ VARIANTS = {
     "ensemble": {},
     # Deformation + one hash grid: the paper's "w/o ensemble" ablation.
     "single-grid": {"hash.n_grids": 1, "hash.window": [1.0, 1.0, 0, 1]},
+    # The preview without its sample budget: a fixed 1024 rays per step, as upstream's fixed batches.
+    "fixed-batch": {"train.target_samples_per_batch": 0},
 }
 
 
@@ -125,7 +127,7 @@ def train_variant(store: CaptureStore, overrides: dict, budget: float, curve_eve
             snapshots.append((p.elapsed_s, p.step, copy.deepcopy(model.state_dict())))
             next_snapshot[0] += curve_every
         print(f"  step {p.step:5d}  {p.elapsed_s:6.1f} s  batch psnr {p.psnr:5.2f}  {p.rays_per_s:6.0f} rays/s  "
-              f"{p.samples_per_ray:4.1f} samples/ray", flush=True)
+              f"{p.samples_per_ray:4.1f} samples/ray  {p.rays_per_step:4.0f} rays/step", flush=True)
 
     stopped = trainer.train(time_budget_s=budget, progress=on_progress, progress_every=50)
     final_state = (trainer.state.elapsed_s, trainer.state.step, copy.deepcopy(model.state_dict()))
@@ -144,7 +146,7 @@ def train_variant(store: CaptureStore, overrides: dict, budget: float, curve_eve
     curve.append({"seconds": round(final_state[0], 1), "step": final_state[1], "psnr": final["psnr"],
                   "ssim": final["ssim"]})
     return {"overrides": overrides, "device": str(device), "encoding": type(model.field.encoding).__name__,
-            "use_depth": use_depth, "stopped_by": stopped, "steps": final_state[1],
+            "use_depth": use_depth, "stopped_by": stopped, "steps": final_state[1], "rays": trainer.state.rays,
             "train_seconds": round(final_state[0], 1), "seconds_per_render": round(render_s, 2),
             "holdout": holdout, "curve": curve, **final}
 
@@ -179,10 +181,10 @@ def main() -> None:
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} torch threads"
     print(f"\nhold-out cameras, frames on white with the matte ({where}, {store.n_frames} frames)")
-    print(f"{'variant':<12} {'steps':>6} {'train s':>8} {'PSNR':>7} {'SSIM':>7} {'PSNR non-rigid':>15} "
+    print(f"{'variant':<12} {'steps':>6} {'M rays':>7} {'train s':>8} {'PSNR':>7} {'SSIM':>7} {'PSNR non-rigid':>15} "
           f"{'SSIM non-rigid':>15} {'s/render':>9}")
     for name, r in results.items():
-        print(f"{name:<12} {r['steps']:>6} {r['train_seconds']:>8.0f} {r['psnr']:>7.2f} {r['ssim']:>7.4f} "
+        print(f"{name:<12} {r['steps']:>6} {r['rays'] / 1e6:>7.2f} {r['train_seconds']:>8.0f} {r['psnr']:>7.2f} {r['ssim']:>7.4f} "
               f"{r['psnr_nonrigid']:>15.2f} {r['ssim_nonrigid']:>15.4f} {r['seconds_per_render']:>9.2f}")
     for name, r in results.items():
         print(f"\nPSNR vs training time ({name}):")
