@@ -114,3 +114,20 @@ def test_evaluation_filter_keeps_the_largest_blob_and_a_margin():
     assert bool(keep[4:12, 4:12, 4:12].all()) and bool(keep[13, 8, 8])  # the head and a margin around it
     assert not bool(keep[21, 21, 21]) and not bool(keep[30, 30, 30])
     torch.testing.assert_close(gaussian_blur3d(torch.ones(9, 9, 9), 1.5), torch.ones(9, 9, 9))
+
+
+def test_preview_filter_removes_a_floater_on_its_coarse_grid():
+    """The preview's filter sigmas are scaled to its grid: upstream's 7 cells would keep all of a 32^3 grid."""
+    from stages.nersemble.config import preset
+    from stages.nersemble.occupancy_filter import filter_occupancy
+
+    e, r = preset("preview").eval, preset("preview").occupancy.resolution
+    occs = torch.zeros(r, r, r)
+    occs[8:20, 8:20, 8:20] = 5.0  # the head
+    occs[13:15, 13:15, 26:28] = 5.0  # a floater 6 cells beside it
+    keep = filter_occupancy(occs, e.filter_threshold, e.filter_sigma_thinning, e.filter_sigma_erosion)
+    assert bool(keep[8:20, 8:20, 8:20].all()) and bool(keep[20, 14, 14])  # the head and a margin
+    assert not bool(keep[14, 14, 27]) and not bool(keep[0, 0, 0])
+    upstream = preset("paper").eval
+    assert bool(filter_occupancy(occs, upstream.filter_threshold, upstream.filter_sigma_thinning,
+                                 upstream.filter_sigma_erosion)[14, 14, 27])
