@@ -46,8 +46,8 @@ from storage import SequenceWorkDir  # noqa: E402
 
 # A CPU-sized model that learns the synthetic head within a few hundred steps (as tests/test_optimize.py).
 TRAIN_OVERRIDES = {
-    "hash.n_levels": 6, "hash.log2_table_size": 12, "rays_per_batch": 256, "target_samples_per_batch": 0, "images_per_batch": 6,
-    "repeat_images": 4, "step_size": 0.12, "lambda_alpha": 1.0, "occupancy.warmup_steps": 16,
+    "hash.n_levels": 6, "hash.log2_table_size": 12, "rays_per_batch": 256, "target_samples_per_batch": 0,
+    "images_per_batch": 6, "repeat_images": 4, "step_size": 0.12, "lambda_alpha": 1.0, "occupancy.warmup_steps": 16,
     "deformation.window": [0, 7, 0, 30], "hash.window": [1, 4, 30, 60], "lr_step_size": 60, "eval.chunk": 2048,
 }
 

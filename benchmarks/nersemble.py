@@ -184,8 +184,8 @@ def main() -> None:
     print(f"{'variant':<12} {'steps':>6} {'M rays':>7} {'train s':>8} {'PSNR':>7} {'SSIM':>7} {'PSNR non-rigid':>15} "
           f"{'SSIM non-rigid':>15} {'s/render':>9}")
     for name, r in results.items():
-        print(f"{name:<12} {r['steps']:>6} {r['rays'] / 1e6:>7.2f} {r['train_seconds']:>8.0f} {r['psnr']:>7.2f} {r['ssim']:>7.4f} "
-              f"{r['psnr_nonrigid']:>15.2f} {r['ssim_nonrigid']:>15.4f} {r['seconds_per_render']:>9.2f}")
+        print(f"{name:<12} {r['steps']:>6} {r['rays'] / 1e6:>7.2f} {r['train_seconds']:>8.0f} {r['psnr']:>7.2f} "
+              f"{r['ssim']:>7.4f} {r['psnr_nonrigid']:>15.2f} {r['ssim_nonrigid']:>15.4f} {r['seconds_per_render']:>9.2f}")
     for name, r in results.items():
         print(f"\nPSNR vs training time ({name}):")
         for point in r["curve"]:

@@ -92,8 +92,8 @@ def test_comparison_sheet_layout():
 TRAIN_STEPS = 60
 # The grid fade-in ends 20 steps before training does, so the scored model is not caught mid-transition.
 TINY = {
-    "hash.n_levels": 6, "hash.log2_table_size": 12, "rays_per_batch": 256, "target_samples_per_batch": 0, "images_per_batch": 6,
-    "repeat_images": 4, "step_size": 0.12, "lambda_alpha": 1.0, "occupancy.warmup_steps": 16,
+    "hash.n_levels": 6, "hash.log2_table_size": 12, "rays_per_batch": 256, "target_samples_per_batch": 0,
+    "images_per_batch": 6, "repeat_images": 4, "step_size": 0.12, "lambda_alpha": 1.0, "occupancy.warmup_steps": 16,
     "deformation.window": [0, 7, 0, 30], "hash.window": [1, 4, 20, 40], "lr_step_size": 60, "eval.chunk": 2048,
 }
 

@@ -116,6 +116,20 @@ def test_evaluation_filter_keeps_the_largest_blob_and_a_margin():
     torch.testing.assert_close(gaussian_blur3d(torch.ones(9, 9, 9), 1.5), torch.ones(9, 9, 9))
 
 
+def test_evaluation_filter_leaves_an_undertrained_grid_alone():
+    """Scattered specks (a model trained for a few steps) have no subject blob to keep: nothing is removed."""
+    from stages.nersemble.occupancy_filter import filter_occupancy
+
+    specks = torch.zeros(32, 32, 32)
+    specks[::4, ::4, ::4] = 5.0  # 512 one-cell components
+    specks[0:2, 0, 0] = 5.0  # the largest: 2 cells
+    assert bool(filter_occupancy(specks, threshold=0.05, sigma_thinning=0.25, sigma_erosion=1.75).all())
+    blob = torch.zeros(32, 32, 32)
+    blob[10:12, 10:12, 10] = 5.0  # a lone 4-cell blob: its blur of sigma 7 is < 1 everywhere
+    keep = filter_occupancy(blob, threshold=0.05, sigma_thinning=0.25, sigma_erosion=7.0)
+    assert bool(keep[10:12, 10:12, 10].all()) and not bool(keep[30, 30, 30])
+
+
 def test_preview_filter_removes_a_floater_on_its_coarse_grid():
     """The preview's filter sigmas are scaled to its grid: upstream's 7 cells would keep all of a 32^3 grid."""
     from stages.nersemble.config import preset

@@ -402,7 +402,8 @@ def preview() -> NeRSembleConfig:
         ),
         # Probing 4x as often (every 4 steps, all cells for 64) lets empty space be pruned within the first
         # few hundred steps instead of a third of the run; R^3/2 = 16k probes per update stay cheap at 32^3.
-        occupancy=replace(base.occupancy, resolution=occupancy_resolution, update_every=4, warmup_steps=64, matte_hull=True),
+        occupancy=replace(base.occupancy, resolution=occupancy_resolution, update_every=4, warmup_steps=64,
+                          matte_hull=True),
         sampler=replace(base.sampler, step_size=0.1, early_stop_eps=1e-3),
         # The untrained field is a fog of density ~1 filling the box; at the official 0.01 the alpha loss
         # needs thousands of steps to clear it, which is the whole preview budget. At 1.0 the background is

@@ -8,7 +8,9 @@ removes them from hold-out views. Plain torch, so it runs where the model runs:
 2. cells with ``u8 >= 255 * threshold`` are candidates; the largest 6-connected component is kept;
 3. it is grown by a Gaussian blur (``sigma_erosion``) of ``component * 100``: cells whose integer value is > 0.
 
-A grid with no candidate at all (a model trained for a few steps) is left as it is rather than emptied.
+Not upstream: a grid with no candidate, or whose largest component holds under half of the candidates (the
+scattered noise of a model trained for a few steps), is left as it is rather than emptied; the component
+itself is always kept, even where the blur of a small one floors to 0.
 """
 
 from __future__ import annotations
@@ -75,8 +77,12 @@ def filter_occupancy(occs: torch.Tensor, threshold: float = 0.05, sigma_thinning
     if not bool(candidates.any()):  # nothing dense enough yet (a barely trained model): filter nothing
         return torch.ones_like(candidates)
     component = largest_component(candidates)
+    # The filter assumes one subject blob among smaller floaters. Scattered noise with no dominant blob (an
+    # undertrained model) is left alone: keeping its largest speck would erase the subject.
+    if 2 * int(component.sum()) < int(candidates.sum()):
+        return torch.ones_like(candidates)
     grown = torch.floor(gaussian_blur3d(component.float() * 100, sigma_erosion) + 1e-4)
-    return grown > 0
+    return (grown > 0) | component  # a small blob's blur can floor to 0 everywhere; never drop the blob
 
 
 __all__ = ["filter_occupancy", "gaussian_blur3d", "largest_component"]
