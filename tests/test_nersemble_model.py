@@ -134,6 +134,20 @@ def test_early_termination_drops_only_samples_behind_an_opaque_surface():
     torch.testing.assert_close(culled["alpha"], full["alpha"], atol=1e-3, rtol=0)
 
 
+def test_rendering_marches_finer_than_training_by_eval_substeps():
+    model = _small_model(step_size=0.1, early_stop_eps=0.0, eval_substeps=2, alpha_threshold=0.0)
+    K, w2c = _rig()[1]
+    rays = camera_rays(K, w2c, pixel_centers(SIZE, SIZE)[::5], model.config.scene.world_scale)
+    with torch.no_grad():
+        trained = model.train()(rays.origins, rays.directions, 0)["samples"]
+        rendered = model.eval()(rays.origins, rays.directions, 0)["samples"]
+    torch.testing.assert_close(trained.deltas, torch.full_like(trained.deltas, 0.1))
+    torch.testing.assert_close(rendered.deltas, torch.full_like(rendered.deltas, 0.05))
+    assert abs(len(rendered) / len(trained) - 2.0) < 0.05
+    with pytest.raises(ValueError, match="eval_substeps"):
+        model.config.with_overrides(eval_substeps=0)
+
+
 def test_restricting_occupancy_removes_samples_outside_the_mask():
     model = _small_model(step_size=0.1)
     K, w2c = _rig()[1]

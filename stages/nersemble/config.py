@@ -147,6 +147,10 @@ class SamplerConfig:
     # T < 1e-3, which only cuts the cost of the occluded inside of the head.
     early_stop_eps: float = 0.0
     stratified: bool = True  # jitter the first step by U(0, step) in training
+    # Rendering (not training) marches step_size / eval_substeps. Training's jittered steps average over where
+    # the samples fall, i.e. they fit the continuous integral, which a finer fixed lattice approximates better
+    # than the training step's own; upstream renders at its training step (1).
+    eval_substeps: int = 1
 
 
 @dataclass(frozen=True)
@@ -259,6 +263,8 @@ class NeRSembleConfig:
             raise ValueError("hash ensemble needs at least one grid, level and feature")
         if self.sampler.cone_angle != 0.0:
             raise ValueError("only cone_angle=0 is implemented (the official setting)")
+        if self.sampler.eval_substeps < 1:
+            raise ValueError(f"eval_substeps must be >= 1, got {self.sampler.eval_substeps}")
         if not 0.0 <= self.sampler.early_stop_eps < 1.0:
             raise ValueError(f"early_stop_eps must lie in [0, 1), got {self.sampler.early_stop_eps}")
         if self.occupancy.levels != 1:
@@ -375,12 +381,12 @@ def preview() -> NeRSembleConfig:
     Capacity is cut: 4 grids x 8 levels x 2^14 entries up to resolution 512, a 4-layer 32-wide deformation
     MLP with 32-d codes (it dominates a sample's FLOPs: 64 wide ran 26% fewer steps in the same time, for a
     lower hold-out SSIM), a 32^3 occupancy grid probed every 4 steps, a 0.1 marching step (~1 cm, 9x the
-    official one: a head ray gets ~20 samples) and 1024 to 4096 rays. The warm-up schedules are compressed by
-    the ratio of step counts (3000 / 300000), so PE annealing, the single-grid phase and the grid fade-in keep
-    their relative positions; the evaluation filter's blurs, given in occupancy cells, are scaled by the ratio
-    of grid resolutions (32 / 128), so they keep their size in space. For a CPU time budget: alpha loss weight
-    1.0, learning-rate decay every 600 steps, the matte-hull occupancy mask, early termination at T < 1e-3 and
-    a budget of 4096 samples per step (README.md says why).
+    official one: a head ray gets ~20 samples; renders march 0.05) and 1024 to 4096 rays. The warm-up
+    schedules are compressed by the ratio of step counts (3000 / 300000), so PE annealing, the single-grid
+    phase and the grid fade-in keep their relative positions; the evaluation filter's blurs, given in
+    occupancy cells, are scaled by the ratio of grid resolutions (32 / 128), so they keep their size in space.
+    For a CPU time budget: alpha loss weight 1.0, learning-rate decay every 600 steps, the matte-hull occupancy
+    mask, early termination at T < 1e-3 and a budget of 4096 samples per step (README.md says why).
     """
     base = NeRSembleConfig()
     steps = 3000
@@ -404,7 +410,9 @@ def preview() -> NeRSembleConfig:
         # few hundred steps instead of a third of the run; R^3/2 = 16k probes per update stay cheap at 32^3.
         occupancy=replace(base.occupancy, resolution=occupancy_resolution, update_every=4, warmup_steps=64,
                           matte_hull=True),
-        sampler=replace(base.sampler, step_size=0.1, early_stop_eps=1e-3),
+        # Rendering marches half the training step: +0.17 dB hold-out PSNR and +0.012 SSIM on the same weights,
+        # for 1.5x the render time (README).
+        sampler=replace(base.sampler, step_size=0.1, early_stop_eps=1e-3, eval_substeps=2),
         # The untrained field is a fog of density ~1 filling the box; at the official 0.01 the alpha loss
         # needs thousands of steps to clear it, which is the whole preview budget. At 1.0 the background is
         # clear within ~100 steps and the occupancy grid can prune it.

@@ -148,8 +148,9 @@ class NeRSembleModel(nn.Module):
         the samples so nothing is evaluated twice (None when the caller still has to query).
         """
         s = self.config.sampler
+        step_size = s.step_size if self.training else s.step_size / s.eval_substeps
         with torch.no_grad():
-            samples = march_rays(rays_o, rays_d, self.scene_box, s.step_size, s.near_plane, s.far_plane,
+            samples = march_rays(rays_o, rays_d, self.scene_box, step_size, s.near_plane, s.far_plane,
                                  occupied=self.occupancy.occupied(), stratified=self.training and s.stratified,
                                  generator=generator)
             cull_alpha = self.training and self.config.occupancy.enabled and s.alpha_threshold > 0
