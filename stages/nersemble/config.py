@@ -410,8 +410,8 @@ def preview() -> NeRSembleConfig:
         # few hundred steps instead of a third of the run; R^3/2 = 16k probes per update stay cheap at 32^3.
         occupancy=replace(base.occupancy, resolution=occupancy_resolution, update_every=4, warmup_steps=64,
                           matte_hull=True),
-        # Rendering marches half the training step: +0.17 dB hold-out PSNR and +0.012 SSIM on the same weights,
-        # for 1.5x the render time (README).
+        # Rendering marches half the training step: +0.21 dB hold-out PSNR and +0.012 SSIM on the same weights,
+        # for 1.4x the render time (README).
         sampler=replace(base.sampler, step_size=0.1, early_stop_eps=1e-3, eval_substeps=2),
         # The untrained field is a fog of density ~1 filling the box; at the official 0.01 the alpha loss
         # needs thousands of steps to clear it, which is the whole preview budget. At 1.0 the background is
