@@ -50,7 +50,7 @@ VARIANTS = {
     # Deformation + one hash grid: the paper's "w/o ensemble" ablation.
     "single-grid": {"hash.n_grids": 1, "hash.window": [1.0, 1.0, 0, 1]},
     # The preview without its sample budget: a fixed 1024 rays per step, as upstream's fixed batches.
-    "fixed-batch": {"train.target_samples_per_batch": 0},
+    "fixed-batch": {"train.target_samples_per_batch": 0, "train.rays_per_batch": 1024},
 }
 
 
