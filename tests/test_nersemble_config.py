@@ -48,7 +48,7 @@ def test_paper_preset_is_the_official_setting():
 def test_preview_is_small_and_keeps_schedule_proportions():
     c = preset("preview")
     assert c.hash.n_grids == 4 and c.hash.log2_table_size == 14 and 8 <= c.hash.n_levels <= 12
-    assert c.train.rays_per_batch == 512 and c.train.steps == 3000 and c.deformation.layer_width == 32
+    assert c.train.rays_per_batch == 1024 and c.train.steps == 3000 and c.deformation.layer_width == 32
     assert c.hash.window == Schedule(1, 4, 400, 800)
     assert c.deformation.window.end == 200 and c.loss.depth_eps.end == 100
     # CPU-budget deviations (documented in the preset): slower lr decay, fog cleared fast, culling behind T < 1e-3.
@@ -71,8 +71,8 @@ def test_overrides_in_every_form():
         c.with_overrides(no_such_field=1)
     with pytest.raises(ValueError):
         c.with_overrides(hash__n_grids=2)  # the window still runs to 4 grids
-    with pytest.raises(ValueError, match=r"max_rays_per_batch \(256\) >= rays_per_batch \(512\)"):
-        c.with_overrides(max_rays_per_batch=256)
+    with pytest.raises(ValueError, match=r"max_rays_per_batch \(512\) >= rays_per_batch \(1024\)"):
+        c.with_overrides(max_rays_per_batch=512)
 
 
 def test_dict_round_trip_is_json():

@@ -381,7 +381,7 @@ def preview() -> NeRSembleConfig:
     Capacity is cut: 4 grids x 8 levels x 2^14 entries up to resolution 512, a 4-layer 32-wide deformation
     MLP with 32-d codes (it dominates a sample's FLOPs: 64 wide ran 26% fewer steps in the same time, for a
     lower hold-out SSIM), a 32^3 occupancy grid probed every 4 steps, a 0.1 marching step (~1 cm, 9x the
-    official one: a head ray gets ~20 samples; renders march 0.05) and 512 to 4096 rays. The warm-up
+    official one: a head ray gets ~20 samples; renders march 0.05) and 1024 to 4096 rays. The warm-up
     schedules are compressed by the ratio of step counts (3000 / 300000), so PE annealing, the single-grid
     phase and the grid fade-in keep their relative positions; the evaluation filter's blurs, given in
     occupancy cells, are scaled by the ratio of grid resolutions (32 / 128), so they keep their size in space.
@@ -420,10 +420,10 @@ def preview() -> NeRSembleConfig:
         # Learning rates decay every 600 steps instead of the compressed 200: on a CPU the run is cut by a time
         # budget long before step 3000, and at the compressed rate the hold-out PSNR stalled by step ~1500.
         optim=replace(base.optim, lr_step_size=600),
-        # Once pruning has cut the samples per ray to ~2.2, 4096 samples are ~1900 rays: +0.22 to +0.46 dB on the
-        # hold-out cameras over fixed 1024-ray steps in the 10-minute CPU benchmark (README). The first steps, at
-        # ~25 samples per ray, draw 512 rays: a 1024 floor reached the same schedule steps later (+0.22 dB, README).
-        train=replace(base.train, steps=steps, rays_per_batch=512, target_samples_per_batch=4096,
+        # Steps start at 1024 rays; once pruning has cut the samples per ray to ~2.2, 4096 samples are ~1900
+        # rays: +0.22 to +0.46 dB on the hold-out cameras over fixed 1024-ray steps in the 10-minute CPU
+        # benchmark (README). A 512-ray start was not reliably better (README).
+        train=replace(base.train, steps=steps, rays_per_batch=1024, target_samples_per_batch=4096,
                       max_rays_per_batch=4096, checkpoint_every=1000,
                       eval_every_batch=100, eval_every_image=500, eval_every_all_images=1000),
         # Upstream's sigmas of 1 and 7 cells are for its 128^3 grid: on 32^3, a 7-cell blur grows the largest
