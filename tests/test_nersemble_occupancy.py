@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 from pipeline.cameras import look_at
-from stages.nersemble.config import OccupancyConfig
+from stages.nersemble.config import OccupancyConfig, preset
 from stages.nersemble.occupancy import OccupancyGrid, frustum_visibility_mask
+from stages.nersemble.occupancy_filter import filter_occupancy, gaussian_blur3d, largest_component
 
 BOX = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
 R = 16
@@ -100,8 +101,6 @@ def test_frustum_mask_needs_two_cameras():
 
 
 def test_evaluation_filter_keeps_the_largest_blob_and_a_margin():
-    from stages.nersemble.occupancy_filter import filter_occupancy, gaussian_blur3d, largest_component
-
     mask = torch.zeros(32, 32, 32, dtype=torch.bool)
     mask[4:12, 4:12, 4:12] = True  # the head
     mask[20:22, 20:22, 20:22] = True  # a floater, not touching it
@@ -118,8 +117,6 @@ def test_evaluation_filter_keeps_the_largest_blob_and_a_margin():
 
 def test_evaluation_filter_leaves_an_undertrained_grid_alone():
     """Scattered specks (a model trained for a few steps) have no subject blob to keep: nothing is removed."""
-    from stages.nersemble.occupancy_filter import filter_occupancy
-
     specks = torch.zeros(32, 32, 32)
     specks[::4, ::4, ::4] = 5.0  # 512 one-cell components
     specks[0:2, 0, 0] = 5.0  # the largest: 2 cells
@@ -132,9 +129,6 @@ def test_evaluation_filter_leaves_an_undertrained_grid_alone():
 
 def test_preview_filter_removes_a_floater_on_its_coarse_grid():
     """The preview's filter sigmas are scaled to its grid: upstream's 7 cells would keep all of a 32^3 grid."""
-    from stages.nersemble.config import preset
-    from stages.nersemble.occupancy_filter import filter_occupancy
-
     e, r = preset("preview").eval, preset("preview").occupancy.resolution
     occs = torch.zeros(r, r, r)
     occs[8:20, 8:20, 8:20] = 5.0  # the head
