@@ -299,11 +299,12 @@ class NeRSembleModel(nn.Module):
                      step: int | None = None) -> dict[str, torch.Tensor]:
         """Render a metric OpenCV camera at one timestep, ``chunk`` rays at a time (bounded memory).
 
-        Uses evaluation semantics whatever the module's mode (no jitter, no culling, RGB clamped; final
-        windows unless ``step`` is given). Returns ``rgb (H, W, 3)``, ``alpha (H, W)``, ``depth (H, W)``
-        (distance along the ray, metres) and ``z_depth (H, W)`` (metres), on the model's device. Depth is 0
-        where a ray met no sample (the capture store's "invalid"), rather than the chunk's nearest sample
-        distance that nerfstudio's clipping would give: the image must not depend on ``chunk``.
+        Uses evaluation semantics whatever the module's mode (no jitter, no culling, the marching step divided by
+        ``sampler.eval_substeps``, RGB clamped; final windows unless ``step`` is given). Returns ``rgb (H, W, 3)``,
+        ``alpha (H, W)``, ``depth (H, W)`` (distance along the ray, metres) and ``z_depth (H, W)`` (metres), on the
+        model's device. Depth is 0 where a ray met no sample (the capture store's "invalid"), rather than the
+        chunk's nearest sample distance that nerfstudio's clipping would give: the image must not depend on
+        ``chunk``.
         """
         was_training = self.training
         self.eval()
