@@ -317,6 +317,11 @@ def optimize(
                            "holdout_cameras", "checkpoint"))
 
 
+# Export and evaluate: the render step is a render-time choice (the weights do not depend on it).
+EvalSubsteps = Annotated[Optional[int], typer.Option(help="march renders at the model's training step / N "
+                                                          "(default: as trained); higher is slower and more exact")]
+
+
 @app.command()
 @_user_errors
 def export(
@@ -346,6 +351,7 @@ def export(
     = "white",
     crf: Annotated[int, typer.Option(help="H.264 constant rate factor")] = 14,
     depth_videos: Annotated[bool, typer.Option(help="also write depth and alpha videos")] = False,
+    eval_substeps: EvalSubsteps = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     chunk: Annotated[int, typer.Option(help="rays rendered at once (bounds memory)")] = 8192,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default)")] = 0,
@@ -362,10 +368,10 @@ def export(
     chosen = turntable or holdout or path is not None or bool(cameras) or benchmark
     config = _validated(ExportConfig, "export", turntable=turntable or not chosen, holdout=holdout or not chosen,
                         path=str(path) if path else None, path_cameras=cameras, benchmark=benchmark,
-                        benchmark_size=benchmark_size, seconds=seconds, fps=fps, resolution_scale=resolution_scale, elevation_deg=elevation,
-                        radius_m=radius, trajectory=trajectory, arc_deg=arc, background=background, crf=crf,
-                        depth_videos=depth_videos, device=device, chunk=chunk, threads=threads,
-                        lock_timeout=lock_timeout)
+                        benchmark_size=benchmark_size, seconds=seconds, fps=fps, resolution_scale=resolution_scale,
+                        elevation_deg=elevation, radius_m=radius, trajectory=trajectory, arc_deg=arc,
+                        background=background, crf=crf, depth_videos=depth_videos, eval_substeps=eval_substeps,
+                        device=device, chunk=chunk, threads=threads, lock_timeout=lock_timeout)
     bar = _Progress("rendering")
     try:
         report = export_sequence(sequence_work_dir, config, progress=bar)
@@ -385,6 +391,7 @@ def evaluate(
     lpips: Annotated[bool, typer.Option(help="LPIPS when its weights are on disk (never downloaded)")] = True,
     ground_truth: Annotated[Optional[Path], typer.Option(help="a synthetic capture's ground_truth.zarr, scored "
                                                               "separately")] = None,
+    eval_substeps: EvalSubsteps = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     chunk: Annotated[int, typer.Option(help="rays rendered at once (bounds memory)")] = 8192,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default)")] = 0,
@@ -395,8 +402,8 @@ def evaluate(
     from stages.evaluate import evaluate_sequence
 
     config = _validated(EvaluateConfig, "evaluate", timesteps=timesteps, lpips=lpips,
-                        ground_truth=str(ground_truth) if ground_truth else None, device=device, chunk=chunk,
-                        threads=threads, lock_timeout=lock_timeout)
+                        ground_truth=str(ground_truth) if ground_truth else None, eval_substeps=eval_substeps,
+                        device=device, chunk=chunk, threads=threads, lock_timeout=lock_timeout)
     bar = _Progress("evaluating")
     try:
         report = evaluate_sequence(sequence_work_dir, config, progress=bar)

@@ -218,6 +218,13 @@ class OptimizeConfig(BaseModel):
                                         "threads", "lock_timeout"})
 
 
+def _without_defaulted_render_step(fields: dict) -> dict:
+    """Result fields minus an unset ``eval_substeps``, so records written before that option existed still match."""
+    if fields.get("eval_substeps") is None:
+        fields.pop("eval_substeps", None)
+    return fields
+
+
 class ExportConfig(BaseModel):
     """What the export stage renders from the trained model, and how it encodes it."""
 
@@ -243,6 +250,9 @@ class ExportConfig(BaseModel):
         "white", description="transparent also writes RGBA PNG frames and an alpha video")
     crf: int = Field(14, ge=0, le=51, description="H.264 constant rate factor (14: the benchmark's)")
     depth_videos: bool = Field(False, description="also write depth and alpha videos beside each render")
+    eval_substeps: int | None = Field(
+        None, ge=1, description="renders march the model's training step / this; default: as trained (the "
+                                "optimize preset's sampler.eval_substeps)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if torch sees a GPU")
     chunk: int = Field(8192, ge=256, description="rays rendered at once (bounds memory at any resolution)")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
@@ -254,7 +264,7 @@ class ExportConfig(BaseModel):
         return [str(c) for c in cameras] if cameras else None
 
     def result_fields(self) -> dict:
-        return self.model_dump(exclude={"device", "chunk", "threads", "lock_timeout"})
+        return _without_defaulted_render_step(self.model_dump(exclude={"device", "chunk", "threads", "lock_timeout"}))
 
 
 class EvaluateConfig(BaseModel):
@@ -262,6 +272,9 @@ class EvaluateConfig(BaseModel):
 
     timesteps: int = Field(15, ge=0, description="evenly spaced frames per hold-out camera; 0 = all")
     lpips: bool = Field(True, description="LPIPS when its backbone weights are available offline (never downloaded)")
+    eval_substeps: int | None = Field(
+        None, ge=1, description="renders march the model's training step / this; default: as trained (the "
+                                "optimize preset's sampler.eval_substeps)")
     ground_truth: str | None = Field(
         None, description="a synthetic capture's ground_truth.zarr: also score against its exact images; "
                           "default: the one beside the ingested videos, when there is one")
@@ -271,4 +284,4 @@ class EvaluateConfig(BaseModel):
     lock_timeout: float = Field(0.0, ge=0.0, description="seconds to wait for another writer of the sequence")
 
     def result_fields(self) -> dict:
-        return self.model_dump(exclude={"device", "chunk", "threads", "lock_timeout"})
+        return _without_defaulted_render_step(self.model_dump(exclude={"device", "chunk", "threads", "lock_timeout"}))

@@ -125,7 +125,7 @@ def evaluate_sequence(sequence_work_dir: str | os.PathLike[str], config: Evaluat
         digest = upstream_digest(store, *UPSTREAM)
         if store.is_complete(STAGE, chash, digest):
             return {**store.stage_record(STAGE).report, "status": "skipped"}
-        trained = load_model(work, plan.device, STAGE)
+        trained = load_model(work, plan.device, STAGE, config.eval_substeps)
         check_model_fits(trained, store, STAGE)
         if not trained.holdout_cameras:
             raise PipelineError(f"{work.uri}: the model was trained without hold-out cameras, so there is nothing to "
@@ -186,6 +186,7 @@ def _run(store: CaptureStore, work: SequenceWorkDir, config: EvaluateConfig, pla
                        **({"synthetic": "exact synthetic image (analytic re-render with the rig's true camera) "
                                         "composited on white with exact coverage"} if plan.truth else {})},
         "masked": "both images additionally blended with the reference's alpha, as the paper's masked metrics",
+        "eval_substeps": trained.config.sampler.eval_substeps,  # renders march the training step / this
         "occupancy_filter": ("off (eval.occupancy_filter)" if filtered is None else
                              f"largest connected component kept, {filtered} occupied cells dropped"),
         "psnr": PSNR_SETTINGS,

@@ -94,7 +94,7 @@ def export_sequence(sequence_work_dir: str | os.PathLike[str], config: ExportCon
         digest = upstream_digest(store, *UPSTREAM)
         if store.is_complete(STAGE, chash, digest):
             return {**store.stage_record(STAGE).report, "status": "skipped"}
-        trained = load_model(work, plan.device, STAGE)
+        trained = load_model(work, plan.device, STAGE, config.eval_substeps)
         check_model_fits(trained, store, STAGE)
         store.clear_stage_record(STAGE)
         return _run(store, work, config, plan, trained, chash, digest, progress)
@@ -218,6 +218,7 @@ def _run(store: CaptureStore, work: SequenceWorkDir, config: ExportConfig, plan:
         "store": work.capture_uri,
         "device": str(plan.device),
         "model_step": trained.step,
+        "eval_substeps": trained.config.sampler.eval_substeps,
         "holdout_cameras": list(trained.holdout_cameras),
         "timesteps": trained.n_timesteps,
         "videos": results,

@@ -18,14 +18,17 @@ from stages.devices import resolve_device, torch_threads  # noqa: F401 - re-expo
 from storage import CaptureStore, SequenceWorkDir
 
 
-def load_model(work: SequenceWorkDir, device: torch.device, stage: str) -> Any:
-    """``stages.optimize.load_trained_model`` (a ``TrainedModel``), or a StageOrderError naming the optimize command."""
+def load_model(work: SequenceWorkDir, device: torch.device, stage: str, eval_substeps: int | None = None) -> Any:
+    """``stages.optimize.load_trained_model`` (a ``TrainedModel``), or a StageOrderError naming the optimize command.
+
+    ``eval_substeps``: march renders at the training step / this (None: as the model was trained).
+    """
     try:
         from stages.optimize import load_trained_model
     except ImportError as error:  # the trainer is not part of this installation
         raise StageOrderError(f"{work.uri}: the {stage} stage needs a trained model, and the optimize stage is not "
                               f"available here ({error}); run `{PRODUCED_BY['optimize']}`") from None
-    return load_trained_model(work.uri, device=str(device))
+    return load_trained_model(work.uri, device=str(device), eval_substeps=eval_substeps)
 
 
 @dataclass(frozen=True)

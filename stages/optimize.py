@@ -199,16 +199,19 @@ def _remove_checkpoints(work: SequenceWorkDir, keep: int | None = None) -> None:
             Path(work.path(checkpoint_path(step))).unlink(missing_ok=True)
 
 
-def load_trained_model(sequence_work_dir: str | os.PathLike[str], device: str = "auto",
-                       encoding: str = "auto") -> TrainedModel:
-    """The newest trained model of a sequence, on ``device``, in eval mode."""
+def load_trained_model(sequence_work_dir: str | os.PathLike[str], device: str = "auto", encoding: str = "auto",
+                       eval_substeps: int | None = None) -> TrainedModel:
+    """The newest trained model of a sequence, on ``device``, in eval mode.
+
+    ``eval_substeps`` overrides the render step the model was trained with (None keeps it).
+    """
     work = SequenceWorkDir(sequence_work_dir)
     target = resolve_device(device, "render")
     checkpoint = latest_checkpoint(work, "cpu")
     if checkpoint is None:
         raise StageOrderError(f"{work.uri}: no trained model in nersemble/{CHECKPOINTS}/: run "
                               f"`{PRODUCED_BY['optimize']}` first")
-    model = model_from_checkpoint(checkpoint, target, resolve_backend(encoding))
+    model = model_from_checkpoint(checkpoint, target, resolve_backend(encoding), eval_substeps)
     return TrainedModel(model=model, config=model.config, step=int(checkpoint["step"]),
                         train_cameras=list(checkpoint["train_cameras"]),
                         holdout_cameras=list(checkpoint["holdout_cameras"]), n_timesteps=model.n_timesteps)

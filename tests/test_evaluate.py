@@ -222,3 +222,30 @@ def test_evaluate_refuses_bad_input(capture, tmp_path, trained):
     if not torch.cuda.is_available():
         result = CliRunner().invoke(app, ["evaluate", trained_work.uri, "--device", "cuda"])
         assert result.exit_code == 1 and "torch sees no CUDA device" in result.output
+
+
+def test_renders_choose_their_marching_step_after_training(trained):
+    """--eval-substeps changes how finely renders march, not the weights; reports say which step was used."""
+    from stages.optimize import load_trained_model
+
+    work, holdout = trained
+    as_trained = load_trained_model(work.uri, device="cpu")
+    finer = load_trained_model(work.uri, device="cpu", eval_substeps=5)
+    assert as_trained.config.sampler.eval_substeps == 2  # the preview preset's, kept by TINY
+    assert finer.config.sampler.eval_substeps == 5 and finer.model.config.sampler.eval_substeps == 5
+    assert all(torch.equal(a, b) for a, b in zip(as_trained.model.state_dict().values(),
+                                                 finer.model.state_dict().values()))
+    store = CaptureStore.open(work.capture_uri)
+    K, w2c = store.intrinsics[holdout], store.world_2_cam[holdout]
+    coarse_render = as_trained.model.render_image(K, w2c, store.width, store.height, 0)["rgb"]
+    fine_render = finer.model.render_image(K, w2c, store.width, store.height, 0)["rgb"]
+    assert not torch.allclose(coarse_render, fine_render, atol=1e-4)
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", work.uri, "--timesteps", "1", "--device", "cpu", "--eval-substeps", "5"])
+    assert result.exit_code == 0, result.output
+    assert "evaluate completed" in result.output  # not skipped: the render step is part of the result
+    report = json.loads((Path(work.uri) / "reports" / "evaluate.json").read_text())
+    assert report["protocol"]["eval_substeps"] == 5
+    bad = runner.invoke(app, ["evaluate", work.uri, "--eval-substeps", "0"])
+    assert bad.exit_code != 0 and "--eval-substeps" in bad.output

@@ -78,7 +78,7 @@ def prepared(capture, tmp_path_factory):
     store = CaptureStore.open(work.capture_uri)
     trained = _trained(store, [capture.cameras[1]])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export_stage, "load_model", lambda work_dir, device, stage: trained)
+        patch.setattr(export_stage, "load_model", lambda work_dir, device, stage, eval_substeps=None: trained)
         yield work, trained
 
 

@@ -331,11 +331,17 @@ def load_checkpoint(data: bytes, map_location: str | torch.device = "cpu") -> di
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu",
-                          backend: str = "auto") -> NeRSembleModel:
-    """Rebuild the trained model (eval mode) from a checkpoint's config, box and weights."""
+                          backend: str = "auto", eval_substeps: int | None = None) -> NeRSembleModel:
+    """Rebuild the trained model (eval mode) from a checkpoint's config, box and weights.
+
+    ``eval_substeps`` replaces the trained config's render step (``sampler.eval_substeps``): the weights do not
+    depend on it, so a render may trade time for accuracy after training.
+    """
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"unknown checkpoint format {checkpoint.get('format')!r}")
     config = NeRSembleConfig.from_dict(checkpoint["config"])
+    if eval_substeps is not None:
+        config = config.with_overrides({"sampler.eval_substeps": eval_substeps})
     model = NeRSembleModel(config, int(checkpoint["n_timesteps"]), checkpoint["scene_box"], backend=backend)
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval()
