@@ -53,6 +53,7 @@ def test_preview_is_small_and_keeps_schedule_proportions():
     assert c.deformation.window.end == 200 and c.loss.depth_eps.end == 100
     # CPU-budget deviations (documented in the preset): slower lr decay, fog cleared fast, culling behind T < 1e-3.
     assert c.optim.lr_step_size == 600 and c.loss.lambda_alpha == 1.0 and c.sampler.early_stop_eps == 1e-3
+    assert c.loss.lambda_depth == 0.3 and (c.loss.lambda_near, c.loss.lambda_empty) == (1e-4, 1e-2)
     assert c.occupancy.matte_hull and not preset("paper").occupancy.matte_hull
     assert (c.train.target_samples_per_batch, c.train.max_rays_per_batch) == (4096, 4096)
     assert c.sampler.eval_substeps == 2 and preset("paper").sampler.eval_substeps == 1
