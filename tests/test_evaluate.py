@@ -224,6 +224,13 @@ def test_evaluate_refuses_bad_input(capture, tmp_path, trained):
         assert result.exit_code == 1 and "torch sees no CUDA device" in result.output
 
 
+def test_an_unset_render_step_keeps_earlier_records_current():
+    """Records hashed before --eval-substeps existed must still match when it is left unset (no re-render)."""
+    for config in (ExportConfig, EvaluateConfig):
+        assert "eval_substeps" not in config().result_fields()
+        assert config(eval_substeps=3).result_fields()["eval_substeps"] == 3
+
+
 def test_renders_choose_their_marching_step_after_training(trained):
     """--eval-substeps changes how finely renders march, not the weights; reports say which step was used."""
     from stages.optimize import load_trained_model
