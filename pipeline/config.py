@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -218,6 +218,12 @@ class OptimizeConfig(BaseModel):
                                         "threads", "lock_timeout"})
 
 
+# Export and evaluate both choose the render step of a trained model (the weights do not depend on it).
+RenderSubsteps = Annotated[int | None, Field(ge=1, description="renders march the model's training step / this; "
+                                                               "default: as trained (the optimize preset's "
+                                                               "sampler.eval_substeps)")]
+
+
 def _without_defaulted_render_step(fields: dict) -> dict:
     """Result fields minus an unset ``eval_substeps``, so records written before that option existed still match."""
     if fields.get("eval_substeps") is None:
@@ -250,9 +256,7 @@ class ExportConfig(BaseModel):
         "white", description="transparent also writes RGBA PNG frames and an alpha video")
     crf: int = Field(14, ge=0, le=51, description="H.264 constant rate factor (14: the benchmark's)")
     depth_videos: bool = Field(False, description="also write depth and alpha videos beside each render")
-    eval_substeps: int | None = Field(
-        None, ge=1, description="renders march the model's training step / this; default: as trained (the "
-                                "optimize preset's sampler.eval_substeps)")
+    eval_substeps: RenderSubsteps = None
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if torch sees a GPU")
     chunk: int = Field(8192, ge=256, description="rays rendered at once (bounds memory at any resolution)")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
@@ -272,9 +276,7 @@ class EvaluateConfig(BaseModel):
 
     timesteps: int = Field(15, ge=0, description="evenly spaced frames per hold-out camera; 0 = all")
     lpips: bool = Field(True, description="LPIPS when its backbone weights are available offline (never downloaded)")
-    eval_substeps: int | None = Field(
-        None, ge=1, description="renders march the model's training step / this; default: as trained (the "
-                                "optimize preset's sampler.eval_substeps)")
+    eval_substeps: RenderSubsteps = None
     ground_truth: str | None = Field(
         None, description="a synthetic capture's ground_truth.zarr: also score against its exact images; "
                           "default: the one beside the ingested videos, when there is one")
