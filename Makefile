@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(MODEL): | $(STAMP)
-	$(PY) -m pipeline.models
+	$(PY) -m stages.matte.models
 
 demo: install
 	$(CLI) demo --out $(DEMO_OUT)

@@ -26,12 +26,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.cameras import read_camera_params  # noqa: E402
-from pipeline.config import CalibrateConfig, IngestConfig  # noqa: E402
+from stages.core.cameras import read_camera_params  # noqa: E402
+from stages.calibrate.config import CalibrateConfig
+from stages.ingest.config import IngestConfig
 from pipeline.synthetic import synthesize_capture  # noqa: E402
-from stages.calibrate import calibrate_sequence  # noqa: E402
-from stages.calibration_geometry import align_to, pose_differences, summarize  # noqa: E402
-from stages.ingest import ingest_sequence  # noqa: E402
+from stages.calibrate.stage import calibrate_sequence  # noqa: E402
+from stages.calibrate.geometry import align_to, pose_differences, summarize  # noqa: E402
+from stages.ingest.stage import ingest_sequence  # noqa: E402
 from storage import CaptureStore, SequenceWorkDir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -35,10 +35,11 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import DepthConfig, IngestConfig  # noqa: E402
+from stages.depth.config import DepthConfig
+from stages.ingest.config import IngestConfig
 from pipeline.synthetic import synthesize_capture  # noqa: E402
-from stages.depth import depth_sequence  # noqa: E402
-from stages.ingest import ingest_sequence  # noqa: E402
+from stages.depth.stage import depth_sequence  # noqa: E402
+from stages.ingest.stage import ingest_sequence  # noqa: E402
 from storage import CaptureStore, SequenceWorkDir, StageRecord  # noqa: E402
 
 GOALS = {"median_relative_error": 0.01, "coverage": 0.80, "outlier_fraction": 0.01}

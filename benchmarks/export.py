@@ -33,15 +33,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import (CalibrateConfig, ExportConfig, IngestConfig, MatteConfig,  # noqa: E402
-                             OptimizeConfig)
+from stages.calibrate.config import CalibrateConfig
+from stages.export.config import ExportConfig
+from stages.ingest.config import IngestConfig
+from stages.matte.config import MatteConfig
 from pipeline.synthetic import synthesize_capture  # noqa: E402
-from pipeline.video import count_frames, probe_video  # noqa: E402
-from stages.calibrate import calibrate_sequence  # noqa: E402
-from stages.export import export_sequence  # noqa: E402
-from stages.ingest import ingest_sequence  # noqa: E402
-from stages.matting import matte_sequence  # noqa: E402
-from stages.optimize import optimize_sequence  # noqa: E402
+from stages.core.video import count_frames, probe_video  # noqa: E402
+from stages.calibrate.stage import calibrate_sequence  # noqa: E402
+from stages.export.stage import export_sequence  # noqa: E402
+from stages.ingest.stage import ingest_sequence  # noqa: E402
+from stages.matte.stage import matte_sequence  # noqa: E402
+from stages.optimize.stage import optimize_sequence  # noqa: E402
 from storage import SequenceWorkDir  # noqa: E402
 
 # A CPU-sized model that learns the synthetic head within a few hundred steps (as tests/test_optimize.py).

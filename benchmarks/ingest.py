@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.cameras import read_camera_params, rescale_intrinsics, write_camera_params  # noqa: E402
+from stages.core.cameras import read_camera_params, rescale_intrinsics, write_camera_params  # noqa: E402
 from pipeline.synthetic import synthesize_capture  # noqa: E402
-from pipeline.video import count_frames, ffmpeg_exe  # noqa: E402
+from stages.core.video import count_frames, ffmpeg_exe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -70,8 +70,8 @@ def ingest_once(sequence_dir: Path, work: Path, workers: int) -> dict:
     """One ingest in a fresh interpreter, so its peak memory is its own."""
     code = (
         "import json, resource, sys, time\n"
-        "from pipeline.config import IngestConfig\n"
-        "from stages.ingest import ingest_sequence\n"
+        "from stages.ingest.config import IngestConfig\n"
+        "from stages.ingest.stage import ingest_sequence\n"
         "t = time.perf_counter()\n"
         f"r = ingest_sequence({str(sequence_dir)!r}, {str(work)!r}, IngestConfig(workers={workers}))\n"
         "wall = time.perf_counter() - t\n"

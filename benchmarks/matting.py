@@ -34,10 +34,11 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import IngestConfig, MatteConfig  # noqa: E402
+from stages.ingest.config import IngestConfig
+from stages.matte.config import MatteConfig
 from pipeline.synthetic import synthesize_capture  # noqa: E402
-from stages.ingest import ingest_sequence  # noqa: E402
-from stages.matting import matte_sequence  # noqa: E402
+from stages.ingest.stage import ingest_sequence  # noqa: E402
+from stages.matte.stage import matte_sequence  # noqa: E402
 from storage import CaptureStore, SequenceWorkDir  # noqa: E402
 
 RUNS = [

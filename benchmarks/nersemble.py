@@ -33,14 +33,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import CalibrateConfig, DepthConfig, IngestConfig, MatteConfig, OptimizeConfig  # noqa: E402
+from stages.calibrate.config import CalibrateConfig
+from stages.depth.config import DepthConfig
+from stages.ingest.config import IngestConfig
+from stages.matte.config import MatteConfig
+from stages.optimize.config import OptimizeConfig
 from pipeline.synthetic_scene import scene_for_seed  # noqa: E402
-from stages.devices import resolve_device  # noqa: E402
-from stages.evaluate import evaluation_timesteps  # noqa: E402
-from stages.evaluate_truth import matte_reference  # noqa: E402
-from stages.metrics import psnr, ssim  # noqa: E402
+from stages.core.devices import resolve_device  # noqa: E402
+from stages.evaluate.stage import evaluation_timesteps  # noqa: E402
+from stages.evaluate.truth import matte_reference  # noqa: E402
+from stages.evaluate.metrics import psnr, ssim  # noqa: E402
 from stages.nersemble import NeRSembleModel  # noqa: E402
-from stages.optimize import build_trainer, model_config, resolve_backend, split_cameras  # noqa: E402
+from stages.optimize.stage import build_trainer, model_config, resolve_backend, split_cameras  # noqa: E402
 from storage import CaptureStore, SequenceWorkDir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,10 +64,10 @@ def prepare(root: Path, seed: int, frames: int, depth: bool) -> SequenceWorkDir:
     The stages are imported here, so that scoring a prepared capture needs neither pycolmap nor ffmpeg.
     """
     from pipeline.synthetic import synthesize_capture
-    from stages.calibrate import calibrate_sequence
-    from stages.depth import depth_sequence
-    from stages.ingest import ingest_sequence
-    from stages.matting import matte_sequence
+    from stages.calibrate.stage import calibrate_sequence
+    from stages.depth.stage import depth_sequence
+    from stages.ingest.stage import ingest_sequence
+    from stages.matte.stage import matte_sequence
 
     raw, work_root = root / "raw", root / "work"
     capture_marker = root / "capture.json"

@@ -22,17 +22,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.artifacts import publish_archive_summary
 from flows.ledger import SEQUENCE_REPORT, finished_sequence
 from flows.sequence import check_stages, process_sequence
-from pipeline.config import (
-    CalibrateConfig,
-    DepthConfig,
-    EvaluateConfig,
-    ExportConfig,
-    IngestConfig,
-    MatteConfig,
-    OptimizeConfig,
-)
-from pipeline.errors import PipelineError
-from pipeline.raw_capture import list_archive
+from stages.calibrate.config import CalibrateConfig
+from stages.depth.config import DepthConfig
+from stages.evaluate.config import EvaluateConfig
+from stages.export.config import ExportConfig
+from stages.ingest.config import IngestConfig
+from stages.matte.config import MatteConfig
+from stages.optimize.config import OptimizeConfig
+from stages.core.errors import PipelineError
+from stages.core.raw_capture import list_archive
 from storage import SequenceWorkDir
 
 SUMMARY_COLUMNS = ("participant", "sequence", "status", "seconds", "psnr", "error", "flow_run")

@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 from flows.artifacts import publish_stage_report
 from flows.progress import TrainingProgressArtifacts
 from flows.tasks import optimize_task
-from pipeline.config import OptimizeConfig
+from stages.optimize.config import OptimizeConfig
 from storage import SequenceWorkDir
 
 GPU_LIMIT_ENV = "NERSEMBLE_GPU_LIMIT"

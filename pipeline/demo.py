@@ -13,7 +13,11 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import EvaluateConfig, ExportConfig, IngestConfig, MatteConfig, OptimizeConfig
+from stages.evaluate.config import EvaluateConfig
+from stages.export.config import ExportConfig
+from stages.ingest.config import IngestConfig
+from stages.matte.config import MatteConfig
+from stages.optimize.config import OptimizeConfig
 
 
 def demo_configs(train_seconds: float) -> dict:

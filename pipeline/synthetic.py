@@ -27,9 +27,9 @@ import zarr
 
 from pipeline import synthetic_scene as scene_lib
 from pipeline import synthetic_texture as tex
-from pipeline.cameras import CameraParams, look_at, pixel_centers, pixel_rays, write_camera_params
-from pipeline.errors import CaptureLayoutError
-from pipeline.video import encode_video
+from stages.core.cameras import CameraParams, look_at, pixel_centers, pixel_rays, write_camera_params
+from stages.core.errors import CaptureLayoutError
+from stages.core.video import encode_video
 
 SERIALS: list[str] = [
     "222200042", "222200044", "222200046", "222200040", "222200036", "222200048", "220700191", "222200041",

@@ -1,0 +1,220 @@
+"""Evaluate: NeRSemble's hold-out protocol on the trained model -- PSNR, SSIM, LPIPS per camera and overall.
+
+The paper's protocol (reference/nersemble-method.md section 6): render every hold-out camera at evenly spaced
+timesteps (``np.linspace(0, T-1, n, dtype=int)``, 15 by default, or all) on white, and compare with the ground
+truth composited on white with the matting stage's alpha ("regular"), and with both images additionally
+blended with that alpha ("masked"). A synthetic capture's exact images are scored separately when its
+``ground_truth.zarr`` is given. Writes ``export/metrics.json`` (every image's scores), one comparison sheet
+per hold-out camera (``export/evaluation/cam_<SERIAL>.png``: GT | render | error) and ``reports/evaluate.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.evaluate.config import EvaluateConfig
+from stages.core.errors import PipelineError
+from stages.core.bookkeeping import finish_stage, open_store_for, require_stage, upstream_digest
+from stages.rendering.model import (StoreCameras, check_model_fits, load_model, resolve_device, store_cameras,
+                                 torch_threads)
+from stages.rendering.paths import CameraView
+from stages.rendering.render import render_view
+from stages.rendering.sheets import encode_png, sheet_row, stack_sheet
+from stages.evaluate.truth import Reference, SyntheticTruth, matte_reference
+from stages.evaluate.metrics import PSNR_SETTINGS, SSIM_SETTINGS, Lpips, load_lpips, mse, psnr, ssim
+from storage import CaptureStore, SequenceWorkDir, config_hash, digest_of, sequence_lock
+
+STAGE = "evaluate"
+VERSION = "1"
+UPSTREAM = ("ingest", "calibrate", "matte", "optimize")
+METRICS_PATH = "export/metrics.json"
+SHEET_DIR = "export/evaluation"
+
+ProgressCallback = Callable[[int, int], None]  # (images evaluated, images in all)
+
+
+def evaluation_timesteps(n_timesteps: int, wanted: int) -> list[int]:
+    """Upstream's evenly spaced frames, ``linspace(0, T-1, n)`` truncated to integers; 0 (or n >= T) = every frame."""
+    if wanted <= 0 or wanted >= n_timesteps:
+        return list(range(n_timesteps))
+    return [int(t) for t in np.linspace(0, n_timesteps - 1, wanted, dtype=int)]
+
+
+def masked(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``a * image + (1 - a) * white``: the paper's "masked" variant blends both images with the GT alpha."""
+    return image * alpha[..., None] + (1.0 - alpha[..., None])
+
+
+def score(pred: np.ndarray, ref: Reference, lpips: Lpips | None) -> dict[str, float]:
+    """Every metric of one image: regular PSNR/SSIM/MSE(/LPIPS), and masked PSNR/SSIM."""
+    p, g = torch.from_numpy(pred), torch.from_numpy(ref.image)
+    pm, gm = torch.from_numpy(masked(pred, ref.alpha)), torch.from_numpy(masked(ref.image, ref.alpha))
+    scores = {"psnr": psnr(p, g), "ssim": ssim(p, g), "mse": mse(p, g),
+              "masked_psnr": psnr(pm, gm), "masked_ssim": ssim(pm, gm)}
+    if lpips is not None:
+        scores["lpips"] = lpips.score(p, g)
+    return scores
+
+
+def _mean(rows: list[dict[str, Any]]) -> dict[str, float]:
+    keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
+    return {k: round(float(np.mean([r[k] for r in rows])), 6) for k in keys}
+
+
+def summarise(images: list[dict[str, Any]], serials: list[str]) -> dict[str, Any]:
+    """Averages over every evaluated image (the paper's headline) and per camera."""
+    return {"overall": _mean(images), "images": len(images),
+            "cameras": {s: _mean([r for r in images if r["camera"] == s]) for s in serials}}
+
+
+@dataclass
+class EvaluatePlan:
+    device: torch.device
+    cameras: StoreCameras
+    timesteps: list[int]
+    truth: SyntheticTruth | None
+    truth_digest: str | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def found_ground_truth(store: CaptureStore) -> str | None:
+    """A synthetic capture's ``ground_truth.zarr`` beside the videos the store was ingested from, if any."""
+    source = store.attrs.get("source_sequence_dir")
+    candidate = Path(source) / "ground_truth.zarr" if source else None
+    return str(candidate) if candidate is not None and (candidate / "zarr.json").exists() else None
+
+
+def plan_evaluate(store: CaptureStore, config: EvaluateConfig) -> EvaluatePlan:
+    device = resolve_device(config.device, STAGE)
+    cameras = store_cameras(store, STAGE)
+    truth, truth_digest = None, None
+    ground_truth = config.ground_truth or found_ground_truth(store)
+    if ground_truth:
+        truth = SyntheticTruth(ground_truth, store)
+        marker = Path(ground_truth) / "zarr.json"
+        truth_digest = digest_of(str(Path(ground_truth).resolve()),
+                                 marker.stat().st_mtime_ns if marker.exists() else None)
+    return EvaluatePlan(device=device, cameras=cameras,
+                        timesteps=evaluation_timesteps(store.n_frames, config.timesteps), truth=truth,
+                        truth_digest=truth_digest)
+
+
+def evaluate_sequence(sequence_work_dir: str | os.PathLike[str], config: EvaluateConfig = EvaluateConfig(),
+                      progress: ProgressCallback | None = None) -> dict:
+    """Score the trained model on the hold-out cameras of one sequence; returns the stage report.
+
+    Needs the ingest, calibrate, matte and optimize records; skipped when its own record matches this config
+    and those upstream records.
+    """
+    work = SequenceWorkDir(sequence_work_dir)
+    open_store_for(work, STAGE, mode="r")
+    with sequence_lock(work.uri, timeout=config.lock_timeout):
+        store = open_store_for(work, STAGE)
+        for upstream in UPSTREAM[1:]:
+            require_stage(store, upstream, STAGE)
+        plan = plan_evaluate(store, config)
+        chash = config_hash({**config.result_fields(), "ground_truth": plan.truth_digest})
+        digest = upstream_digest(store, *UPSTREAM)
+        if store.is_complete(STAGE, chash, digest):
+            return {**store.stage_record(STAGE).report, "status": "skipped"}
+        trained = load_model(work, plan.device, STAGE, config.eval_substeps)
+        check_model_fits(trained, store, STAGE)
+        if not trained.holdout_cameras:
+            raise PipelineError(f"{work.uri}: the model was trained without hold-out cameras, so there is nothing to "
+                                "evaluate; train with hold-out cameras (optimize --holdout-cameras)")
+        store.clear_stage_record(STAGE)
+        return _run(store, work, config, plan, trained, chash, digest, progress)
+
+
+def _run(store: CaptureStore, work: SequenceWorkDir, config: EvaluateConfig, plan: EvaluatePlan, trained: Any,
+         chash: str, digest: str, progress: ProgressCallback | None) -> dict:
+    started = time.perf_counter()
+    # The official evaluation renders after dropping disconnected floaters from the occupancy grid.
+    filtered = trained.model.filter_occupancy() if trained.config.eval.occupancy_filter else None
+    lpips = load_lpips(plan.device) if config.lpips else "disabled (--no-lpips)"
+    scorer = lpips if isinstance(lpips, Lpips) else None
+    serials = list(trained.holdout_cameras)
+    cams = plan.cameras
+    references = ["matte"] + (["synthetic"] if plan.truth else [])
+    images: dict[str, list[dict]] = {name: [] for name in references}
+    baseline: dict[str, list[dict]] = {name: [] for name in references}
+    sheets: dict[str, str] = {}
+    total, done, render_seconds = len(serials) * len(plan.timesteps), 0, 0.0
+    if progress:
+        progress(0, total)
+    with torch_threads(config.threads):
+        for serial in serials:
+            rows = []
+            for t in plan.timesteps:
+                view = CameraView(K=cams.intrinsics[serial], world_2_cam=cams.world_2_cam[serial], width=cams.width,
+                                  height=cams.height, time=t / max(trained.n_timesteps - 1, 1))
+                clock = time.perf_counter()
+                pred = render_view(trained.model, view, trained.n_timesteps, config.chunk).rgb.clip(0, 1)
+                render_seconds += time.perf_counter() - clock
+                where = {"camera": serial, "timestep": t, "frame_index": store.frame_indices[t]}
+                white = np.ones_like(pred)
+                for name in references:
+                    ref = matte_reference(store, serial, t) if name == "matte" else plan.truth.reference(serial, t)
+                    images[name].append({**where, **score(pred, ref, scorer)})
+                    baseline[name].append({**where, **score(white, ref, None)})
+                    if name == "matte":
+                        rows.append(sheet_row(ref.image, pred, f"{serial} t={t} "
+                                              f"PSNR {images[name][-1]['psnr']:.2f} dB"))
+                done += 1
+                if progress:
+                    progress(done, total)
+            sheets[serial] = work.write_bytes(f"{SHEET_DIR}/cam_{serial}.png",
+                                              encode_png(stack_sheet(rows, f"{work.participant}/{work.sequence} "
+                                                                           f"camera {serial} step {trained.step}")))
+    results = {name: summarise(images[name], serials) for name in references}
+    for name in references:
+        results[name]["white_image_baseline"] = _mean(baseline[name])
+    protocol = {
+        "cameras": serials,
+        "timesteps": plan.timesteps,
+        "size": [cams.width, cams.height],
+        "background": "white",
+        "references": {"matte": "stored frame composited on white with the matting stage's alpha",
+                       **({"synthetic": "exact synthetic image (analytic re-render with the rig's true camera) "
+                                        "composited on white with exact coverage"} if plan.truth else {})},
+        "masked": "both images additionally blended with the reference's alpha, as the paper's masked metrics",
+        "eval_substeps": trained.config.sampler.eval_substeps,  # renders march the training step / this
+        "occupancy_filter": ("off (eval.occupancy_filter)" if filtered is None else
+                             f"largest connected component kept, {filtered} occupied cells dropped"),
+        "psnr": PSNR_SETTINGS,
+        "ssim": SSIM_SETTINGS,
+        "lpips": {"backbone": "alex", "backend": lpips.backend} if scorer else lpips,
+    }
+    metrics_uri = work.write_json(METRICS_PATH, {
+        "protocol": protocol, "model_step": trained.step,
+        "results": {name: {**results[name], "per_image": images[name]} for name in references}})
+    wall = time.perf_counter() - started
+    report = {
+        "stage": STAGE,
+        "status": "completed",
+        "store": work.capture_uri,
+        "device": str(plan.device),
+        "model_step": trained.step,
+        "protocol": protocol,
+        "results": results,
+        "psnr": results["matte"]["overall"]["psnr"],
+        "ssim": results["matte"]["overall"]["ssim"],
+        "lpips": results["matte"]["overall"].get("lpips", protocol["lpips"]),
+        "metrics": metrics_uri,
+        "sheets": sheets,
+        "images": total,
+        "seconds": round(wall, 3),
+        "render_seconds": round(render_seconds, 3),
+        "warnings": plan.warnings,
+        "config": config.model_dump(),
+        "config_hash": chash,
+    }
+    return finish_stage(store, work, STAGE, VERSION, chash, digest, report)

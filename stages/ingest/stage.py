@@ -1,0 +1,321 @@
+"""Ingest: raw multi-camera videos -> the chunked capture store.
+
+Every camera is decoded by its own worker, which writes only that camera's chunks, so workers never share
+a chunk and memory stays at a few frames per worker. Everything that can be checked without decoding
+(layout, calibration, sizes) is checked before the store is touched; the stage record is written last, so
+a failed ingest never leaves a store that looks complete.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from stages.core.cameras import CameraParams, intrinsics_for_size, read_camera_params
+from stages.core.color import apply_color_correction, read_color_calibration
+from stages.ingest.config import IngestConfig
+from stages.core.errors import CaptureLayoutError, PipelineError, VideoError
+from stages.core.raw_capture import RawSequence, discover_sequence
+from stages.core.video import VideoInfo, iter_frames, probe_video
+from stages.core.bookkeeping import finish_stage
+from storage import CaptureStore, SequenceWorkDir, config_hash, digest_of, sequence_lock
+
+STAGE = "ingest"
+VERSION = "1"
+WRITE_BATCH = 4  # frames per camera held before a write: memory stays at a few frames per worker
+
+ProgressCallback = Callable[[str, int], None]  # (serial, frames written so far)
+
+
+class IngestError(PipelineError):
+    """Decoding failed for one or more cameras; the message names each camera and file."""
+
+
+@dataclass
+class IngestPlan:
+    """What will be written, decided before any frame is decoded."""
+
+    raw: RawSequence
+    serials: list[str]
+    videos: dict[str, VideoInfo]
+    source_size: tuple[int, int]  # (width, height) of the videos
+    size: tuple[int, int]  # (width, height) stored
+    capacity: int  # frames allocated per camera; trimmed to the common decoded length at the end
+    calibration: CameraParams | None
+    color_matrices: dict[str, np.ndarray]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _stored_size(source_size: tuple[int, int], downscale: float) -> tuple[int, int]:
+    return max(1, round(source_size[0] / downscale)), max(1, round(source_size[1] / downscale))
+
+
+def _frames_after_selection(available: int, config: IngestConfig) -> int:
+    selected = max(0, math.ceil((available - config.start) / config.stride))
+    return min(selected, config.count) if config.count else selected
+
+
+def _select_cameras(raw: RawSequence, config: IngestConfig) -> list[str]:
+    if not config.cameras:
+        return raw.serials
+    unknown = [serial for serial in config.cameras if serial not in raw.videos]
+    if unknown:
+        raise CaptureLayoutError(
+            f"{raw.sequence_dir / 'images'}: no video for camera(s) {', '.join(unknown)}; "
+            f"cameras with video: {', '.join(raw.serials)}"
+        )
+    return sorted(set(config.cameras))
+
+
+def _check_calibration(raw: RawSequence, serials: list[str], warnings: list[str]) -> CameraParams | None:
+    if raw.calibration is None:
+        warnings.append(f"{raw.sequence_dir.parent.parent / 'calibration'}: no camera_params.json; run the calibrate stage")
+        return None
+    params = read_camera_params(raw.calibration)
+    missing = [serial for serial in serials if serial not in params.world_2_cam]
+    if missing:
+        raise CaptureLayoutError(
+            f"{raw.calibration}: no calibration for camera(s) {', '.join(missing)} that have video "
+            f"({', '.join(str(raw.videos[s]) for s in missing)}); exclude them with --cameras or fix the file"
+        )
+    unused = sorted(set(params.world_2_cam) - set(raw.videos))
+    if unused:
+        warnings.append(f"{raw.calibration}: camera(s) {', '.join(unused)} are calibrated but have no video")
+    return params
+
+
+def plan_ingest(raw: RawSequence, config: IngestConfig) -> IngestPlan:
+    """Validate the capture and decide sizes, without decoding a frame."""
+    warnings: list[str] = []
+    serials = _select_cameras(raw, config)
+    with ThreadPoolExecutor(max_workers=8) as pool:  # each probe is one short ffmpeg process
+        videos = dict(zip(serials, pool.map(probe_video, (raw.videos[s] for s in serials))))
+    sizes = {(info.width, info.height) for info in videos.values()}
+    if len(sizes) > 1:
+        reference = videos[serials[0]]
+        odd = [s for s in serials if (videos[s].width, videos[s].height) != (reference.width, reference.height)]
+        details = ", ".join(f"camera {s} ({raw.videos[s]}) is {videos[s].width}x{videos[s].height}" for s in odd)
+        raise CaptureLayoutError(
+            f"videos differ in size: camera {serials[0]} is {reference.width}x{reference.height} but {details}"
+        )
+    source_size = sizes.pop()
+    calibration = _check_calibration(raw, serials, warnings)
+    color_matrices: dict[str, np.ndarray] = {}
+    if config.color_correction:
+        if raw.color_calibration is None:
+            raise CaptureLayoutError(f"--color-correction asked for, but {raw.sequence_dir.parent.parent / 'calibration'} "
+                                     "has no color_calibration.json")
+        all_matrices = read_color_calibration(raw.color_calibration)
+        missing = [serial for serial in serials if serial not in all_matrices]
+        if missing:
+            raise CaptureLayoutError(f"{raw.color_calibration}: no colour matrix for camera(s) {', '.join(missing)}")
+        color_matrices = {serial: all_matrices[serial] for serial in serials}
+    estimates = [info.estimated_frames for info in videos.values() if info.estimated_frames]
+    # The container's duration only sizes the allocation; frames are counted by decoding.
+    upper_bound = (max(estimates) + 8 + max(estimates) // 20) if estimates else 100_000
+    capacity = max(1, _frames_after_selection(upper_bound, config))
+    return IngestPlan(
+        raw=raw,
+        serials=serials,
+        videos=videos,
+        source_size=source_size,
+        size=_stored_size(source_size, config.downscale),
+        capacity=capacity,
+        calibration=calibration,
+        color_matrices=color_matrices,
+        warnings=warnings,
+    )
+
+
+def input_digest(plan: IngestPlan) -> str:
+    """Names, sizes and modification times of every input file: a changed file means a new ingest."""
+    files = [plan.raw.videos[s] for s in plan.serials] + [plan.raw.backgrounds[s] for s in plan.serials if s in plan.raw.backgrounds]
+    files += [p for p in (plan.raw.calibration, plan.raw.color_calibration) if p is not None]
+    participant_dir = plan.raw.sequence_dir.parent.parent
+    return digest_of(*[(str(p.relative_to(participant_dir)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def _stored_calibration(plan: IngestPlan, config: IngestConfig) -> tuple[dict | None, dict | None]:
+    if plan.calibration is None:
+        return None, None
+    calibrated_for = config.calibration_size or plan.source_size
+    intrinsics = {s: intrinsics_for_size(plan.calibration.intrinsics[s], calibrated_for, plan.size) for s in plan.serials}
+    for serial in plan.serials:
+        cx, cy = plan.calibration.intrinsics[serial][:2, 2]
+        if not (0 <= cx <= calibrated_for[0] and 0 <= cy <= calibrated_for[1]):
+            plan.warnings.append(
+                f"{plan.raw.calibration}: principal point ({cx:.0f}, {cy:.0f}) of camera {serial} lies outside "
+                f"{calibrated_for[0]}x{calibrated_for[1]} frames; pass --calibration-size W H if K is for another size"
+            )
+            break
+    world_2_cam = {s: plan.calibration.world_2_cam[s] for s in plan.serials}
+    return intrinsics, world_2_cam
+
+
+def _read_plate(path: Path, size: tuple[int, int], source_size: tuple[int, int], serial: str,
+                warnings: list[str]) -> np.ndarray | None:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        warnings.append(f"{path}: background plate of camera {serial} cannot be read; skipped")
+        return None
+    height, width = image.shape[:2]
+    if (width, height) != source_size:
+        if abs(width / height - source_size[0] / source_size[1]) > 0.01:
+            warnings.append(f"{path}: background plate of camera {serial} is {width}x{height}, the video is "
+                            f"{source_size[0]}x{source_size[1]} with another aspect ratio; skipped")
+            return None
+        warnings.append(f"{path}: background plate of camera {serial} is {width}x{height}, resized to the video's size")
+    if (width, height) != size:
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+@dataclass
+class _CameraResult:
+    serial: str
+    frames: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def _decode_camera(store: CaptureStore, index: int, plan: IngestPlan, config: IngestConfig, stop: threading.Event,
+                   progress: ProgressCallback | None) -> _CameraResult:
+    serial = plan.serials[index]
+    result = _CameraResult(serial)
+    started = time.perf_counter()
+    path = plan.raw.videos[serial]
+    size = plan.size if plan.size != plan.source_size else None
+    matrix = plan.color_matrices.get(serial)
+    pending: list[np.ndarray] = []  # a few frames, written together so zarr compresses them in parallel
+
+    def flush() -> None:
+        if pending:
+            store.write_frames(index, result.frames, np.stack(pending))
+            result.frames += len(pending)
+            pending.clear()
+            if progress:
+                progress(serial, result.frames)
+
+    try:
+        frames = iter_frames(path, start=config.start, count=config.count, stride=config.stride, size=size,
+                             threads=config.decoder_threads, info=plan.videos[serial])
+        for t, frame in enumerate(frames):
+            if stop.is_set():
+                frames.close()
+                result.error = "stopped because another camera failed"
+                break
+            if t >= plan.capacity:
+                frames.close()
+                raise VideoError(f"{path}: camera {serial} has more frames than its container's duration announces")
+            pending.append(apply_color_correction(frame, matrix) if matrix is not None else frame)
+            if len(pending) == WRITE_BATCH:
+                flush()
+        flush()
+    except (VideoError, OSError) as error:
+        result.error = f"camera {serial}: {error}"
+        stop.set()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def ingest_sequence(sequence_dir: str | Path, work_root: str, config: IngestConfig | None = None,
+                    progress: ProgressCallback | None = None) -> dict:
+    """Ingest one raw sequence into ``<work_root>/<PID>/<SEQ>/capture.zarr``; returns the stage report."""
+    config = config or IngestConfig()
+    raw = discover_sequence(sequence_dir)
+    work = SequenceWorkDir.for_sequence(work_root, raw.participant, raw.sequence)
+    plan = plan_ingest(raw, config)
+    chash, digest = config_hash(config.result_fields()), input_digest(plan)
+    with sequence_lock(work.uri, timeout=config.lock_timeout):
+        if CaptureStore.exists(work.capture_uri):
+            existing = CaptureStore.open(work.capture_uri, mode="r+")
+            if existing.is_complete(STAGE, chash, digest):
+                return {**existing.stage_record(STAGE).report, "status": "skipped"}
+            existing.clear_stage_record(STAGE)
+        return _run_ingest(plan, config, work, chash, digest, progress)
+
+
+def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, chash: str, digest: str,
+                progress: ProgressCallback | None) -> dict:
+    intrinsics, world_2_cam = _stored_calibration(plan, config)
+    source_fps = next(iter(plan.videos.values())).fps
+    store = CaptureStore.create(
+        work.capture_uri, cameras=plan.serials, n_frames=plan.capacity, height=plan.size[1], width=plan.size[0],
+        fps=source_fps / config.stride, frame_indices=[config.start + i * config.stride for i in range(plan.capacity)],
+        intrinsics=intrinsics, world_2_cam=world_2_cam, overwrite=True,
+    )
+    # Where the frames came from: later stages find files that sit beside the videos (a synthetic capture's
+    # ground_truth.zarr) without being told.
+    store.set_attr("source_sequence_dir", str(Path(plan.raw.sequence_dir).resolve()))
+    warnings = plan.warnings
+    for index, serial in enumerate(plan.serials):
+        plate_path = plan.raw.backgrounds.get(serial)
+        if plate_path is None:
+            warnings.append(f"camera {serial}: no background plate (sequences/BACKGROUND/image_{serial}.jpg)")
+            continue
+        plate = _read_plate(plate_path, plan.size, plan.source_size, serial, warnings)
+        if plate is not None:
+            matrix = plan.color_matrices.get(serial)
+            store.write_background(index, apply_color_correction(plate, matrix) if matrix is not None else plate)
+
+    stop = threading.Event()
+    workers = config.workers or min(len(plan.serials), os.cpu_count() or 1)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
+        futures = [pool.submit(_decode_camera, store, i, plan, config, stop, progress) for i in range(len(plan.serials))]
+        results = [future.result() for future in futures]
+    wall = time.perf_counter() - started
+
+    failures = [r.error for r in results if r.error and not r.error.startswith("stopped")]
+    if failures:
+        report = {"stage": STAGE, "status": "failed", "errors": failures, "warnings": warnings}
+        work.write_report(STAGE, report)
+        raise IngestError("ingest failed; the store is not marked complete:\n  " + "\n  ".join(failures))
+
+    counts = {r.serial: r.frames for r in results}
+    n_frames = min(counts.values())
+    if n_frames == 0:
+        raise IngestError(f"{plan.raw.sequence_dir}: no frames in the selected range (start={config.start}, "
+                          f"stride={config.stride}); every camera decoded 0 frames")
+    if len(set(counts.values())) > 1:
+        warnings.append("cameras differ in length (" + ", ".join(f"{s}: {n}" for s, n in counts.items())
+                        + f"); the common length {n_frames} is used")
+    store.set_frame_count(n_frames)
+
+    decoded = sum(counts.values())
+    megabytes = decoded * plan.size[0] * plan.size[1] * 3 / 1e6
+    report = {
+        "stage": STAGE,
+        "status": "completed",
+        "participant": plan.raw.participant,
+        "sequence": plan.raw.sequence,
+        "store": work.capture_uri,
+        "cameras": plan.serials,
+        "frames": n_frames,
+        "frame_indices": store.frame_indices,
+        "frames_per_camera_decoded": counts,
+        "size": list(plan.size),
+        "source_size": list(plan.source_size),
+        "fps": store.fps,
+        "source_fps": source_fps,
+        "calibrated": intrinsics is not None,
+        "color_corrected": bool(plan.color_matrices),
+        "background_plates": sum(1 for s in plan.serials if s in plan.raw.backgrounds),
+        "decode_seconds": round(wall, 3),
+        "frames_per_second": round(decoded / wall, 2) if wall else None,
+        "megabytes_per_second": round(megabytes / wall, 2) if wall else None,
+        "workers": workers,
+        "warnings": warnings,
+        "config": config.model_dump(),
+        "config_hash": chash,
+    }
+    return finish_stage(store, work, STAGE, VERSION, chash, digest, report)

@@ -1,0 +1,354 @@
+"""Optimize: train NeRSemble on one sequence's capture store; writes ``nersemble/`` and ``reports/optimize.json``.
+
+The store feeds the trainer through :class:`StoreImageSource`, one (camera, timestep) chunk at a time, so a
+long sequence never sits in memory. Checkpoints land in ``nersemble/checkpoints/`` every
+``checkpoint_every`` steps; a killed run picks up its newest checkpoint when it is started again with the
+same config and the same upstream results (anything else starts over). The record is written last, after
+the final checkpoint, so downstream stages only ever see a finished model.
+"""
+
+from __future__ import annotations
+
+import cv2  # noqa: F401 - before anything that may import pycolmap (their zlib builds clash)
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.optimize.config import OptimizeConfig, PAPER_HOLDOUT_CAMERAS
+from stages.core.errors import PipelineError, StageOrderError
+from stages.core.bookkeeping import PRODUCED_BY, finish_stage, open_store_for, require_stage, upstream_digest
+from stages.geometry.views import make_views
+from stages.geometry.hull import visual_hull
+from stages.core.devices import resolve_device, torch_threads
+from stages.nersemble import NeRSembleConfig, NeRSembleModel, preset, scene_box_from_cameras
+from stages.nersemble.hash_encoding import tcnn_available
+from stages.nersemble.trainer import (
+    ProgressCallback,
+    Trainer,
+    TrainImage,
+    TrainingProgress,
+    TrainView,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from stages.optimize.curves import training_curves_png
+from storage import CaptureStore, SequenceWorkDir, config_hash, sequence_lock
+
+STAGE = "optimize"
+VERSION = "1"
+UPSTREAM = ("ingest", "calibrate", "matte", "depth")
+CHECKPOINTS = "checkpoints"
+_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
+HULL_TIMESTEPS = 6  # frames whose matte hulls bound the scene box and the occupancy grid
+HULL_PADDING_M = 0.03  # margin around the hull: hair and matte edges the hull may have shaved
+
+
+class StoreImageSource:
+    """The training cameras of a capture store, read one (camera, timestep) chunk at a time."""
+
+    def __init__(self, store: CaptureStore, serials: list[str], use_depth: bool) -> None:
+        self.store, self.serials, self.use_depth = store, serials, use_depth
+        self.indices = [store.camera_index(s) for s in serials]
+        K, w2c = store.intrinsics, store.world_2_cam
+        self.views = [TrainView(K[s], w2c[s], store.width, store.height) for s in serials]
+        self.n_timesteps = store.n_frames
+
+    def load(self, view: int, timestep: int) -> TrainImage:
+        camera = self.indices[view]
+        return TrainImage(rgb=self.store.read_frame(camera, timestep), alpha=self.store.read_alpha(camera, timestep),
+                          depth=self.store.read_depth(camera, timestep) if self.use_depth else None)
+
+
+@dataclass
+class TrainedModel:
+    """A trained model ready to render, and what it was trained on."""
+
+    model: NeRSembleModel
+    config: NeRSembleConfig
+    step: int
+    train_cameras: list[str]
+    holdout_cameras: list[str]
+    n_timesteps: int
+
+
+# --- choices made before anything is written --------------------------------------------------------------
+
+
+def model_config(config: OptimizeConfig) -> NeRSembleConfig:
+    """The preset with the user's overrides, steps and seed; a bad key names itself."""
+    try:
+        cfg = preset(config.preset).with_overrides(config.overrides)
+    except (KeyError, TypeError, ValueError) as error:
+        raise PipelineError(f"optimize --override: {error}") from None
+    extra = {}
+    if config.steps is not None:
+        extra["train.steps"] = config.steps
+    if config.seed is not None:
+        extra["train.seed"] = config.seed
+    if config.checkpoint_every is not None:
+        extra["train.checkpoint_every"] = config.checkpoint_every
+    return cfg.with_overrides(extra) if extra else cfg
+
+
+def split_cameras(cameras: list[str], holdout: list[str] | None) -> tuple[list[str], list[str]]:
+    """(train, hold-out) serials. Default hold-out: the paper's four cameras that this capture has."""
+    if holdout is None:
+        held = [s for s in cameras if s in PAPER_HOLDOUT_CAMERAS]
+    else:
+        unknown = [s for s in holdout if s not in cameras]
+        if unknown:
+            raise PipelineError(f"optimize --holdout: camera(s) {', '.join(unknown)} are not in this capture "
+                                f"(it has {', '.join(cameras)})")
+        held = [s for s in cameras if s in holdout]
+    train = [s for s in cameras if s not in held]
+    if len(train) < 2:
+        raise PipelineError(f"optimize needs at least 2 training cameras; holding out {', '.join(held)} leaves "
+                            f"{len(train)}")
+    return train, held
+
+
+def resolve_backend(encoding: str) -> str:
+    if encoding == "tcnn" and not tcnn_available():
+        raise PipelineError("optimize --encoding tcnn: tinycudann does not import here (it needs CUDA and is "
+                            "not on the package index); use --encoding torch or auto")
+    return encoding
+
+
+def matte_hull_points(store: CaptureStore, serials: list[str]) -> np.ndarray | None:
+    """Voxel centres (metres) of the mattes' visual hulls at ``HULL_TIMESTEPS`` frames, padded by their voxel.
+
+    None when a hull comes out empty (mattes that disagree with the calibration): then nothing is derived
+    from the mattes.
+    """
+    views = make_views(serials, store.intrinsics, store.world_2_cam, store.width, store.height,
+                       torch.device("cpu"))
+    indices = [store.camera_index(s) for s in serials]
+    clouds = []
+    for t in np.unique(np.linspace(0, store.n_frames - 1, HULL_TIMESTEPS).round().astype(int)):
+        masks = np.stack([store.read_alpha(i, int(t)) >= 128 for i in indices])
+        hull = visual_hull(views, masks, resolution=64, misses=1, dilation_px=2.0)
+        if hull.empty:
+            return None
+        clouds.append(hull.points.numpy())
+    return np.concatenate(clouds)
+
+
+def scene_box(store: CaptureStore, serials: list[str], cfg: NeRSembleConfig, hull: np.ndarray | None,
+              given_m: tuple | None = None) -> tuple[torch.Tensor, str]:
+    """The box the field lives in (model units): the given one, else the mattes' visual hull, padded, else a box
+    at the rig's focus.
+
+    A tight box is the cheapest speed-up there is on a CPU: every ray marches only through it.
+    """
+    if given_m is not None:  # validated by OptimizeConfig
+        box = np.asarray(given_m, dtype=np.float64)
+        return torch.as_tensor(box * cfg.scene.world_scale, dtype=torch.float32), "config"
+    if hull is None:
+        w2c = store.world_2_cam
+        box = scene_box_from_cameras([w2c[s] for s in serials], cfg.scene.box_size_m, cfg.scene.world_scale)
+        return box, "cameras"
+    box = np.stack([hull.min(0) - HULL_PADDING_M, hull.max(0) + HULL_PADDING_M]) * cfg.scene.world_scale
+    return torch.as_tensor(box, dtype=torch.float32), "mattes"
+
+
+def hull_cell_mask(hull: np.ndarray, box: torch.Tensor, resolution: int, world_scale: float) -> torch.Tensor:
+    """Occupancy cells ([R, R, R] bool) that hold a hull voxel, grown by one cell (the subject moves between
+    the frames the hull was carved at, and hair is thinner than a matte can see)."""
+    unit = (torch.as_tensor(hull, dtype=torch.float32) * world_scale - box[0]) / (box[1] - box[0])
+    ijk = torch.clamp((unit * resolution).long(), 0, resolution - 1)
+    mask = torch.zeros(resolution, resolution, resolution)
+    mask[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = 1.0
+    grown = torch.nn.functional.max_pool3d(mask[None, None], kernel_size=3, stride=1, padding=1)[0, 0]
+    return grown > 0
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+
+
+def checkpoint_steps(work: SequenceWorkDir) -> list[int]:
+    """Steps of the checkpoints on disk, oldest first."""
+    found = [_CHECKPOINT_NAME.match(name) for name in work.listdir("nersemble", CHECKPOINTS)]
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def checkpoint_path(step: int) -> str:
+    return f"nersemble/{CHECKPOINTS}/step-{step:07d}.pt"
+
+
+def latest_checkpoint(work: SequenceWorkDir, map_location: str | torch.device = "cpu") -> dict | None:
+    steps = checkpoint_steps(work)
+    if not steps:
+        return None
+    data = work.read_bytes(checkpoint_path(steps[-1]))
+    return None if data is None else load_checkpoint(data, map_location)
+
+
+def _remove_checkpoints(work: SequenceWorkDir, keep: int | None = None) -> None:
+    """Delete checkpoint files (all, or all but step ``keep``): only the newest one is ever resumed from."""
+    if not work.is_local:
+        return
+    for step in checkpoint_steps(work):
+        if step != keep:
+            Path(work.path(checkpoint_path(step))).unlink(missing_ok=True)
+
+
+def load_trained_model(sequence_work_dir: str | os.PathLike[str], device: str = "auto", encoding: str = "auto",
+                       eval_substeps: int | None = None) -> TrainedModel:
+    """The newest trained model of a sequence, on ``device``, in eval mode.
+
+    ``eval_substeps`` overrides the render step the model was trained with (None keeps it).
+    """
+    work = SequenceWorkDir(sequence_work_dir)
+    target = resolve_device(device, "render")
+    checkpoint = latest_checkpoint(work, "cpu")
+    if checkpoint is None:
+        raise StageOrderError(f"{work.uri}: no trained model in nersemble/{CHECKPOINTS}/: run "
+                              f"`{PRODUCED_BY['optimize']}` first")
+    model = model_from_checkpoint(checkpoint, target, resolve_backend(encoding), eval_substeps)
+    return TrainedModel(model=model, config=model.config, step=int(checkpoint["step"]),
+                        train_cameras=list(checkpoint["train_cameras"]),
+                        holdout_cameras=list(checkpoint["holdout_cameras"]), n_timesteps=model.n_timesteps)
+
+
+# --- the stage --------------------------------------------------------------------------------------------
+
+
+def optimize_sequence(sequence_work_dir: str | os.PathLike[str], config: OptimizeConfig | None = None,
+                      progress: ProgressCallback | None = None) -> dict:
+    """Train NeRSemble on one sequence (``<work>/<PID>/<SEQ>``); returns the stage report.
+
+    Needs ingest, calibrate and matte; depth is used when its stage ran (and ``use_depth``), else the depth
+    losses are off. Skipped when its record matches this config and the upstream records.
+    """
+    config = config or OptimizeConfig()
+    work = SequenceWorkDir(sequence_work_dir)
+    with sequence_lock(work.uri, timeout=config.lock_timeout):
+        store = open_store_for(work, STAGE)
+        calibration = require_stage(store, "calibrate", STAGE)
+        require_stage(store, "matte", STAGE)
+        if store.intrinsics is None or store.world_2_cam is None:
+            raise StageOrderError(f"{store.uri}: no camera calibration in the store (calibrate record "
+                                  f"{calibration.finished_at}); run `{PRODUCED_BY['calibrate']}`")
+        cfg = model_config(config)
+        device = resolve_device(config.device, STAGE)
+        backend = resolve_backend(config.encoding)
+        train, holdout = split_cameras(store.cameras, config.holdout_cameras)
+        use_depth = config.use_depth and store.stage_record("depth") is not None
+        chash = config_hash({**config.result_fields(), "model": cfg.to_dict(), "use_depth": use_depth})
+        digest = upstream_digest(store, *UPSTREAM)
+        if store.is_complete(STAGE, chash, digest):
+            return {**store.stage_record(STAGE).report, "status": "skipped"}
+        store.clear_stage_record(STAGE)
+        with torch_threads(config.threads):
+            return _train(store, work, config, cfg, device, backend, train, holdout, use_depth, chash, digest,
+                          progress)
+
+
+def build_trainer(store: CaptureStore, train: list[str], cfg: NeRSembleConfig, device: torch.device, backend: str,
+                  use_depth: bool, box_m: tuple | None = None,
+                  resumed: dict | None = None) -> tuple[Trainer, str]:
+    """The model and its trainer on the store's training cameras, and where the scene box came from.
+
+    Fresh: the box and the occupancy mask come from the mattes' hull, the weights from the config's seed.
+    ``resumed``: box, weights, occupancy masks and optimiser state come back from that checkpoint.
+    """
+    if resumed is not None:
+        hull, box, box_source = None, resumed["scene_box"], "checkpoint"
+    else:
+        hull = matte_hull_points(store, train)
+        box, box_source = scene_box(store, train, cfg, hull, box_m)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)  # the initial weights are part of what the seed fixes
+        model = NeRSembleModel(cfg, store.n_frames, box, backend=backend).to(device)
+    trainer = Trainer(model, StoreImageSource(store, train, use_depth), device)
+    if resumed is not None:
+        trainer.load_state_dict(resumed)
+    elif cfg.occupancy.matte_hull and hull is not None:
+        model.restrict_occupancy(hull_cell_mask(hull, model.scene_box.cpu(), cfg.occupancy.resolution,
+                                                cfg.scene.world_scale))
+    return trainer, box_source
+
+
+def _out_of_memory_message(cfg: NeRSembleConfig) -> str:
+    smaller_preset = "" if cfg.name == "preview" else ", or use --preset preview"
+    budget = (f", train.max_rays_per_batch ({cfg.train.max_rays_per_batch})"
+              if cfg.train.target_samples_per_batch else "")
+    return (f"optimize ran out of GPU memory; lower train.rays_per_batch ({cfg.train.rays_per_batch}){budget}, "
+            f"eval.chunk ({cfg.eval.chunk}), hash.log2_table_size ({cfg.hash.log2_table_size}) or hash.n_grids "
+            f"({cfg.hash.n_grids}) with --override{smaller_preset}")
+
+
+def _train(store: CaptureStore, work: SequenceWorkDir, config: OptimizeConfig, cfg: NeRSembleConfig,
+           device: torch.device, backend: str, train: list[str], holdout: list[str], use_depth: bool, chash: str,
+           digest: str, progress: ProgressCallback | None) -> dict:
+    run_id = f"{chash}:{digest}"
+    resumed = latest_checkpoint(work) if config.resume else None
+    if resumed is not None and resumed.get("run_id") != run_id:
+        resumed = None  # another config or other upstream results: start over
+    trainer, box_source = build_trainer(store, train, cfg, device, backend, use_depth, config.scene_box, resumed)
+    model, box = trainer.model, trainer.model.scene_box.cpu()
+    if resumed is None:
+        _remove_checkpoints(work)
+    start_step = trainer.state.step
+    extra = {"run_id": run_id, "train_cameras": train, "holdout_cameras": holdout}
+    log_lines: list[str] = []
+
+    def write_checkpoint() -> None:
+        step = trainer.state.step
+        work.write_bytes(checkpoint_path(step), save_checkpoint(trainer.state_dict(extra)))
+        _remove_checkpoints(work, keep=step)
+
+    def report_progress(p: TrainingProgress) -> None:
+        terms = " ".join(f"{k}={v:.4g}" for k, v in p.losses.items())
+        log_lines.append(f"step {p.step}/{p.total_steps} psnr={p.psnr:.2f} {terms} rays/s={p.rays_per_s:.0f} "
+                         f"samples/ray={p.samples_per_ray:.1f} rays/step={p.rays_per_step:.0f} "
+                         f"elapsed={p.elapsed_s:.1f}s")
+        if progress is not None:
+            progress(p)
+
+    work.write_json("nersemble/config.json", {"model": cfg.to_dict(), "optimize": config.model_dump(),
+                                              "train_cameras": train, "holdout_cameras": holdout,
+                                              "scene_box": box.tolist(), "scene_box_from": box_source,
+                                              "use_depth": use_depth, "device": str(device)})
+    try:
+        stopped_by = trainer.train(time_budget_s=config.time_budget_s, progress=report_progress,
+                                   progress_every=max(1, min(cfg.train.eval_every_batch, 25)),
+                                   checkpoint=write_checkpoint, checkpoint_every=cfg.train.checkpoint_every)
+    except torch.cuda.OutOfMemoryError:
+        raise PipelineError(_out_of_memory_message(cfg)) from None
+    history = trainer.state.history
+    work.write_bytes("nersemble/training_curves.png", training_curves_png(history))
+    previous_log = work.read_text("nersemble/train.log") if resumed is not None else None
+    work.write_text("nersemble/train.log", (previous_log or "") + "\n".join(log_lines) + "\n")
+    last = history[-1] if history else {}
+    report = {
+        "status": "done",
+        "preset": cfg.name,
+        "steps": trainer.state.step,
+        "steps_planned": cfg.train.steps,
+        "stopped_by": stopped_by,
+        "resumed_from_step": start_step if resumed is not None else None,
+        "train_seconds": round(trainer.state.elapsed_s, 1),
+        "psnr_train": round(last.get("psnr", float("nan")), 2),
+        "loss": round(last.get("total", float("nan")), 6),
+        "samples_per_ray": round(last.get("samples", float("nan")), 1),
+        "rays_per_step": round(last.get("rays", 0)),
+        "rays": trainer.state.rays,
+        "device": str(device),
+        "encoding": model.field.encoding.__class__.__name__,
+        "train_cameras": train,
+        "holdout_cameras": holdout,
+        "use_depth": use_depth,
+        "scene_box_m": (box / cfg.scene.world_scale).tolist(),
+        "scene_box_from": box_source,
+        "checkpoint": checkpoint_path(trainer.state.step),
+        "config": config.model_dump(),
+    }
+    return finish_stage(store, work, STAGE, VERSION, chash, digest, report)

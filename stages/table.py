@@ -1,0 +1,89 @@
+"""The stage table: every stage once, in pipeline order, with what it needs, runs, writes and shows.
+
+Flows, the CLI, the artifacts and the ledger read this table instead of keeping lists of their own. It imports
+no stage code: entry points are dotted paths, loaded when a stage runs, so reading the table stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OutputLink:
+    """A file worth a link (and, for images, a picture) in the UI, relative to the sequence's work folder."""
+
+    key: str
+    label: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the table.
+
+    ``requires``: stages whose records must exist before this one runs (beyond ``ingest``, which every later
+    stage needs). ``inputs``: the stages whose records this one's outputs depend on, optional ones included.
+    ``entry``: ``module:function`` taking the stage's input location and its config and returning a report.
+    """
+
+    name: str
+    summary: str
+    requires: tuple[str, ...]
+    inputs: tuple[str, ...]
+    entry: str
+    command: str
+    outputs: tuple[str, ...] = ()
+    links: tuple[OutputLink, ...] = ()
+
+    def entry_point(self) -> Callable[..., dict]:
+        """The stage's function, imported on first use (stage modules pull in torch, zarr, COLMAP)."""
+        module, _, function = self.entry.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+STAGE_TABLE: tuple[Stage, ...] = (
+    Stage("ingest", "raw videos -> the chunked capture store", (), (),
+          "stages.ingest.stage:ingest_sequence", "nersemble-pipeline ingest <RAW_SEQUENCE_DIR> --work <WORK>",
+          outputs=("capture.zarr/frames", "capture.zarr/backgrounds")),
+    Stage("calibrate", "each camera's K and world_2_cam", ("ingest",), ("ingest",),
+          "stages.calibrate.stage:calibrate_sequence", "nersemble-pipeline calibrate <SEQUENCE_WORK_DIR>",
+          outputs=("calibration/",)),
+    Stage("matte", "alpha per frame (plate, rembg or both)", ("ingest",), ("ingest",),
+          "stages.matte.stage:matte_sequence", "nersemble-pipeline matte <SEQUENCE_WORK_DIR>",
+          outputs=("capture.zarr/alpha", "export/previews/matte.png"),
+          links=(OutputLink("matte-preview", "matte preview", "export/previews/matte.png"),)),
+    Stage("depth", "per-view depth maps by multi-view stereo", ("ingest", "calibrate", "matte"),
+          ("ingest", "calibrate", "matte"),
+          "stages.depth.stage:depth_sequence", "nersemble-pipeline depth <SEQUENCE_WORK_DIR>",
+          outputs=("capture.zarr/depth", "export/previews/depth.png"),
+          links=(OutputLink("depth-preview", "depth preview", "export/previews/depth.png"),)),
+    Stage("optimize", "the NeRSemble radiance field", ("ingest", "calibrate", "matte"),
+          ("ingest", "calibrate", "matte", "depth"),
+          "stages.optimize.stage:optimize_sequence", "nersemble-pipeline optimize <SEQUENCE_WORK_DIR>",
+          outputs=("nersemble/",),
+          links=(OutputLink("training-curves", "training curves", "nersemble/training_curves.png"),)),
+    Stage("export", "turntable, hold-out and path videos", ("ingest", "calibrate", "matte", "optimize"),
+          ("ingest", "calibrate", "matte", "optimize"),
+          "stages.export.stage:export_sequence", "nersemble-pipeline export <SEQUENCE_WORK_DIR>",
+          outputs=("export/",),
+          links=(OutputLink("turntable", "turntable video", "export/turntable.mp4"),)),
+    Stage("evaluate", "hold-out scores", ("ingest", "calibrate", "matte", "optimize"),
+          ("ingest", "calibrate", "matte", "optimize"),
+          "stages.evaluate.stage:evaluate_sequence", "nersemble-pipeline evaluate <SEQUENCE_WORK_DIR>",
+          outputs=("export/metrics.json",),
+          links=(OutputLink("metrics", "hold-out metrics", "export/metrics.json"),)),
+)
+
+STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGE_TABLE)
+STAGES_BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGE_TABLE}
+
+
+def stage(name: str) -> Stage:
+    """The table row of ``name``; a KeyError lists the known stages."""
+    try:
+        return STAGES_BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; available: {', '.join(STAGE_NAMES)}") from None
