@@ -44,8 +44,16 @@ def training_curves_png(history: list[dict[str, float]]) -> bytes:
     names = sorted({k for row in history for k in row} - skip)
     losses = {k: np.array([row.get(k, np.nan) for row in history], float) for k in names}
     psnr = {"psnr (batch)": np.array([row.get("psnr", np.nan) for row in history], float)}
-    image = np.concatenate([_panel("losses (log10)", x, losses, True), _panel("PSNR dB", x, psnr, False)], axis=1)
+    return line_panels_png([("losses (log10)", x, losses), ("PSNR dB", x, psnr)], log_y=(True, False))
+
+
+def line_panels_png(panels: list[tuple[str, np.ndarray, dict[str, np.ndarray]]],
+                    log_y: tuple[bool, ...] | None = None) -> bytes:
+    """Panels of named lines against a shared kind of x (steps), side by side, as PNG bytes."""
+    flags = log_y or (False,) * len(panels)
+    image = np.concatenate([_panel(title, x, series, log) for (title, x, series), log in zip(panels, flags)],
+                           axis=1)
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
-        raise RuntimeError("could not encode the training curves")
+        raise RuntimeError("could not encode the curves")
     return encoded.tobytes()

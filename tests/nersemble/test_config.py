@@ -60,6 +60,22 @@ def test_preview_is_small_and_keeps_schedule_proportions():
     assert preset("paper").sampler.early_stop_eps == 0.0 and preset("paper").loss.lambda_alpha == 0.01
 
 
+def test_standard_is_the_official_method_on_a_tenth_of_the_schedule():
+    paper, c = preset("paper"), preset("standard")
+    assert c.name == "standard" and c.train.steps == 30001
+    assert c.deformation.window == Schedule(0, 7, 0, 2000) and c.loss.depth_eps == Schedule(0.9, 0.01, 0, 1000)
+    assert c.hash.window == Schedule(1, 8, 4000, 8000) and c.optim.lr_step_size == 2000
+    assert (c.hash.n_grids, c.hash.n_levels, c.hash.log2_table_size) == (8, 16, 17)
+    assert math.isclose(c.hash.base_resolution * c.hash.per_level_scale ** 15, 2048, rel_tol=1e-6)
+    # What a short schedule should change, and nothing of the method itself.
+    for section in ("sampler", "loss", "occupancy", "field", "scene", "eval", "data"):
+        expected = getattr(paper, section)
+        if section == "loss":
+            expected = expected.__class__(**{**expected.__dict__, "depth_eps": c.loss.depth_eps})
+        assert getattr(c, section) == expected, section
+    assert c.train.rays_per_batch == paper.train.rays_per_batch and c.train.target_samples_per_batch == 0
+
+
 def test_overrides_in_every_form():
     c = preset("preview")
     assert c.with_overrides(steps=500).train.steps == 500
