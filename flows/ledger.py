@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from numbers import Real
 from typing import Any
 
+from stages.core.status import Status
 from storage import CaptureStore, SequenceWorkDir, digest_of
 
 SEQUENCE_REPORT = "sequence"
@@ -46,7 +47,7 @@ def record_finished_sequence(work: SequenceWorkDir, stages: list[str], configs: 
     """Write ``reports/sequence.json`` after a run in which every wanted stage finished."""
     records = store_records(work)
     summary = {
-        "status": "completed",
+        "status": Status.COMPLETED,
         "participant": work.participant,
         "sequence": work.sequence,
         "stages": {stage: reports[stage].get("status") for stage in stages},
@@ -66,7 +67,7 @@ def finished_sequence(work: SequenceWorkDir, stages: list[str], configs: dict[st
         summary = work.read_report(SEQUENCE_REPORT)
     except ValueError:  # not a JSON object: treat as never finished
         return None
-    if not summary or summary.get("status") != "completed":
+    if not summary or summary.get("status") != Status.COMPLETED:
         return None
     if summary.get("parameters_digest") != parameters_digest(stages, configs):
         return None

@@ -17,6 +17,7 @@ from uuid import UUID
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from flows.artifacts import artifact_key
+from stages.core.status import Status
 
 _log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class TrainingProgressArtifacts:
     def finish(self, report: dict) -> None:
         """After training: the bar at 100 % (or where a time budget stopped it) and the last table."""
         last = self.history[-1] if self.history else None
-        done = report.get("status") in ("completed", "skipped")
+        done = Status.of(report.get("status")) in (Status.COMPLETED, Status.SKIPPED)  # of(): old reports say "done"
         description = f"{self.label}: {report.get('status', 'finished')}"
         if report.get("stopped_by"):
             description += f" ({report['stopped_by']})"

@@ -27,8 +27,9 @@ app = typer.Typer(
 
 def _is_user_error(error: Exception) -> bool:
     """Bad input, a missing store or a held lock: worth one line, not a traceback."""
-    from_storage = type(error).__module__.startswith("storage.")  # its errors sit below pipeline's
-    return isinstance(error, (PipelineError, FileNotFoundError, FileExistsError)) or from_storage
+    from storage.errors import StorageError  # light: no zarr
+
+    return isinstance(error, (PipelineError, StorageError, FileNotFoundError, FileExistsError))
 
 
 def _user_errors(command: Callable) -> Callable:

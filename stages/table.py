@@ -24,8 +24,10 @@ class OutputLink:
 class Stage:
     """One row of the table.
 
-    ``requires``: stages whose records must exist before this one runs (beyond ``ingest``, which every later
-    stage needs). ``inputs``: the stages whose records this one's outputs depend on, optional ones included.
+    ``requires``: stages whose records must exist before this one runs (``ingest``, which every later stage
+    needs, included). ``inputs``: the stages whose records this one's outputs depend on, optional ones included;
+    ``stages.core.skeleton.run_stage`` checks the first and digests the second. Calibrate adds ``matte`` to
+    both when its config masks the features (it decides that from its config at run time).
     ``entry``: ``module:function`` taking the stage's input location and its config and returning a report.
     """
 

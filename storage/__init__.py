@@ -1,4 +1,4 @@
-"""Where data lives: the zarr capture store, the per-sequence work folder, stage records, locks.
+"""Where data lives: the zarr capture store, the per-sequence work folder, stage records, locks, one error base.
 
 Imports only the standard library, numpy, zarr, numcodecs and fsspec. Names are loaded lazily
 so that ``import storage.lock`` (taken at the start of every flow run and CLI call) does not
@@ -11,7 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from storage.capture_store import ARRAY_NAMES, CaptureStore, CaptureStoreError, UnknownCameraError
+    from storage.capture_store import ARRAY_NAMES, CaptureStore
+    from storage.errors import CaptureStoreError, StorageError, UnknownCameraError
     from storage.lock import SequenceLockedError, sequence_lock
     from storage.records import StageRecord, config_hash, digest_of
     from storage.work_dir import SequenceWorkDir
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "ARRAY_NAMES": "storage.capture_store",
     "CaptureStore": "storage.capture_store",
-    "CaptureStoreError": "storage.capture_store",
-    "UnknownCameraError": "storage.capture_store",
+    "CaptureStoreError": "storage.errors",
+    "StorageError": "storage.errors",
+    "UnknownCameraError": "storage.errors",
     "SequenceLockedError": "storage.lock",
     "sequence_lock": "storage.lock",
     "StageRecord": "storage.records",

@@ -17,6 +17,7 @@ import zarr.storage
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from storage import uri as uris
+from storage.errors import CaptureStoreError, UnknownCameraError
 from storage.records import StageRecord
 
 ARRAY_NAMES = ("frames", "alpha", "depth", "backgrounds")
@@ -41,17 +42,6 @@ def _mask_codec() -> BloscCodec:
 def _depth_codec() -> ZstdCodec:
     # Depth is mostly 0 plus smooth or quantised values: plain zstd is smaller and faster here.
     return ZstdCodec(level=3)
-
-
-class CaptureStoreError(ValueError):
-    """The URI holds something that is not a usable capture store."""
-
-
-class UnknownCameraError(KeyError):
-    """A camera serial (or index) that the store does not have."""
-
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return str(self.args[0]) if self.args else ""
 
 
 def _open_zarr_store(uri: str, *, read_only: bool) -> zarr.abc.store.Store:

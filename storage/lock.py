@@ -24,12 +24,13 @@ from datetime import datetime, timezone
 from typing import IO, Any
 
 from storage import uri as uris
+from storage.errors import StorageError
 
 LOCK_NAME = ".lock"
 DEFAULT_STALE_AFTER = 24 * 3600.0
 
 
-class SequenceLockedError(RuntimeError):
+class SequenceLockedError(StorageError, RuntimeError):
     """Another process holds this sequence's lock."""
 
     def __init__(self, work_uri: str, holder: dict[str, Any] | None, waited: float):

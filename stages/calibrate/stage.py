@@ -35,10 +35,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stages.calibrate.config import CalibrateConfig
-from stages.core.errors import CalibrationError
+from stages.core.errors import CalibrationError, PipelineError
 from stages.calibrate import colmap
 from stages.calibrate import export
-from stages.core.bookkeeping import finish_stage, open_store_for, require_stage, upstream_digest
+from stages.core.bookkeeping import require_stage
+from stages.core.skeleton import Decision, StageRun, run_stage
+from stages.core.status import Status
 from stages.calibrate.geometry import (
     align_to,
     focal_problem,
@@ -47,7 +49,7 @@ from stages.calibrate.geometry import (
     pose_differences,
     summarize,
 )
-from storage import CaptureStore, SequenceWorkDir, config_hash, sequence_lock
+from storage import CaptureStore, SequenceWorkDir
 
 if TYPE_CHECKING:
     import pycolmap
@@ -336,6 +338,14 @@ def _failure_message(store: CaptureStore, estimate: Estimate) -> str:
     return header + "".join(f"\n  {line}" for line in lines)
 
 
+@dataclass(frozen=True)
+class CalibratePlan:
+    """The mode ``auto`` resolved to, and the provided calibration (None without one)."""
+
+    mode: str
+    provided: Calibration | None
+
+
 def calibrate_sequence(sequence_work_dir: str | os.PathLike[str], config: CalibrateConfig | None = None) -> dict:
     """Calibrate one sequence's cameras (``<work>/<PID>/<SEQ>``); returns the stage report.
 
@@ -343,26 +353,24 @@ def calibrate_sequence(sequence_work_dir: str | os.PathLike[str], config: Calibr
     masks are used). Raises :class:`CalibrationError` when an estimate fails and nothing was provided.
     """
     config = config or CalibrateConfig()
-    work = SequenceWorkDir(sequence_work_dir)
-    with sequence_lock(work.uri, timeout=config.lock_timeout):
-        store = open_store_for(work, STAGE)
+
+    def decide(store: CaptureStore) -> Decision[CalibratePlan]:
         provided = provided_calibration(store)
         mode = resolve_mode(config.mode, provided, store)
+        # Masked features depend on the mattes; the provided calibration reads no frames at all.
         upstream = ("ingest", "matte") if config.use_masks and mode != "provided" else ("ingest",)
         for name in upstream[1:]:
             require_stage(store, name, STAGE)
-        chash = config_hash({**config.result_fields(), "mode": mode})
-        digest = upstream_digest(store, *upstream)
-        if store.is_complete(STAGE, chash, digest):
-            return {**store.stage_record(STAGE).report, "status": "skipped"}
-        store.clear_stage_record(STAGE)
-        export.clear_outputs(work)
-        return _run(store, work, config, mode, provided, chash, digest)
+        return Decision(CalibratePlan(mode, provided), {**config.result_fields(), "mode": mode}, inputs=upstream)
+
+    return run_stage(SequenceWorkDir(sequence_work_dir), STAGE, VERSION, config.lock_timeout, decide,
+                     lambda run, plan: _run(run, config, plan.mode, plan.provided),
+                     clear_outputs=export.clear_outputs)
 
 
-def _run(store: CaptureStore, work: SequenceWorkDir, config: CalibrateConfig, mode: str,
-         provided: Calibration | None, chash: str, digest: str) -> dict:
+def _run(run: StageRun, config: CalibrateConfig, mode: str, provided: Calibration | None) -> dict:
     """Produce the calibration of a resolved mode and write it; the report and record come last."""
+    store, work, chash = run.store, run.work, run.config_hash
     started = time.perf_counter()
     timer, warnings = colmap.Timer(), []
     report = {"stage": STAGE, "mode": config.mode, "resolved_mode": mode, "store": store.uri,
@@ -370,10 +378,10 @@ def _run(store: CaptureStore, work: SequenceWorkDir, config: CalibrateConfig, mo
               "provided_calibration": provided is not None, "config": config.model_dump(), "config_hash": chash}
     if mode == "provided":
         outputs = write_outputs(store, work, provided, None, "provided")
-        report.update(status="completed", solution="provided", cameras=_provided_entries(store.cameras),
+        report.update(status=Status.COMPLETED, solution="provided", cameras=_provided_entries(store.cameras),
                       registered_cameras=store.n_cameras, outputs=outputs,
                       timings_s={"total": time.perf_counter() - started})
-        return finish_stage(store, work, STAGE, VERSION, chash, digest, report)
+        return run.finish(report)
 
     estimate = _estimate(store, mode, provided, config, timer, warnings)
     report.update(estimate.summary)
@@ -382,7 +390,7 @@ def _run(store: CaptureStore, work: SequenceWorkDir, config: CalibrateConfig, mo
                   failed_cameras=estimate.failed_cameras,
                   timesteps_used=select_timesteps(store.n_frames, config.timesteps), masks=config.use_masks)
     if estimate.failed_cameras and provided is None:
-        report.update(status="failed", timings_s={**timer.seconds, "total": time.perf_counter() - started})
+        report.update(status=Status.FAILED, timings_s={**timer.seconds, "total": time.perf_counter() - started})
         work.write_report(STAGE, report)
         raise CalibrationError(_failure_message(store, estimate) + "\nno calibration was provided to fall back to; "
                                f"nothing was written (see {work.report_uri(STAGE)})")
@@ -390,12 +398,12 @@ def _run(store: CaptureStore, work: SequenceWorkDir, config: CalibrateConfig, mo
         warnings.append(f"the {mode} estimate failed its checks for camera(s) {', '.join(estimate.failed_cameras)} "
                         "(see their problems); fell back to the provided calibration")
         outputs = write_outputs(store, work, provided, None, "provided (fallback)")
-        report.update(status="fallback", solution="provided", outputs=outputs)
+        report.update(status=Status.FALLBACK, solution="provided", outputs=outputs)
     else:
         outputs = write_outputs(store, work, estimate.calibration, estimate.reconstruction, mode)
-        report.update(status="completed", solution=mode, outputs=outputs)
+        report.update(status=Status.COMPLETED, solution=mode, outputs=outputs)
     report["timings_s"] = {**timer.seconds, "total": time.perf_counter() - started}
-    return finish_stage(store, work, STAGE, VERSION, chash, digest, report)
+    return run.finish(report)
 
 
 def _estimate(store: CaptureStore, mode: str, provided: Calibration | None, config: CalibrateConfig,
@@ -406,6 +414,8 @@ def _estimate(store: CaptureStore, mode: str, provided: Calibration | None, conf
     with tempfile.TemporaryDirectory(prefix="calibrate-") as folder, colmap.quiet_colmap():
         try:
             return solver(store, provided, config, Path(folder), threads, timer, warnings)
+        except PipelineError:  # our own (a CalibrationError is also a ValueError): the user's to see
+            raise
         except (ValueError, RuntimeError) as error:  # pycolmap reports failed checks as these
             reason = f"COLMAP failed: {error}"
             entries = {s: {"registered": False, "observations": None, "reprojection_error_mean_px": None,

@@ -26,20 +26,21 @@ import torch
 
 from stages.depth.config import DepthConfig
 from stages.core.errors import PipelineError, StageOrderError
-from stages.core.bookkeeping import PRODUCED_BY, finish_stage, open_store_for, require_stage, upstream_digest
+from stages.core.bookkeeping import PRODUCED_BY
+from stages.core.skeleton import Decision, StageRun, run_stage
+from stages.core.status import Status
 from stages.depth.colmap import PatchMatchSettings, colmap_has_cuda, patch_match_timestep, require_colmap
 from stages.depth.consistency import filter_consistent
 from stages.geometry.views import Views, angles_between_axes, make_views, rig_centre, sees_point
 from stages.geometry.hull import Hull, depth_bounds, visual_hull
 from stages.depth.sweep import SweepSettings, build_pyramid, sweep_view, to_grey
 from stages.core.devices import resolve_device, torch_threads
-from storage import CaptureStore, SequenceWorkDir, config_hash, sequence_lock
+from storage import CaptureStore, SequenceWorkDir
 
 STAGE = "depth"
 VERSION = "1"
 PREVIEW_PATH = "export/previews/depth.png"
 PREVIEW_MIN_CELL, PREVIEW_MAX_CELL = 240, 400  # px: a preview cell's height, so small and huge captures both read
-UPSTREAM = ("ingest", "calibrate", "matte")
 
 ProgressCallback = Callable[[int, int], None]  # (timesteps done, timesteps in all)
 
@@ -131,18 +132,13 @@ def depth_sequence(sequence_work_dir: str | os.PathLike[str], config: DepthConfi
     upstream records.
     """
     config = config or DepthConfig()
-    work = SequenceWorkDir(sequence_work_dir)
-    with sequence_lock(work.uri, timeout=config.lock_timeout):
-        store = open_store_for(work, STAGE)
-        for upstream in UPSTREAM[1:]:
-            require_stage(store, upstream, STAGE)
+
+    def decide(store: CaptureStore) -> Decision[DepthPlan]:
         plan = plan_depth(store, config)
-        chash = config_hash({**config.result_fields(), "method": plan.method})
-        digest = upstream_digest(store, *UPSTREAM)
-        if store.is_complete(STAGE, chash, digest):
-            return {**store.stage_record(STAGE).report, "status": "skipped"}
-        store.clear_stage_record(STAGE)
-        return _run(store, work, config, plan, chash, digest, progress)
+        return Decision(plan, {**config.result_fields(), "method": plan.method})
+
+    return run_stage(SequenceWorkDir(sequence_work_dir), STAGE, VERSION, config.lock_timeout, decide,
+                     lambda run, plan: _run(run, config, plan, progress))
 
 
 @dataclass
@@ -180,8 +176,8 @@ class _Tally:
                 self.depth_max[index] = max(self.depth_max[index], float(found.max()))
 
 
-def _run(store: CaptureStore, work: SequenceWorkDir, config: DepthConfig, plan: DepthPlan, chash: str, digest: str,
-         progress: ProgressCallback | None) -> dict:
+def _run(run: StageRun, config: DepthConfig, plan: DepthPlan, progress: ProgressCallback | None) -> dict:
+    store, work = run.store, run.work
     tally = _Tally(plan.views.count)
     started = time.perf_counter()
     threads = 1 if plan.device.type == "cpu" and plan.workers > 1 else torch.get_num_threads()
@@ -192,8 +188,8 @@ def _run(store: CaptureStore, work: SequenceWorkDir, config: DepthConfig, plan: 
                 progress(t + 1, store.n_frames)
     wall = time.perf_counter() - started
     preview = write_preview(store, work, config)
-    report = _report(store, work, config, plan, tally, wall, preview, chash)
-    return finish_stage(store, work, STAGE, VERSION, chash, digest, report)
+    report = _report(store, work, config, plan, tally, wall, preview, run.config_hash)
+    return run.finish(report)
 
 
 def _depth_timestep(store: CaptureStore, t: int, config: DepthConfig, plan: DepthPlan, pool: ThreadPoolExecutor,
@@ -344,7 +340,7 @@ def _report(store: CaptureStore, work: SequenceWorkDir, config: DepthConfig, pla
     } for i in range(plan.views.count)}
     return {
         "stage": STAGE,
-        "status": "completed",
+        "status": Status.COMPLETED,
         "store": work.capture_uri,
         "method": plan.method,
         "device": str(plan.device),

@@ -22,7 +22,8 @@ import torch
 
 from stages.evaluate.config import EvaluateConfig
 from stages.core.errors import PipelineError
-from stages.core.bookkeeping import finish_stage, open_store_for, require_stage, upstream_digest
+from stages.core.skeleton import Decision, StageRun, run_stage
+from stages.core.status import Status
 from stages.rendering.model import (StoreCameras, check_model_fits, load_model, resolve_device, store_cameras,
                                  torch_threads)
 from stages.rendering.paths import CameraView
@@ -30,11 +31,10 @@ from stages.rendering.render import render_view
 from stages.rendering.sheets import encode_png, sheet_row, stack_sheet
 from stages.evaluate.truth import Reference, SyntheticTruth, matte_reference
 from stages.evaluate.metrics import PSNR_SETTINGS, SSIM_SETTINGS, Lpips, load_lpips, mse, psnr, ssim
-from storage import CaptureStore, SequenceWorkDir, config_hash, digest_of, sequence_lock
+from storage import CaptureStore, SequenceWorkDir, digest_of
 
 STAGE = "evaluate"
 VERSION = "1"
-UPSTREAM = ("ingest", "calibrate", "matte", "optimize")
 METRICS_PATH = "export/metrics.json"
 SHEET_DIR = "export/evaluation"
 
@@ -115,69 +115,70 @@ def evaluate_sequence(sequence_work_dir: str | os.PathLike[str], config: Evaluat
     and those upstream records.
     """
     work = SequenceWorkDir(sequence_work_dir)
-    open_store_for(work, STAGE, mode="r")
-    with sequence_lock(work.uri, timeout=config.lock_timeout):
-        store = open_store_for(work, STAGE)
-        for upstream in UPSTREAM[1:]:
-            require_stage(store, upstream, STAGE)
+
+    def decide(store: CaptureStore) -> Decision[EvaluatePlan]:
         plan = plan_evaluate(store, config)
-        chash = config_hash({**config.result_fields(), "ground_truth": plan.truth_digest})
-        digest = upstream_digest(store, *UPSTREAM)
-        if store.is_complete(STAGE, chash, digest):
-            return {**store.stage_record(STAGE).report, "status": "skipped"}
+        return Decision(plan, {**config.result_fields(), "ground_truth": plan.truth_digest})
+
+    def prepare(store: CaptureStore, plan: EvaluatePlan) -> tuple[EvaluatePlan, Any]:
         trained = load_model(work, plan.device, STAGE, config.eval_substeps)
         check_model_fits(trained, store, STAGE)
         if not trained.holdout_cameras:
             raise PipelineError(f"{work.uri}: the model was trained without hold-out cameras, so there is nothing to "
                                 "evaluate; train with hold-out cameras (optimize --holdout-cameras)")
-        store.clear_stage_record(STAGE)
-        return _run(store, work, config, plan, trained, chash, digest, progress)
+        return plan, trained
+
+    return run_stage(work, STAGE, VERSION, config.lock_timeout, decide,
+                     lambda run, ready: _run(run, config, *ready, progress), prepare=prepare)
 
 
-def _run(store: CaptureStore, work: SequenceWorkDir, config: EvaluateConfig, plan: EvaluatePlan, trained: Any,
-         chash: str, digest: str, progress: ProgressCallback | None) -> dict:
-    started = time.perf_counter()
-    # The official evaluation renders after dropping disconnected floaters from the occupancy grid.
-    filtered = trained.model.filter_occupancy() if trained.config.eval.occupancy_filter else None
-    lpips = load_lpips(plan.device) if config.lpips else "disabled (--no-lpips)"
-    scorer = lpips if isinstance(lpips, Lpips) else None
-    serials = list(trained.holdout_cameras)
+@dataclass
+class _Scores:
+    """Every evaluated image's scores per reference, the same for a plain white image (the floor), the sheets."""
+
+    references: list[str]
+    images: dict[str, list[dict]] = field(default_factory=dict)
+    baseline: dict[str, list[dict]] = field(default_factory=dict)
+    sheets: dict[str, str] = field(default_factory=dict)
+    render_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.images = {name: [] for name in self.references}
+        self.baseline = {name: [] for name in self.references}
+
+
+def _score_camera(work: SequenceWorkDir, store: CaptureStore, config: EvaluateConfig, plan: EvaluatePlan,
+                  trained: Any, serial: str, scorer: Lpips | None, scores: _Scores,
+                  tick: Callable[[], None]) -> None:
+    """Render one hold-out camera at every evaluated timestep, score it against each reference, write its sheet."""
     cams = plan.cameras
-    references = ["matte"] + (["synthetic"] if plan.truth else [])
-    images: dict[str, list[dict]] = {name: [] for name in references}
-    baseline: dict[str, list[dict]] = {name: [] for name in references}
-    sheets: dict[str, str] = {}
-    total, done, render_seconds = len(serials) * len(plan.timesteps), 0, 0.0
-    if progress:
-        progress(0, total)
-    with torch_threads(config.threads):
-        for serial in serials:
-            rows = []
-            for t in plan.timesteps:
-                view = CameraView(K=cams.intrinsics[serial], world_2_cam=cams.world_2_cam[serial], width=cams.width,
-                                  height=cams.height, time=t / max(trained.n_timesteps - 1, 1))
-                clock = time.perf_counter()
-                pred = render_view(trained.model, view, trained.n_timesteps, config.chunk).rgb.clip(0, 1)
-                render_seconds += time.perf_counter() - clock
-                where = {"camera": serial, "timestep": t, "frame_index": store.frame_indices[t]}
-                white = np.ones_like(pred)
-                for name in references:
-                    ref = matte_reference(store, serial, t) if name == "matte" else plan.truth.reference(serial, t)
-                    images[name].append({**where, **score(pred, ref, scorer)})
-                    baseline[name].append({**where, **score(white, ref, None)})
-                    if name == "matte":
-                        rows.append(sheet_row(ref.image, pred, f"{serial} t={t} "
-                                              f"PSNR {images[name][-1]['psnr']:.2f} dB"))
-                done += 1
-                if progress:
-                    progress(done, total)
-            sheets[serial] = work.write_bytes(f"{SHEET_DIR}/cam_{serial}.png",
-                                              encode_png(stack_sheet(rows, f"{work.participant}/{work.sequence} "
-                                                                           f"camera {serial} step {trained.step}")))
-    results = {name: summarise(images[name], serials) for name in references}
-    for name in references:
-        results[name]["white_image_baseline"] = _mean(baseline[name])
-    protocol = {
+    rows = []
+    for t in plan.timesteps:
+        view = CameraView(K=cams.intrinsics[serial], world_2_cam=cams.world_2_cam[serial], width=cams.width,
+                          height=cams.height, time=t / max(trained.n_timesteps - 1, 1))
+        clock = time.perf_counter()
+        pred = render_view(trained.model, view, trained.n_timesteps, config.chunk).rgb.clip(0, 1)
+        scores.render_seconds += time.perf_counter() - clock
+        where = {"camera": serial, "timestep": t, "frame_index": store.frame_indices[t]}
+        white = np.ones_like(pred)
+        for name in scores.references:
+            ref = matte_reference(store, serial, t) if name == "matte" else plan.truth.reference(serial, t)
+            scores.images[name].append({**where, **score(pred, ref, scorer)})
+            scores.baseline[name].append({**where, **score(white, ref, None)})
+            if name == "matte":
+                rows.append(sheet_row(ref.image, pred, f"{serial} t={t} "
+                                      f"PSNR {scores.images[name][-1]['psnr']:.2f} dB"))
+        tick()
+    scores.sheets[serial] = work.write_bytes(f"{SHEET_DIR}/cam_{serial}.png",
+                                             encode_png(stack_sheet(rows, f"{work.participant}/{work.sequence} "
+                                                                          f"camera {serial} step {trained.step}")))
+
+
+def _protocol(plan: EvaluatePlan, trained: Any, serials: list[str], filtered: int | None,
+              lpips: Lpips | str) -> dict[str, Any]:
+    """How the scores were made, written beside them so a number is never read without its protocol."""
+    cams = plan.cameras
+    return {
         "cameras": serials,
         "timesteps": plan.timesteps,
         "size": [cams.width, cams.height],
@@ -191,15 +192,45 @@ def _run(store: CaptureStore, work: SequenceWorkDir, config: EvaluateConfig, pla
                              f"largest connected component kept, {filtered} occupied cells dropped"),
         "psnr": PSNR_SETTINGS,
         "ssim": SSIM_SETTINGS,
-        "lpips": {"backbone": "alex", "backend": lpips.backend} if scorer else lpips,
+        "lpips": {"backbone": "alex", "backend": lpips.backend} if isinstance(lpips, Lpips) else lpips,
     }
+
+
+def _run(run: StageRun, config: EvaluateConfig, plan: EvaluatePlan, trained: Any,
+         progress: ProgressCallback | None) -> dict:
+    """Render and score every hold-out view, then write the metrics file, the report and the record."""
+    store, work = run.store, run.work
+    started = time.perf_counter()
+    # The official evaluation renders after dropping disconnected floaters from the occupancy grid.
+    filtered = trained.model.filter_occupancy() if trained.config.eval.occupancy_filter else None
+    lpips = load_lpips(plan.device) if config.lpips else "disabled (--no-lpips)"
+    scorer = lpips if isinstance(lpips, Lpips) else None
+    serials = list(trained.holdout_cameras)
+    scores = _Scores(["matte"] + (["synthetic"] if plan.truth else []))
+    total, done = len(serials) * len(plan.timesteps), 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+
+    if progress:
+        progress(0, total)
+    with torch_threads(config.threads):
+        for serial in serials:
+            _score_camera(work, store, config, plan, trained, serial, scorer, scores, tick)
+    results = {name: summarise(scores.images[name], serials) for name in scores.references}
+    for name in scores.references:
+        results[name]["white_image_baseline"] = _mean(scores.baseline[name])
+    protocol = _protocol(plan, trained, serials, filtered, lpips)
     metrics_uri = work.write_json(METRICS_PATH, {
         "protocol": protocol, "model_step": trained.step,
-        "results": {name: {**results[name], "per_image": images[name]} for name in references}})
+        "results": {name: {**results[name], "per_image": scores.images[name]} for name in scores.references}})
     wall = time.perf_counter() - started
     report = {
         "stage": STAGE,
-        "status": "completed",
+        "status": Status.COMPLETED,
         "store": work.capture_uri,
         "device": str(plan.device),
         "model_step": trained.step,
@@ -209,12 +240,12 @@ def _run(store: CaptureStore, work: SequenceWorkDir, config: EvaluateConfig, pla
         "ssim": results["matte"]["overall"]["ssim"],
         "lpips": results["matte"]["overall"].get("lpips", protocol["lpips"]),
         "metrics": metrics_uri,
-        "sheets": sheets,
+        "sheets": scores.sheets,
         "images": total,
         "seconds": round(wall, 3),
-        "render_seconds": round(render_seconds, 3),
+        "render_seconds": round(scores.render_seconds, 3),
         "warnings": plan.warnings,
         "config": config.model_dump(),
-        "config_hash": chash,
+        "config_hash": run.config_hash,
     }
-    return finish_stage(store, work, STAGE, VERSION, chash, digest, report)
+    return run.finish(report)

@@ -27,17 +27,17 @@ import torch
 from stages.core.cameras import intrinsics_for_size
 from stages.export.config import ExportConfig
 from stages.core.errors import PipelineError
-from stages.core.bookkeeping import finish_stage, open_store_for, require_stage, upstream_digest
+from stages.core.skeleton import Decision, StageRun, run_stage
+from stages.core.status import Status
 from stages.rendering.model import (StoreCameras, check_model_fits, load_model, render_size, resolve_device,
                                  store_cameras, torch_threads)
 from stages.rendering.paths import (CameraPath, CameraView, expand_path, read_camera_path, render_intrinsics,
                                  rig_camera_path, rig_frame, turntable_path)
 from stages.rendering.render import VideoJob, depth_range_for, local_output, render_job
-from storage import CaptureStore, SequenceWorkDir, config_hash, digest_of, sequence_lock
+from storage import CaptureStore, SequenceWorkDir, digest_of
 
 STAGE = "export"
 VERSION = "1"
-UPSTREAM = ("ingest", "calibrate", "matte", "optimize")
 BENCHMARK_NVS_HOLDOUT = ("222200046", "222200037", "222200039")  # the benchmark's NVS hold-out serials
 BENCHMARK_ZIP = "export/benchmark/nvs_submission.zip"
 
@@ -84,20 +84,18 @@ def export_sequence(sequence_work_dir: str | os.PathLike[str], config: ExportCon
     (including the camera path file's contents) and those upstream records.
     """
     work = SequenceWorkDir(sequence_work_dir)
-    open_store_for(work, STAGE, mode="r")  # fail before the lock would create the folder
-    with sequence_lock(work.uri, timeout=config.lock_timeout):
-        store = open_store_for(work, STAGE)
-        for upstream in UPSTREAM[1:]:
-            require_stage(store, upstream, STAGE)
+
+    def decide(store: CaptureStore) -> Decision[ExportPlan]:
         plan = plan_export(store, config)
-        chash = config_hash({**config.result_fields(), "path_digest": plan.path_digest})
-        digest = upstream_digest(store, *UPSTREAM)
-        if store.is_complete(STAGE, chash, digest):
-            return {**store.stage_record(STAGE).report, "status": "skipped"}
+        return Decision(plan, {**config.result_fields(), "path_digest": plan.path_digest})
+
+    def prepare(store: CaptureStore, plan: ExportPlan) -> tuple[ExportPlan, Any]:
         trained = load_model(work, plan.device, STAGE, config.eval_substeps)
         check_model_fits(trained, store, STAGE)
-        store.clear_stage_record(STAGE)
-        return _run(store, work, config, plan, trained, chash, digest, progress)
+        return plan, trained
+
+    return run_stage(work, STAGE, VERSION, config.lock_timeout, decide,
+                     lambda run, ready: _run(run, config, *ready, progress), prepare=prepare)
 
 
 # --- what to render ----------------------------------------------------------------------------------------------
@@ -189,8 +187,9 @@ def write_benchmark_zip(work: SequenceWorkDir, jobs: list[VideoJob]) -> str:
     return BENCHMARK_ZIP
 
 
-def _run(store: CaptureStore, work: SequenceWorkDir, config: ExportConfig, plan: ExportPlan, trained: Any,
-         chash: str, digest: str, progress: ProgressCallback | None) -> dict:
+def _run(run: StageRun, config: ExportConfig, plan: ExportPlan, trained: Any,
+         progress: ProgressCallback | None) -> dict:
+    work = run.work
     started = time.perf_counter()
     jobs = build_jobs(config, plan, trained, work)
     total = sum(len(job.views) for job in jobs)
@@ -214,7 +213,7 @@ def _run(store: CaptureStore, work: SequenceWorkDir, config: ExportConfig, plan:
     render_wall = sum(r["render_seconds"] for r in results.values())
     report = {
         "stage": STAGE,
-        "status": "completed",
+        "status": Status.COMPLETED,
         "store": work.capture_uri,
         "device": str(plan.device),
         "model_step": trained.step,
@@ -230,6 +229,6 @@ def _run(store: CaptureStore, work: SequenceWorkDir, config: ExportConfig, plan:
         "codec": {"vcodec": "libx264 (H.264)", "pix_fmt": "yuv420p", "crf": config.crf},
         "warnings": plan.warnings,
         "config": config.model_dump(),
-        "config_hash": chash,
+        "config_hash": run.config_hash,
     }
-    return finish_stage(store, work, STAGE, VERSION, chash, digest, report)
+    return run.finish(report)

@@ -26,7 +26,8 @@ from stages.ingest.config import IngestConfig
 from stages.core.errors import CaptureLayoutError, PipelineError, VideoError
 from stages.core.raw_capture import RawSequence, discover_sequence
 from stages.core.video import VideoInfo, iter_frames, probe_video
-from stages.core.bookkeeping import finish_stage
+from stages.core.skeleton import StageRun, skipped_report
+from stages.core.status import Status
 from storage import CaptureStore, SequenceWorkDir, config_hash, digest_of, sequence_lock
 
 STAGE = "ingest"
@@ -229,7 +230,11 @@ def _decode_camera(store: CaptureStore, index: int, plan: IngestPlan, config: In
 
 def ingest_sequence(sequence_dir: str | Path, work_root: str, config: IngestConfig | None = None,
                     progress: ProgressCallback | None = None) -> dict:
-    """Ingest one raw sequence into ``<work_root>/<PID>/<SEQ>/capture.zarr``; returns the stage report."""
+    """Ingest one raw sequence into ``<work_root>/<PID>/<SEQ>/capture.zarr``; returns the stage report.
+
+    Ingest makes the store the other stages open, so it takes only the skeleton's skip check and record: its
+    input digest is the raw files', and a stale store is recreated, not opened.
+    """
     config = config or IngestConfig()
     raw = discover_sequence(sequence_dir)
     work = SequenceWorkDir.for_sequence(work_root, raw.participant, raw.sequence)
@@ -238,14 +243,28 @@ def ingest_sequence(sequence_dir: str | Path, work_root: str, config: IngestConf
     with sequence_lock(work.uri, timeout=config.lock_timeout):
         if CaptureStore.exists(work.capture_uri):
             existing = CaptureStore.open(work.capture_uri, mode="r+")
-            if existing.is_complete(STAGE, chash, digest):
-                return {**existing.stage_record(STAGE).report, "status": "skipped"}
+            skipped = skipped_report(existing, STAGE, chash, digest)
+            if skipped is not None:
+                return skipped
             existing.clear_stage_record(STAGE)
         return _run_ingest(plan, config, work, chash, digest, progress)
 
 
 def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, chash: str, digest: str,
                 progress: ProgressCallback | None) -> dict:
+    """Create the store, decode every camera into it, trim it to the common length, then report and record."""
+    store = _create_store(plan, config, work)
+    workers = config.workers or min(len(plan.serials), os.cpu_count() or 1)
+    started = time.perf_counter()
+    results = _decode_cameras(store, plan, config, workers, progress)
+    wall = time.perf_counter() - started
+    counts = _common_length(store, plan, config, work, results)
+    report = _report(store, plan, config, work, counts, wall, workers, chash)
+    return StageRun(STAGE, VERSION, store, work, chash, digest).finish(report)
+
+
+def _create_store(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir) -> CaptureStore:
+    """A fresh store sized for the plan, with its calibration and colour-corrected background plates."""
     intrinsics, world_2_cam = _stored_calibration(plan, config)
     source_fps = next(iter(plan.videos.values())).fps
     store = CaptureStore.create(
@@ -256,28 +275,33 @@ def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, c
     # Where the frames came from: later stages find files that sit beside the videos (a synthetic capture's
     # ground_truth.zarr) without being told.
     store.set_attr("source_sequence_dir", str(Path(plan.raw.sequence_dir).resolve()))
-    warnings = plan.warnings
     for index, serial in enumerate(plan.serials):
         plate_path = plan.raw.backgrounds.get(serial)
         if plate_path is None:
-            warnings.append(f"camera {serial}: no background plate (sequences/BACKGROUND/image_{serial}.jpg)")
+            plan.warnings.append(f"camera {serial}: no background plate (sequences/BACKGROUND/image_{serial}.jpg)")
             continue
-        plate = _read_plate(plate_path, plan.size, plan.source_size, serial, warnings)
+        plate = _read_plate(plate_path, plan.size, plan.source_size, serial, plan.warnings)
         if plate is not None:
             matrix = plan.color_matrices.get(serial)
             store.write_background(index, apply_color_correction(plate, matrix) if matrix is not None else plate)
+    return store
 
+
+def _decode_cameras(store: CaptureStore, plan: IngestPlan, config: IngestConfig, workers: int,
+                    progress: ProgressCallback | None) -> list[_CameraResult]:
+    """Every camera decoded by its own worker; the first failure stops the others at a frame boundary."""
     stop = threading.Event()
-    workers = config.workers or min(len(plan.serials), os.cpu_count() or 1)
-    started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
         futures = [pool.submit(_decode_camera, store, i, plan, config, stop, progress) for i in range(len(plan.serials))]
-        results = [future.result() for future in futures]
-    wall = time.perf_counter() - started
+        return [future.result() for future in futures]
 
+
+def _common_length(store: CaptureStore, plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir,
+                   results: list[_CameraResult]) -> dict[str, int]:
+    """Frames decoded per camera, the store trimmed to the shortest; a failed camera writes a failed report."""
     failures = [r.error for r in results if r.error and not r.error.startswith("stopped")]
     if failures:
-        report = {"stage": STAGE, "status": "failed", "errors": failures, "warnings": warnings}
+        report = {"stage": STAGE, "status": Status.FAILED, "errors": failures, "warnings": plan.warnings}
         work.write_report(STAGE, report)
         raise IngestError("ingest failed; the store is not marked complete:\n  " + "\n  ".join(failures))
 
@@ -287,35 +311,38 @@ def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, c
         raise IngestError(f"{plan.raw.sequence_dir}: no frames in the selected range (start={config.start}, "
                           f"stride={config.stride}); every camera decoded 0 frames")
     if len(set(counts.values())) > 1:
-        warnings.append("cameras differ in length (" + ", ".join(f"{s}: {n}" for s, n in counts.items())
-                        + f"); the common length {n_frames} is used")
+        plan.warnings.append("cameras differ in length (" + ", ".join(f"{s}: {n}" for s, n in counts.items())
+                             + f"); the common length {n_frames} is used")
     store.set_frame_count(n_frames)
+    return counts
 
+
+def _report(store: CaptureStore, plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir,
+            counts: dict[str, int], wall: float, workers: int, chash: str) -> dict:
     decoded = sum(counts.values())
     megabytes = decoded * plan.size[0] * plan.size[1] * 3 / 1e6
-    report = {
+    return {
         "stage": STAGE,
-        "status": "completed",
+        "status": Status.COMPLETED,
         "participant": plan.raw.participant,
         "sequence": plan.raw.sequence,
         "store": work.capture_uri,
         "cameras": plan.serials,
-        "frames": n_frames,
+        "frames": min(counts.values()),
         "frame_indices": store.frame_indices,
         "frames_per_camera_decoded": counts,
         "size": list(plan.size),
         "source_size": list(plan.source_size),
         "fps": store.fps,
-        "source_fps": source_fps,
-        "calibrated": intrinsics is not None,
+        "source_fps": next(iter(plan.videos.values())).fps,
+        "calibrated": plan.calibration is not None,
         "color_corrected": bool(plan.color_matrices),
         "background_plates": sum(1 for s in plan.serials if s in plan.raw.backgrounds),
         "decode_seconds": round(wall, 3),
         "frames_per_second": round(decoded / wall, 2) if wall else None,
         "megabytes_per_second": round(megabytes / wall, 2) if wall else None,
         "workers": workers,
-        "warnings": warnings,
+        "warnings": plan.warnings,
         "config": config.model_dump(),
         "config_hash": chash,
     }
-    return finish_stage(store, work, STAGE, VERSION, chash, digest, report)

@@ -24,13 +24,14 @@ import numpy as np
 
 from stages.matte.config import MatteConfig
 from stages.core.errors import PipelineError
-from stages.core.bookkeeping import finish_stage, open_store_for, upstream_digest
+from stages.core.skeleton import Decision, StageRun, run_stage
+from stages.core.status import Status
 from stages.matte.methods import MAX_PLATE_NOISE, FrameMatte, matte_fused, matte_plate, matte_saliency
 from stages.matte.model import ModelMissingError, ModelSpec, load_session, locate_model, saliency
 from stages.matte.plate import has_plate, to_float
 from stages.matte.preview import contact_sheet, encode_png, spread
 from stages.matte.refine import sliding_window, temporal_filter
-from storage import CaptureStore, SequenceWorkDir, config_hash, digest_of, sequence_lock
+from storage import CaptureStore, SequenceWorkDir, digest_of
 
 STAGE = "matte"
 VERSION = "1"
@@ -150,12 +151,12 @@ def _model_for(cameras: list[CameraPlan], config: MatteConfig) -> ModelSpec | No
         raise
 
 
-def input_digest(store: CaptureStore, plan: MattePlan) -> str:
-    """The ingest record, the model file and any user plates: a change in any of them re-runs matting."""
+def files_digest(plan: MattePlan) -> str:
+    """The model file and any user plates: beside the ingest record, a change in any of them re-runs matting."""
     plates = [(c.serial, str(c.plate_file), c.plate_file.stat().st_size, c.plate_file.stat().st_mtime_ns)
               for c in plan.cameras if c.plate_file is not None]
     model = plan.model.digest_parts() if plan.model else None
-    return upstream_digest(store, "ingest", extra=digest_of(model, plates))
+    return digest_of(model, plates)
 
 
 # --- one camera ------------------------------------------------------------------------------------------------
@@ -284,24 +285,21 @@ def matte_sequence(work_dir: str | os.PathLike[str] | SequenceWorkDir, config: M
                    progress: ProgressCallback | None = None) -> dict:
     """Fill ``alpha`` of ``<work_dir>/capture.zarr``; returns the stage report (``status`` "skipped" if up to date)."""
     config = config or MatteConfig()
-    work = _as_work_dir(work_dir)
-    open_store_for(work, STAGE, mode="r")  # fail before the lock would create the folder
-    with sequence_lock(work.uri, timeout=config.lock_timeout):
-        store = open_store_for(work, STAGE)
+
+    def decide(store: CaptureStore) -> Decision[MattePlan]:
         plan = plan_matte(store, config)
-        chash, digest = config_hash(config.result_fields()), input_digest(store, plan)
-        if store.is_complete(STAGE, chash, digest):
-            return {**store.stage_record(STAGE).report, "status": "skipped"}
-        store.clear_stage_record(STAGE)
-        return _run_matte(store, work, plan, config, chash, digest, progress)
+        return Decision(plan, config.result_fields(), extra=files_digest(plan))
+
+    return run_stage(_as_work_dir(work_dir), STAGE, VERSION, config.lock_timeout, decide,
+                     lambda run, plan: _run_matte(run, plan, config, progress))
 
 
 def _worker_count(config: MatteConfig, cameras: int) -> int:
     return max(1, min(cameras, config.workers or os.cpu_count() or 1))
 
 
-def _run_matte(store: CaptureStore, work: SequenceWorkDir, plan: MattePlan, config: MatteConfig, chash: str,
-               digest: str, progress: ProgressCallback | None) -> dict:
+def _run_matte(run: StageRun, plan: MattePlan, config: MatteConfig, progress: ProgressCallback | None) -> dict:
+    store, work = run.store, run.work
     workers = _worker_count(config, len(plan.cameras))
     threads = config.onnx_threads or max(1, (os.cpu_count() or 1) // workers)
     session = load_session(plan.model, threads) if plan.model else None
@@ -315,13 +313,13 @@ def _run_matte(store: CaptureStore, work: SequenceWorkDir, plan: MattePlan, conf
 
     failures = [r.error for r in results if r.error and not r.error.startswith("stopped")]
     if failures:
-        work.write_report(STAGE, {"stage": STAGE, "status": "failed", "errors": failures, "warnings": plan.warnings,
+        work.write_report(STAGE, {"stage": STAGE, "status": Status.FAILED, "errors": failures, "warnings": plan.warnings,
                                   "cameras_finished": [r.serial for r in results if not r.error]})
         raise MattingError("matting failed; the store's matte is not marked complete:\n  " + "\n  ".join(failures))
 
     preview = _write_preview(store, work, config)
-    report = _report(store, work, plan, config, results, wall, workers, preview, chash)
-    return finish_stage(store, work, STAGE, VERSION, chash, digest, report)
+    report = _report(store, work, plan, config, results, wall, workers, preview, run.config_hash)
+    return run.finish(report)
 
 
 def _write_preview(store: CaptureStore, work: SequenceWorkDir, config: MatteConfig) -> str:
@@ -339,7 +337,7 @@ def _report(store: CaptureStore, work: SequenceWorkDir, plan: MattePlan, config:
         methods[r.method] = methods.get(r.method, 0) + 1
     return {
         "stage": STAGE,
-        "status": "completed",
+        "status": Status.COMPLETED,
         "store": work.capture_uri,
         "method": config.method,
         "methods": methods,

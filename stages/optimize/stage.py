@@ -22,7 +22,9 @@ import torch
 
 from stages.optimize.config import OptimizeConfig, PAPER_HOLDOUT_CAMERAS
 from stages.core.errors import PipelineError, StageOrderError
-from stages.core.bookkeeping import PRODUCED_BY, finish_stage, open_store_for, require_stage, upstream_digest
+from stages.core.bookkeeping import PRODUCED_BY
+from stages.core.skeleton import Decision, StageRun, run_stage
+from stages.core.status import Status
 from stages.geometry.views import make_views
 from stages.geometry.hull import visual_hull
 from stages.core.devices import resolve_device, torch_threads
@@ -39,11 +41,10 @@ from stages.nersemble.trainer import (
     save_checkpoint,
 )
 from stages.optimize.curves import training_curves_png
-from storage import CaptureStore, SequenceWorkDir, config_hash, sequence_lock
+from storage import CaptureStore, SequenceWorkDir
 
 STAGE = "optimize"
 VERSION = "1"
-UPSTREAM = ("ingest", "calibrate", "matte", "depth")
 CHECKPOINTS = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
 HULL_TIMESTEPS = 6  # frames whose matte hulls bound the scene box and the occupancy grid
@@ -228,27 +229,41 @@ def optimize_sequence(sequence_work_dir: str | os.PathLike[str], config: Optimiz
     losses are off. Skipped when its record matches this config and the upstream records.
     """
     config = config or OptimizeConfig()
-    work = SequenceWorkDir(sequence_work_dir)
-    with sequence_lock(work.uri, timeout=config.lock_timeout):
-        store = open_store_for(work, STAGE)
-        calibration = require_stage(store, "calibrate", STAGE)
-        require_stage(store, "matte", STAGE)
-        if store.intrinsics is None or store.world_2_cam is None:
-            raise StageOrderError(f"{store.uri}: no camera calibration in the store (calibrate record "
-                                  f"{calibration.finished_at}); run `{PRODUCED_BY['calibrate']}`")
-        cfg = model_config(config)
-        device = resolve_device(config.device, STAGE)
-        backend = resolve_backend(config.encoding)
-        train, holdout = split_cameras(store.cameras, config.holdout_cameras)
-        use_depth = config.use_depth and store.stage_record("depth") is not None
-        chash = config_hash({**config.result_fields(), "model": cfg.to_dict(), "use_depth": use_depth})
-        digest = upstream_digest(store, *UPSTREAM)
-        if store.is_complete(STAGE, chash, digest):
-            return {**store.stage_record(STAGE).report, "status": "skipped"}
-        store.clear_stage_record(STAGE)
+
+    def decide(store: CaptureStore) -> Decision[TrainPlan]:
+        plan = plan_training(store, config)
+        return Decision(plan, {**config.result_fields(), "model": plan.model.to_dict(), "use_depth": plan.use_depth})
+
+    def train(run: StageRun, plan: TrainPlan) -> dict:
         with torch_threads(config.threads):
-            return _train(store, work, config, cfg, device, backend, train, holdout, use_depth, chash, digest,
-                          progress)
+            return _train(run, config, plan, progress)
+
+    return run_stage(SequenceWorkDir(sequence_work_dir), STAGE, VERSION, config.lock_timeout, decide, train)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What is decided before training: the model config, where it trains, and on which cameras."""
+
+    model: NeRSembleConfig
+    device: torch.device
+    backend: str
+    train: list[str]
+    holdout: list[str]
+    use_depth: bool
+
+
+def plan_training(store: CaptureStore, config: OptimizeConfig) -> TrainPlan:
+    """Check the calibration is there and resolve the config against this store; writes nothing."""
+    if store.intrinsics is None or store.world_2_cam is None:
+        raise StageOrderError(f"{store.uri}: no camera calibration in the store (calibrate record "
+                              f"{store.stage_record('calibrate').finished_at}); run `{PRODUCED_BY['calibrate']}`")
+    cfg = model_config(config)
+    device = resolve_device(config.device, STAGE)
+    backend = resolve_backend(config.encoding)
+    train, holdout = split_cameras(store.cameras, config.holdout_cameras)
+    use_depth = config.use_depth and store.stage_record("depth") is not None
+    return TrainPlan(cfg, device, backend, train, holdout, use_depth)
 
 
 def build_trainer(store: CaptureStore, train: list[str], cfg: NeRSembleConfig, device: torch.device, backend: str,
@@ -285,10 +300,10 @@ def _out_of_memory_message(cfg: NeRSembleConfig) -> str:
             f"({cfg.hash.n_grids}) with --override{smaller_preset}")
 
 
-def _train(store: CaptureStore, work: SequenceWorkDir, config: OptimizeConfig, cfg: NeRSembleConfig,
-           device: torch.device, backend: str, train: list[str], holdout: list[str], use_depth: bool, chash: str,
-           digest: str, progress: ProgressCallback | None) -> dict:
-    run_id = f"{chash}:{digest}"
+def _train(run: StageRun, config: OptimizeConfig, plan: TrainPlan, progress: ProgressCallback | None) -> dict:
+    store, work, cfg, device, backend = run.store, run.work, plan.model, plan.device, plan.backend
+    train, holdout, use_depth = plan.train, plan.holdout, plan.use_depth
+    run_id = f"{run.config_hash}:{run.input_digest}"
     resumed = latest_checkpoint(work) if config.resume else None
     if resumed is not None and resumed.get("run_id") != run_id:
         resumed = None  # another config or other upstream results: start over
@@ -329,7 +344,7 @@ def _train(store: CaptureStore, work: SequenceWorkDir, config: OptimizeConfig, c
     work.write_text("nersemble/train.log", (previous_log or "") + "\n".join(log_lines) + "\n")
     last = history[-1] if history else {}
     report = {
-        "status": "done",
+        "status": Status.COMPLETED,
         "preset": cfg.name,
         "steps": trainer.state.step,
         "steps_planned": cfg.train.steps,
@@ -351,4 +366,4 @@ def _train(store: CaptureStore, work: SequenceWorkDir, config: OptimizeConfig, c
         "checkpoint": checkpoint_path(trainer.state.step),
         "config": config.model_dump(),
     }
-    return finish_stage(store, work, STAGE, VERSION, chash, digest, report)
+    return run.finish(report)

@@ -67,7 +67,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_training_learns_the_capture(trained, capture):
     work, report, seen = trained
-    assert report["status"] == "done" and report["steps"] == STEPS and report["stopped_by"] == "steps"
+    assert report["status"] == "completed" and report["steps"] == STEPS and report["stopped_by"] == "steps"
     history = [p.losses["total"] for p in seen]
     assert np.mean(history[-3:]) < 0.5 * np.mean(history[:2])
     assert seen[-1].step == STEPS and seen[-1].eta_s == pytest.approx(0, abs=1e-6) and seen[-1].rays_per_s > 0

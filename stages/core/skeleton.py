@@ -1,0 +1,94 @@
+"""One stage run, the same way for every stage: lock, check upstream, decide, skip or clear, run, record.
+
+A stage entry point hands :func:`run_stage` two functions: ``decide`` (plan from the store and the config, and
+say what the outputs depend on) and ``run`` (do the work, end with :meth:`StageRun.finish`). Everything around
+them -- the sequence lock, the upstream records the stage table asks for, the config hash and input digest,
+the skip decision, clearing the stale record -- lives here once, so every stage skips and resumes alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from stages.core.bookkeeping import finish_stage, open_store_for, require_stage, upstream_digest
+from stages.core.status import Status
+from stages.table import stage as table_row
+from storage import CaptureStore, SequenceWorkDir, config_hash, sequence_lock
+
+PlanT = TypeVar("PlanT")
+ReadyT = TypeVar("ReadyT")
+
+
+@dataclass(frozen=True)
+class Decision(Generic[PlanT]):
+    """What a stage decided before writing anything, and what its outputs depend on.
+
+    ``config``: the fields hashed into the record's config hash (the config's result fields and whatever was
+    resolved from them, such as ``auto`` turned into a method). ``inputs``: the upstream stages whose records go
+    into the input digest; None takes the stage table's ``inputs``. ``extra``: anything else the outputs depend
+    on (a model file, user plates), folded into the input digest.
+    """
+
+    plan: PlanT
+    config: Mapping[str, Any]
+    inputs: tuple[str, ...] | None = None
+    extra: object = None
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """A run past the skip check: where it writes, and the two values its record will carry."""
+
+    stage: str
+    version: str
+    store: CaptureStore
+    work: SequenceWorkDir
+    config_hash: str
+    input_digest: str
+
+    def finish(self, report: dict) -> dict:
+        """Write the report, then the record: the record is the last thing a stage writes."""
+        return finish_stage(self.store, self.work, self.stage, self.version, self.config_hash, self.input_digest,
+                            report)
+
+
+def skipped_report(store: CaptureStore, stage: str, config_hash: str, input_digest: str) -> dict | None:
+    """The stored report marked skipped when the stage's record matches; None when the stage must run."""
+    if not store.is_complete(stage, config_hash, input_digest):
+        return None
+    return {**store.stage_record(stage).report, "status": Status.SKIPPED}
+
+
+def run_stage(work: SequenceWorkDir, stage: str, version: str, lock_timeout: float,
+              decide: Callable[[CaptureStore], Decision[PlanT]], run: Callable[[StageRun, ReadyT], dict], *,
+              prepare: Callable[[CaptureStore, PlanT], ReadyT] | None = None,
+              clear_outputs: Callable[[SequenceWorkDir], None] | None = None) -> dict:
+    """Run ``stage`` on one sequence unless its record says its outputs are current; returns its report.
+
+    In order: the store and the ingest record are checked before the lock (a missing store must not leave an
+    empty work folder behind) and again under it with every record the table ``requires``; ``decide(store)``
+    plans the run; a record matching the plan's config hash and input digest returns the stored report marked
+    skipped. Otherwise ``prepare(store, plan)`` loads what only a real run needs (it may still refuse, leaving
+    the old record), the old record is cleared so a crash mid-run reruns the stage, ``clear_outputs(work)``
+    removes outputs a new run would not overwrite, and ``run`` does the work, ending with ``StageRun.finish``.
+    """
+    row = table_row(stage)
+    open_store_for(work, stage, mode="r")
+    with sequence_lock(work.uri, timeout=lock_timeout):
+        store = open_store_for(work, stage)
+        for upstream in row.requires:
+            if upstream != "ingest":  # opening the store checked it
+                require_stage(store, upstream, stage)
+        decision = decide(store)
+        inputs = row.inputs if decision.inputs is None else decision.inputs
+        chash, digest = config_hash(decision.config), upstream_digest(store, *inputs, extra=decision.extra)
+        skipped = skipped_report(store, stage, chash, digest)
+        if skipped is not None:
+            return skipped
+        ready = decision.plan if prepare is None else prepare(store, decision.plan)
+        store.clear_stage_record(stage)
+        if clear_outputs is not None:
+            clear_outputs(work)
+        return run(StageRun(stage, version, store, work, chash, digest), ready)

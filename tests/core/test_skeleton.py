@@ -1,0 +1,251 @@
+"""The stage skeleton (``stages.core.skeleton.run_stage``) on real capture stores, and the one ``Status`` vocabulary.
+
+The first tests drive ``run_stage`` with small ``decide``/``run`` functions on a store made directly (no video),
+so each step of the skeleton is seen on its own: skip, rerun on a new config or upstream record, the lock held,
+report before record. The last tests prove that records written by the stage code before the skeleton existed
+still skip: the config hash and input digest are computed the way each stage computed them then, written as the
+stage's record, and the stage entry point must report ``skipped``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stages.core.errors import CalibrationError, StageOrderError
+from stages.core.skeleton import Decision, StageRun, run_stage
+from stages.core.status import Status
+from storage import (
+    CaptureStore,
+    SequenceLockedError,
+    SequenceWorkDir,
+    StageRecord,
+    sequence_lock,
+)
+
+STAGE = "depth"  # any stage with upstream records will do: depth requires ingest, calibrate and matte
+
+
+def _work_with_store(tmp_path: Path, upstream: tuple[str, ...] = ("ingest", "calibrate", "matte")) -> SequenceWorkDir:
+    work = SequenceWorkDir.for_sequence(str(tmp_path / "work"), "001", "EXP-1")
+    store = CaptureStore.create(work.capture_uri, cameras=["a", "b"], n_frames=2, height=8, width=8, fps=30.0,
+                                frame_indices=[0, 1], intrinsics=None, world_2_cam=None)
+    for name in upstream:
+        store.write_stage_record(StageRecord(stage=name, version="1", config_hash=f"{name}-hash"))
+    return work
+
+
+class Recorder:
+    """``decide`` and ``run`` for ``run_stage``, remembering what ran and what it saw."""
+
+    def __init__(self, work: SequenceWorkDir, knob: int = 1) -> None:
+        self.work, self.knob = work, knob
+        self.decided = self.ran = 0
+        self.record_while_running: StageRecord | None = None
+
+    def decide(self, store: CaptureStore) -> Decision[str]:
+        self.decided += 1
+        return Decision("the plan", {"knob": self.knob})
+
+    def run(self, run: StageRun, plan: str) -> dict:
+        self.ran += 1
+        assert plan == "the plan" and run.stage == STAGE
+        with pytest.raises(SequenceLockedError):  # the skeleton holds the sequence's lock while the stage runs
+            with sequence_lock(self.work.uri, timeout=0):
+                pass
+        self.record_while_running = run.store.stage_record(STAGE)
+        return run.finish({"stage": STAGE, "status": Status.COMPLETED, "knob": self.knob})
+
+    def __call__(self) -> dict:
+        return run_stage(self.work, STAGE, "1", 0, self.decide, self.run)
+
+
+def test_runs_then_skips_then_reruns_on_a_new_config(tmp_path):
+    work = _work_with_store(tmp_path)
+    first = Recorder(work)
+    assert first()["status"] == "completed" and first.ran == 1
+    again = Recorder(work)
+    skipped = again()
+    assert again.decided == 1 and again.ran == 0
+    assert skipped == {"stage": STAGE, "status": "skipped", "knob": 1}
+    other = Recorder(work, knob=2)
+    assert other()["status"] == "completed" and other.ran == 1
+    assert other.record_while_running is None  # the stale record goes before the outputs are rewritten
+    assert CaptureStore.open(work.capture_uri).stage_record(STAGE).report["knob"] == 2
+
+
+def test_a_new_upstream_record_reruns_the_stage(tmp_path):
+    work = _work_with_store(tmp_path)
+    Recorder(work)()
+    store = CaptureStore.open(work.capture_uri, mode="r+")
+    store.write_stage_record(StageRecord(stage="matte", version="1", config_hash="another matte"))
+    rerun = Recorder(work)
+    assert rerun()["status"] == "completed" and rerun.ran == 1
+
+
+def test_the_report_is_written_before_the_record(tmp_path):
+    work = _work_with_store(tmp_path)
+
+    def run(run: StageRun, plan: str) -> dict:
+        return run.finish({"status": Status.COMPLETED, "cannot be JSON": object()})
+
+    with pytest.raises(TypeError):
+        run_stage(work, STAGE, "1", 0, lambda store: Decision(None, {}), run)
+    assert CaptureStore.open(work.capture_uri).stage_record(STAGE) is None  # the report failed first
+
+    Recorder(work)()
+    record = CaptureStore.open(work.capture_uri).stage_record(STAGE)
+    assert json.loads(Path(work.report_uri(STAGE)).read_text()) == record.report == {
+        "stage": STAGE, "status": "completed", "knob": 1}
+
+
+def test_missing_upstream_names_the_command_before_deciding(tmp_path):
+    work = _work_with_store(tmp_path, upstream=("ingest", "calibrate"))
+    recorder = Recorder(work)
+    with pytest.raises(StageOrderError, match="needs the matte stage first: run `nersemble-pipeline matte"):
+        recorder()
+    assert recorder.decided == 0
+
+
+def test_without_a_store_nothing_is_created(tmp_path):
+    work = SequenceWorkDir.for_sequence(str(tmp_path / "work"), "001", "EXP-1")
+    with pytest.raises(StageOrderError, match="no capture store"):
+        Recorder(work)()
+    assert not Path(work.uri).exists()
+
+
+def test_prepare_may_refuse_and_leaves_the_old_record(tmp_path):
+    work = _work_with_store(tmp_path)
+    Recorder(work)()
+    cleared: list[str] = []
+
+    def refuse(store: CaptureStore, plan: str) -> str:
+        raise StageOrderError("no trained model")
+
+    with pytest.raises(StageOrderError, match="no trained model"):
+        run_stage(work, STAGE, "1", 0, lambda store: Decision("plan", {"knob": 2}), Recorder(work).run,
+                  prepare=refuse, clear_outputs=lambda w: cleared.append(w.uri))
+    assert CaptureStore.open(work.capture_uri).stage_record(STAGE).report["knob"] == 1 and not cleared
+
+    run_stage(work, STAGE, "1", 0, lambda store: Decision("plan", {"knob": 1}), Recorder(work).run,
+              clear_outputs=lambda w: cleared.append(w.uri))
+    assert not cleared  # skipped: the outputs stay
+
+
+def test_status_is_plain_json_and_reads_old_reports():
+    assert json.dumps({"status": Status.COMPLETED}) == '{"status": "completed"}'
+    assert f"{Status.SKIPPED}" == "skipped" and Status.FAILED == "failed"
+    assert Status.of("done") is Status.COMPLETED  # optimize's reports before the enum
+    assert Status.of("fallback") is Status.FALLBACK and Status.of("nonsense") is None and Status.of(None) is None
+
+
+# --- records written before the skeleton still skip ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    from pipeline.synthetic import synthesize_capture
+    from stages.ingest.config import IngestConfig
+    from stages.ingest.stage import ingest_sequence
+
+    capture = synthesize_capture(tmp_path_factory.mktemp("archive"), cameras=6, frames=2, width=64, height=96, seed=3)
+    root = tmp_path_factory.mktemp("work")
+    report = ingest_sequence(capture.sequence_dir, str(root), IngestConfig())
+    assert report["status"] == "completed"
+    return capture, SequenceWorkDir.for_sequence(str(root), capture.participant_dir.name, capture.sequence_dir.name)
+
+
+def _old_record(store: CaptureStore, stage: str, chash: str, digest: str) -> None:
+    store.write_stage_record(StageRecord(stage=stage, version="1", config_hash=chash, input_digest=digest,
+                                         report={"stage": stage, "status": "completed", "written": "before"}))
+
+
+def _skipped(report: dict) -> bool:
+    return report["status"] == "skipped" and report["written"] == "before"
+
+
+def test_records_written_before_the_skeleton_still_skip(ingested):
+    """Each stage's old formula, as its entry point computed it before ``run_stage``, against the new code."""
+    from stages.calibrate.config import CalibrateConfig
+    from stages.calibrate.stage import calibrate_sequence
+    from stages.core.bookkeeping import upstream_digest
+    from stages.depth.config import DepthConfig
+    from stages.depth.stage import depth_sequence
+    from stages.evaluate.config import EvaluateConfig
+    from stages.evaluate.stage import evaluate_sequence
+    from stages.export.config import ExportConfig
+    from stages.export.stage import export_sequence
+    from stages.matte.config import MatteConfig
+    from stages.matte.stage import matte_sequence
+    from stages.optimize.config import OptimizeConfig
+    from stages.optimize.stage import model_config, optimize_sequence
+    from storage import config_hash, digest_of
+
+    capture, work = ingested
+    store = CaptureStore.open(work.capture_uri, mode="r+")
+
+    calibrate = CalibrateConfig()  # auto -> provided: the synthetic rig ships camera_params.json
+    _old_record(store, "calibrate", config_hash({**calibrate.result_fields(), "mode": "provided"}),
+                upstream_digest(store, "ingest"))
+    assert _skipped(calibrate_sequence(work.uri, calibrate))
+
+    matte = MatteConfig(method="plate")  # every camera has a plate: no model, so no model in the digest
+    _old_record(store, "matte", config_hash(matte.result_fields()),
+                upstream_digest(store, "ingest", extra=digest_of(None, [])))
+    assert _skipped(matte_sequence(work.uri, matte))
+
+    depth = DepthConfig(method="sweep", device="cpu")
+    _old_record(store, "depth", config_hash({**depth.result_fields(), "method": "sweep"}),
+                upstream_digest(store, "ingest", "calibrate", "matte"))
+    assert _skipped(depth_sequence(work.uri, depth))
+
+    optimize = OptimizeConfig(device="cpu")
+    _old_record(store, "optimize", config_hash({**optimize.result_fields(), "model": model_config(optimize).to_dict(),
+                                                "use_depth": optimize.use_depth}),
+                upstream_digest(store, "ingest", "calibrate", "matte", "depth"))
+    assert _skipped(optimize_sequence(work.uri, optimize))
+
+    export = ExportConfig(device="cpu")
+    _old_record(store, "export", config_hash({**export.result_fields(), "path_digest": None}),
+                upstream_digest(store, "ingest", "calibrate", "matte", "optimize"))
+    assert _skipped(export_sequence(work.uri, export))
+
+    evaluate = EvaluateConfig(device="cpu")  # the synthetic capture's ground truth is found beside its videos
+    truth = Path(capture.ground_truth_uri)
+    truth_digest = digest_of(str(truth.resolve()), (truth / "zarr.json").stat().st_mtime_ns)
+    _old_record(store, "evaluate", config_hash({**evaluate.result_fields(), "ground_truth": truth_digest}),
+                upstream_digest(store, "ingest", "calibrate", "matte", "optimize"))
+    assert _skipped(evaluate_sequence(work.uri, evaluate))
+
+
+def test_the_ingest_record_keeps_its_formula(ingested):
+    from stages.core.raw_capture import discover_sequence
+    from stages.ingest.config import IngestConfig
+    from stages.ingest.stage import input_digest, plan_ingest
+    from storage import config_hash
+
+    capture, work = ingested
+    config = IngestConfig()
+    record = CaptureStore.open(work.capture_uri).stage_record("ingest")
+    assert record.config_hash == config_hash(config.result_fields())
+    assert record.input_digest == input_digest(plan_ingest(discover_sequence(capture.sequence_dir), config))
+
+
+def test_a_calibration_error_inside_the_estimate_reaches_the_user(ingested, tmp_path):
+    """CalibrationError is also a ValueError now; the estimate's catch-all for pycolmap must not swallow it."""
+    import shutil
+
+    from stages.calibrate.config import CalibrateConfig
+    from stages.calibrate.stage import PROVIDED_ATTR, calibrate_sequence
+
+    _, pristine = ingested
+    target = tmp_path / "work" / pristine.participant / pristine.sequence
+    shutil.copytree(pristine.uri, target)
+    work = SequenceWorkDir(target)
+    store = CaptureStore.open(work.capture_uri, mode="r+")
+    store.set_attr(PROVIDED_ATTR, {"intrinsics": None, "world_2_cam": None})  # as if the rig shipped none
+    with pytest.raises(CalibrationError, match="--focal fixed needs a provided calibration"):
+        calibrate_sequence(work.uri, CalibrateConfig(mode="colmap", focal="fixed"))
+    assert store.stage_record("calibrate") is None
