@@ -82,3 +82,26 @@ def test_ledger_digest_is_unchanged() -> None:
     assert digest_of(list(by_stage), {name: c.result_fields() for name, c in by_stage.items()}) == "416fd142283148fc"
     early = ["ingest", "calibrate", "matte"]
     assert digest_of(early, {name: by_stage[name].result_fields() for name in early}) == "12c2f2bd8294ddd9"
+
+
+# The hand-kept exclude lists the knob flags replaced.
+KNOBS = {
+    IngestConfig: {"workers", "decoder_threads", "lock_timeout"},
+    CalibrateConfig: {"threads", "lock_timeout"},
+    MatteConfig: {"workers", "onnx_threads", "preview_cameras", "preview_frames", "lock_timeout"},
+    DepthConfig: {"device", "workers", "volume_mb", "preview_cameras", "lock_timeout"},
+    OptimizeConfig: {"device", "encoding", "time_budget_s", "checkpoint_every", "resume", "threads", "lock_timeout"},
+    ExportConfig: {"device", "chunk", "threads", "lock_timeout"},
+    EvaluateConfig: {"device", "chunk", "threads", "lock_timeout"},
+}
+
+
+@pytest.mark.parametrize("model", list(KNOBS), ids=lambda model: model.__name__)
+def test_knob_flags_match_the_old_exclude_lists(model: type) -> None:
+    assert model.knobs() == KNOBS[model]
+    assert set(model().result_fields()) == set(model.model_fields) - KNOBS[model] - {"eval_substeps"}
+
+
+def test_unknown_keys_are_refused() -> None:
+    with pytest.raises(ValueError, match="strde"):
+        IngestConfig(strde=2)
