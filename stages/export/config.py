@@ -14,7 +14,8 @@ class ExportConfig(StageConfig):
 
     turntable: bool = Field(True, description="render the turntable video (export/turntable.mp4)")
     holdout: bool = Field(True, description="render every hold-out camera for every frame (export/holdout/)")
-    path: str | None = Field(None, description="camera path JSON (keyframes of K, world_2_cam, time) to render")
+    path: str | None = Field(None, description="camera path JSON to render: width, height, keyframes of "
+                                               "{K, world_2_cam, time[, frame]} (export/path.mp4)")
     path_cameras: list[str] | None = Field(
         None, description="render a smooth path through these rig cameras, in this order (export/rig_path.mp4)")
     benchmark: bool = Field(False, description="write the NeRSemble benchmark NVS submission layout")
