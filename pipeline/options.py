@@ -78,10 +78,10 @@ class _Option:
 
 
 def split_values(values: list[str] | None) -> list[str] | None:
-    """``--cameras a,b --cameras c`` -> [a, b, c]; nothing given -> None."""
+    """``--cameras a,b --cameras c`` -> [a, b, c]; not given -> None (given empty -> [], e.g. no hold-outs)."""
     if not values:
         return None
-    return [item.strip() for value in values for item in value.split(",") if item.strip()] or None
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
 def parse_assignments(values: list[str] | None, option: str) -> dict:

@@ -115,6 +115,8 @@ def test_lists_repeat_and_comma_separate_tuples_take_several_values():
     assert config.cameras == ["a", "b", "c"] and config.calibration_size == (2200, 3208)
     box = parsed("optimize", "w", "--scene-box", "-1", "-2", "-3", "1", "2", "3").scene_box
     assert box == ((-1, -2, -3), (1, 2, 3))
+    assert parsed("optimize", "w", "--holdout-cameras", "").holdout_cameras == []  # none held out
+    assert parsed("optimize", "w").holdout_cameras is None  # the paper's four
     overrides = parsed("optimize", "w", "--overrides", "hash.n_grids=8", "--overrides", "name=text").overrides
     assert overrides == {"hash.n_grids": 8, "name": "text"}
 
