@@ -22,13 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.artifacts import publish_archive_summary
 from flows.ledger import SEQUENCE_REPORT, finished_sequence
 from flows.sequence import check_stages, process_sequence
-from stages.calibrate.config import CalibrateConfig
-from stages.depth.config import DepthConfig
-from stages.evaluate.config import EvaluateConfig
-from stages.export.config import ExportConfig
-from stages.ingest.config import IngestConfig
-from stages.matte.config import MatteConfig
-from stages.optimize.config import OptimizeConfig
+from stages.config import PipelineConfig
 from stages.core.errors import PipelineError
 from stages.core.raw_capture import list_archive
 from storage import SequenceWorkDir
@@ -133,13 +127,7 @@ def process_archive(
     work_root: str,
     participants: list[str] | None = None,
     sequences: list[str] | None = None,
-    ingest: IngestConfig = IngestConfig(),
-    calibrate: CalibrateConfig = CalibrateConfig(),
-    matte: MatteConfig = MatteConfig(),
-    depth: DepthConfig = DepthConfig(),
-    optimize: OptimizeConfig = OptimizeConfig(),
-    export: ExportConfig = ExportConfig(),
-    evaluate: EvaluateConfig = EvaluateConfig(),
+    config: PipelineConfig = PipelineConfig(),
     stages: list[str] | None = None,
     max_concurrent: int = 1,
     sequence_deployment: str | None = None,
@@ -148,9 +136,23 @@ def process_archive(
 ) -> list[dict]:
     """Process every sequence under ``archive_root`` (``<PID>/sequences/<SEQ>``) into ``work_root``.
 
-    ``participants`` / ``sequences`` filter by name. ``max_concurrent`` sequence runs at a time: subflows in
-    this process, or deployment runs of ``sequence_deployment`` (e.g. ``process-sequence/process-sequence``)
-    that any worker of its pool picks up. Returns the summary rows (also the ``archive-summary`` artifact).
+    Returns the summary rows (also the ``archive-summary`` artifact).
+
+    Args:
+        archive_root: the folder holding `<PID>/sequences/<SEQ>` raw captures.
+        work_root: where outputs go (a path or fsspec URL every worker reaches): `<work_root>/<PID>/<SEQ>/`.
+        participants: only these participant IDs; default: all.
+        sequences: only these sequence names; default: all.
+        config: every stage's settings, the same for each sequence (the CLI's `--config` file format).
+        stages: run only these stages, in pipeline order; default: all of ingest, calibrate, matte, depth,
+            optimize, export, evaluate.
+        max_concurrent: sequences processed at the same time.
+        sequence_deployment: run each sequence as a run of this deployment (e.g.
+            `process-sequence/process-sequence`) that any worker of its pool picks up, instead of a subflow
+            in this process.
+        optimize_deployment: train through this deployment (e.g. `optimize-sequence/optimize-sequence`) on a
+            gpu worker.
+        rerun_finished: also run sequences whose last run finished with these stages and settings.
     """
     logger = get_run_logger()
     if max_concurrent < 1:
@@ -158,9 +160,7 @@ def process_archive(
     wanted = check_stages(stages)
     root = Path(archive_root).resolve()
     found, problems = list_archive(root, participants, sequences)  # a missing root raises: nothing to do
-    configs = {"ingest": ingest, "calibrate": calibrate, "matte": matte, "depth": depth, "optimize": optimize,
-               "export": export, "evaluate": evaluate}
-    parameters = {**configs, "stages": wanted, "optimize_deployment": optimize_deployment}
+    parameters = {"config": config, "stages": wanted, "optimize_deployment": optimize_deployment}
 
     rows = _unknown_filters(root, participants, sequences, found)
     for row in rows:
@@ -172,7 +172,7 @@ def process_archive(
     todo = []
     for raw in found:
         work = SequenceWorkDir.for_sequence(work_root, raw.participant, raw.sequence)
-        done = None if rerun_finished else finished_sequence(work, wanted, configs)
+        done = None if rerun_finished else finished_sequence(work, wanted, config)
         if done is not None:
             logger.info("%s/%s finished earlier (%s); skipped", raw.participant, raw.sequence, done["finished_at"])
             rows.append(_row(raw.participant, raw.sequence, "skipped", 0.0, psnr=done.get("psnr")))

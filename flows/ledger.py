@@ -12,15 +12,20 @@ from datetime import datetime, timezone
 from numbers import Real
 from typing import Any
 
+from stages.config import PipelineConfig
 from stages.core.status import Status
 from storage import CaptureStore, SequenceWorkDir, digest_of
 
 SEQUENCE_REPORT = "sequence"
 
 
-def parameters_digest(stages: list[str], configs: dict[str, Any]) -> str:
-    """Digest of the stage list and the output-deciding fields of those stages' configs."""
-    return digest_of(list(stages), {stage: configs[stage].result_fields() for stage in stages})
+def parameters_digest(stages: list[str], config: PipelineConfig) -> str:
+    """Digest of the stage list and the output-deciding fields (``result_fields``) of those stages' configs.
+
+    Only the stages run count, each by the fields its own config hash covers, so a knob or another stage's
+    setting never makes a finished sequence run again.
+    """
+    return digest_of(list(stages), {stage: config.stage(stage).result_fields() for stage in stages})
 
 
 def store_records(work: SequenceWorkDir) -> dict[str, str]:
@@ -42,7 +47,7 @@ def headline_metrics(reports: dict[str, dict]) -> dict[str, float | None]:
             "psnr_train": number(optimize.get("psnr_train"))}
 
 
-def record_finished_sequence(work: SequenceWorkDir, stages: list[str], configs: dict[str, Any],
+def record_finished_sequence(work: SequenceWorkDir, stages: list[str], config: PipelineConfig,
                              reports: dict[str, dict], seconds: float) -> dict:
     """Write ``reports/sequence.json`` after a run in which every wanted stage finished."""
     records = store_records(work)
@@ -51,7 +56,7 @@ def record_finished_sequence(work: SequenceWorkDir, stages: list[str], configs: 
         "participant": work.participant,
         "sequence": work.sequence,
         "stages": {stage: reports[stage].get("status") for stage in stages},
-        "parameters_digest": parameters_digest(stages, configs),
+        "parameters_digest": parameters_digest(stages, config),
         "records": {stage: records[stage] for stage in stages if stage in records},
         "seconds": round(seconds, 1),
         "finished_at": datetime.now(timezone.utc).isoformat(),
@@ -61,7 +66,7 @@ def record_finished_sequence(work: SequenceWorkDir, stages: list[str], configs: 
     return summary
 
 
-def finished_sequence(work: SequenceWorkDir, stages: list[str], configs: dict[str, Any]) -> dict | None:
+def finished_sequence(work: SequenceWorkDir, stages: list[str], config: PipelineConfig) -> dict | None:
     """The sequence's summary if a run with these stages and configs finished and nothing changed since."""
     try:
         summary = work.read_report(SEQUENCE_REPORT)
@@ -69,7 +74,7 @@ def finished_sequence(work: SequenceWorkDir, stages: list[str], configs: dict[st
         return None
     if not summary or summary.get("status") != Status.COMPLETED:
         return None
-    if summary.get("parameters_digest") != parameters_digest(stages, configs):
+    if summary.get("parameters_digest") != parameters_digest(stages, config):
         return None
     recorded = summary.get("records") or {}
     current = store_records(work)

@@ -66,6 +66,12 @@ def optimize_sequence(
 
     Returns the optimize report. Progress shows as ``training-progress-*`` and ``training-status-*``
     artifacts while training runs; the report as ``optimize-*`` when it ends.
+
+    Args:
+        sequence_work_dir: the sequence's work folder, `<work_root>/<PID>/<SEQ>` (a path or fsspec URL).
+        config: the optimize stage's settings (the `optimize` section of a pipeline config).
+        gpu_limit: the global concurrency limit training waits for; default: `$NERSEMBLE_GPU_LIMIT`, else
+            `gpu`.
     """
     logger = get_run_logger()
     work = SequenceWorkDir(sequence_work_dir)

@@ -18,14 +18,9 @@ from flows.artifacts import publish_output_link, publish_stage_report
 from flows.ledger import record_finished_sequence
 from flows.optimize import optimize_sequence
 from flows.tasks import calibrate_task, depth_task, evaluate_task, export_task, ingest_task, matte_task
-from stages.calibrate.config import CalibrateConfig
-from stages.depth.config import DepthConfig
-from stages.evaluate.config import EvaluateConfig
-from stages.export.config import ExportConfig
-from stages.ingest.config import IngestConfig
-from stages.matte.config import MatteConfig
-from stages.optimize.config import OptimizeConfig
+from stages.config import PipelineConfig
 from stages.core.errors import PipelineError
+from stages.optimize.config import OptimizeConfig
 from stages.table import STAGE_NAMES, stage as stage_row
 from storage import SequenceWorkDir
 
@@ -67,8 +62,6 @@ def optimize_via_deployment(deployment: str, work: SequenceWorkDir, config: Opti
     return work.read_report("optimize") or {"status": "completed", "flow_run": str(run.id)}
 
 
-
-
 def _output_links(stage: str, work: SequenceWorkDir) -> None:
     """Link artifacts to what export and evaluate wrote, when the files are there."""
     for link in stage_row(stage).links:
@@ -81,21 +74,20 @@ def _output_links(stage: str, work: SequenceWorkDir) -> None:
 def process_sequence(
     raw_sequence_dir: str,
     work_root: str,
-    ingest: IngestConfig = IngestConfig(),
-    calibrate: CalibrateConfig = CalibrateConfig(),
-    matte: MatteConfig = MatteConfig(),
-    depth: DepthConfig = DepthConfig(),
-    optimize: OptimizeConfig = OptimizeConfig(),
-    export: ExportConfig = ExportConfig(),
-    evaluate: EvaluateConfig = EvaluateConfig(),
+    config: PipelineConfig = PipelineConfig(),
     stages: list[str] | None = None,
     optimize_deployment: str | None = None,
 ) -> dict[str, dict]:
     """Run the pipeline on ``<archive>/<PID>/sequences/<SEQ>``; returns each stage's report.
 
-    ``stages`` limits the run to some stages (each still needs its upstream records). ``optimize_deployment``
-    (e.g. ``optimize-sequence/optimize-sequence``) trains on whichever worker serves that deployment instead of
-    in this process.
+    Args:
+        raw_sequence_dir: the raw capture's sequence folder, `<archive>/<PID>/sequences/<SEQ>`.
+        work_root: where outputs go (a path or fsspec URL): `<work_root>/<PID>/<SEQ>/`.
+        config: every stage's settings (the CLI's `--config` file format); unset fields keep their defaults.
+        stages: run only these stages, in pipeline order (each still needs its upstream records); default: all
+            of ingest, calibrate, matte, depth, optimize, export, evaluate.
+        optimize_deployment: train through this deployment (e.g. `optimize-sequence/optimize-sequence`) on
+            whichever worker serves it, instead of in this process.
     """
     logger = get_run_logger()
     started = time.monotonic()
@@ -114,25 +106,23 @@ def process_sequence(
         reports[stage] = report
 
     if "ingest" in wanted:
-        record("ingest", ingest_task(str(path), work_root, ingest))
+        record("ingest", ingest_task(str(path), work_root, config.ingest))
     if "calibrate" in wanted:
-        record("calibrate", calibrate_task(work.uri, calibrate))
+        record("calibrate", calibrate_task(work.uri, config.calibrate))
     if "matte" in wanted:
-        record("matte", matte_task(work.uri, matte))
+        record("matte", matte_task(work.uri, config.matte))
     if "depth" in wanted:
-        record("depth", depth_task(work.uri, depth))
+        record("depth", depth_task(work.uri, config.depth))
     if "optimize" in wanted:
         if optimize_deployment:
             logger.info("optimize runs as a deployment run of %s", optimize_deployment)
-            report = optimize_via_deployment(optimize_deployment, work, optimize)
+            report = optimize_via_deployment(optimize_deployment, work, config.optimize)
         else:
-            report = optimize_sequence(work.uri, optimize)
+            report = optimize_sequence(work.uri, config.optimize)
         record("optimize", report, publish=False)  # the optimize flow run published its report and progress
     if "export" in wanted:
-        record("export", export_task(work.uri, export))
+        record("export", export_task(work.uri, config.export))
     if "evaluate" in wanted:
-        record("evaluate", evaluate_task(work.uri, evaluate))
-    configs = {"ingest": ingest, "calibrate": calibrate, "matte": matte, "depth": depth, "optimize": optimize,
-               "export": export, "evaluate": evaluate}
-    record_finished_sequence(work, wanted, configs, reports, time.monotonic() - started)
+        record("evaluate", evaluate_task(work.uri, config.evaluate))
+    record_finished_sequence(work, wanted, config, reports, time.monotonic() - started)
     return reports

@@ -1,7 +1,9 @@
 """The ``nersemble-pipeline`` command line.
 
-Heavy modules (stages, flows, torch) are imported inside the commands, so ``--help`` stays instant.
-Bad input exits with status 1 and one message that names the file, camera or value; no traceback.
+The stage commands, ``run`` and ``archive`` take their options from the config models (``pipeline.options``):
+every config field is an option named like it, and ``--config FILE`` reads a YAML or JSON config first.
+Heavy modules (stage code, flows, torch) are imported inside the commands, so ``--help`` stays fast.
+Bad input exits with status 1 and one message that names the file, camera, value or option; no traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +16,16 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
+from pipeline.options import Alias, split_values, with_config_options
+from stages.calibrate.config import CalibrateConfig
+from stages.config import PipelineConfig
 from stages.core.errors import PipelineError
+from stages.depth.config import DepthConfig
+from stages.evaluate.config import EvaluateConfig
+from stages.export.config import ExportConfig
+from stages.ingest.config import IngestConfig
+from stages.matte.config import MatteConfig
+from stages.optimize.config import OptimizeConfig
 
 app = typer.Typer(
     name="nersemble-pipeline",
@@ -48,13 +59,6 @@ def _user_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def _split_serials(values: list[str] | None) -> list[str] | None:
-    """``--cameras a,b --cameras c`` -> [a, b, c]."""
-    if not values:
-        return None
-    return [serial.strip() for value in values for serial in value.split(",") if serial.strip()]
-
-
 def _print_report(report: dict, keys: tuple[str, ...]) -> None:
     for key in keys:
         if key in report:
@@ -86,25 +90,15 @@ def synth(
 
 @app.command()
 @_user_errors
+@with_config_options("ingest")
 def ingest(
     raw_sequence_dir: Annotated[Path, typer.Argument(help="<archive>/<PID>/sequences/<SEQ>")],
     work: Annotated[str, typer.Option(help="work root; the store goes to <WORK>/<PID>/<SEQ>/capture.zarr")],
-    downscale: Annotated[float, typer.Option(help="divide frame size by F (area resampling, K rescaled)")] = 1.0,
-    stride: Annotated[int, typer.Option(help="keep every S-th frame (original indices recorded)")] = 1,
-    start: Annotated[int, typer.Option(help="first source frame")] = 0,
-    count: Annotated[Optional[int], typer.Option(help="at most this many frames after the stride")] = None,
-    cameras: Annotated[Optional[list[str]], typer.Option(help="serials to ingest (repeat or comma-separate)")] = None,
-    color_correction: Annotated[bool, typer.Option(help="apply color_calibration.json")] = False,
-    workers: Annotated[int, typer.Option(help="parallel camera decoders (0 = one per core)")] = 0,
-    lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
+    config: IngestConfig,
 ) -> None:
     """Decode every camera's video into the chunked capture store (skipped when already done)."""
-    from stages.ingest.config import IngestConfig
     from stages.ingest.stage import ingest_sequence
 
-    config = IngestConfig(downscale=downscale, stride=stride, start=start, count=count,
-                          cameras=_split_serials(cameras), color_correction=color_correction, workers=workers,
-                          lock_timeout=lock_timeout)
     report = ingest_sequence(raw_sequence_dir, work, config)
     typer.echo(f"ingest {report['status']}: {report['store']}")
     _print_report(report, ("frames", "size", "fps", "decode_seconds", "frames_per_second", "megabytes_per_second"))
@@ -112,34 +106,14 @@ def ingest(
 
 @app.command()
 @_user_errors
+@with_config_options("calibrate", aliases=(Alias("--masks", "use_masks"),))
 def calibrate(
     sequence_work_dir: Annotated[Path, typer.Argument(help="<WORK>/<PID>/<SEQ>, holding an ingested capture.zarr")],
-    mode: Annotated[str, typer.Option(help="provided | colmap | refine | auto (auto: provided when present, "
-                                           "else colmap)")] = "auto",
-    timesteps: Annotated[int, typer.Option(help="frames per camera whose features that camera pools")] = 8,
-    shared_intrinsics: Annotated[bool, typer.Option(help="one K for every camera")] = False,
-    focal: Annotated[str, typer.Option(help="auto | fixed | refine (auto: fixed at the provided K when there is "
-                                            "one and intrinsics are per camera)")] = "auto",
-    masks: Annotated[bool, typer.Option(help="keep only features on the matte's foreground (run matte first)")]
-    = False,
-    subject_distance: Annotated[float, typer.Option(help="metres from cameras to subject: the scale when no "
-                                                         "calibration was provided")] = 1.0,
-    threads: Annotated[int, typer.Option(help="COLMAP threads (0 = one per core)")] = 0,
-    lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
+    config: CalibrateConfig,
 ) -> None:
     """Write every camera's K and world_2_cam: the rig's json, or estimated/refined with COLMAP (skipped when done)."""
-    from pydantic import ValidationError
-
-    from stages.calibrate.config import CalibrateConfig
     from stages.calibrate.stage import calibrate_sequence
 
-    try:
-        config = CalibrateConfig(mode=mode, timesteps=timesteps, shared_intrinsics=shared_intrinsics, focal=focal,
-                                 use_masks=masks, subject_distance=subject_distance, threads=threads,
-                                 lock_timeout=lock_timeout)
-    except ValidationError as error:  # its messages name the field and the allowed values
-        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
-        raise PipelineError(f"invalid calibrate option: {problems}") from None
     report = calibrate_sequence(sequence_work_dir, config)
     typer.echo(f"calibrate {report['status']}: {report.get('solution', '?')} calibration, "
                f"{report.get('registered_cameras', '?')}/{report.get('cameras_total', '?')} cameras")
@@ -169,30 +143,14 @@ def _print_calibration(report: dict) -> None:
 
 @app.command()
 @_user_errors
+@with_config_options("matte")
 def matte(
     sequence_work_dir: Annotated[Path, typer.Argument(help="<WORK>/<PID>/<SEQ>, holding an ingested capture.zarr")],
-    method: Annotated[str, typer.Option(help="auto | plate | rembg | fused (auto: fused with a plate, else rembg)")]
-    = "auto",
-    model: Annotated[str, typer.Option(help="rembg model name in the models folder, or a path to an .onnx file")]
-    = "u2netp",
-    plate_dir: Annotated[Optional[Path], typer.Option(help="folder of image_<SERIAL>.jpg plates replacing the "
-                                                           "ingested ones")] = None,
-    temporal_radius: Annotated[int, typer.Option(help="neighbouring frames each side that steady the matte")] = 1,
-    workers: Annotated[int, typer.Option(help="cameras matted in parallel (0 = one per core)")] = 0,
-    lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
+    config: MatteConfig,
 ) -> None:
     """Fill the store's alpha from background plates and/or rembg (skipped when already done)."""
-    from pydantic import ValidationError
-
-    from stages.matte.config import MatteConfig
     from stages.matte.stage import matte_sequence
 
-    try:
-        config = MatteConfig(method=method, model=model, plate_dir=str(plate_dir) if plate_dir else None,
-                             temporal_radius=temporal_radius, workers=workers, lock_timeout=lock_timeout)
-    except ValidationError as error:  # its messages name the field and the allowed values
-        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
-        raise PipelineError(f"invalid matte option: {problems}") from None
     report = matte_sequence(sequence_work_dir, config)
     typer.echo(f"matte {report['status']}: {report['store']}")
     _print_report(report, ("methods", "coverage", "seconds", "frames_per_second", "preview"))
@@ -200,46 +158,17 @@ def matte(
 
 @app.command()
 @_user_errors
+@with_config_options("depth")
 def depth(
     sequence_work_dir: Annotated[Path, typer.Argument(help="<WORK>/<PID>/<SEQ>, calibrated and matted")],
-    method: Annotated[str, typer.Option(help="auto | sweep | colmap (auto: COLMAP PatchMatch where pycolmap has "
-                                             "CUDA, else the torch plane sweep)")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda: where the plane sweep runs")] = "auto",
-    neighbours: Annotated[int, typer.Option(help="source cameras per view, nearest by viewing direction")] = 3,
-    min_consistent_views: Annotated[int, typer.Option(help="other views that must agree with a depth")] = 2,
-    consistency_tolerance: Annotated[float, typer.Option(help="relative depth difference that still agrees")]
-    = 0.01,
-    coarse_size: Annotated[int, typer.Option(help="longer side (px) of the level the full sweep runs on")] = 160,
-    workers: Annotated[int, typer.Option(help="views matched in parallel (0 = one per core; 1 on CUDA)")] = 0,
-    lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
+    config: DepthConfig,
 ) -> None:
     """Fill the store's depth maps by multi-view stereo, keeping only consistent depths (skipped when done)."""
-    from pydantic import ValidationError
-
-    from stages.depth.config import DepthConfig
     from stages.depth.stage import depth_sequence
 
-    try:
-        config = DepthConfig(method=method, device=device, neighbours=neighbours,
-                             min_consistent_views=min_consistent_views, consistency_tolerance=consistency_tolerance,
-                             coarse_size=coarse_size, workers=workers, lock_timeout=lock_timeout)
-    except ValidationError as error:  # its messages name the field and the allowed values
-        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
-        raise PipelineError(f"invalid depth option: {problems}") from None
     report = depth_sequence(sequence_work_dir, config)
     typer.echo(f"depth {report['status']}: {report['store']}")
     _print_report(report, ("method", "device", "coverage", "seconds", "seconds_per_view", "preview"))
-
-
-def _validated(model: type, stage: str, **values):
-    """A stage config from CLI values; pydantic's complaints become one line naming the --option."""
-    from pydantic import ValidationError
-
-    try:
-        return model(**values)
-    except ValidationError as error:  # its messages name the field and the allowed values
-        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
-        raise PipelineError(f"invalid {stage} option: {problems}") from None
 
 
 class _Progress:
@@ -261,48 +190,18 @@ class _Progress:
             self.bar.__exit__(None, None, None)
 
 
-def _parse_overrides(values: list[str] | None) -> dict:
-    """``--override hash.n_grids=8`` -> {"hash.n_grids": 8}; values are read as JSON when they parse."""
-    overrides = {}
-    for item in values or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise PipelineError(f"--override {item!r}: write it as NAME=VALUE, e.g. hash.n_grids=8")
-        try:
-            overrides[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = raw
-    return overrides
-
-
 @app.command()
 @_user_errors
+@with_config_options("optimize", aliases=(
+    Alias("--holdout", "holdout_cameras"), Alias("--override", "overrides"), Alias("--time-budget", "time_budget_s"),
+    Alias("--no-depth", "use_depth", negates=True)))
 def optimize(
     sequence_work_dir: Annotated[Path, typer.Argument(help="<WORK>/<PID>/<SEQ>, calibrated and matted")],
-    preset: Annotated[str, typer.Option(help="preview (minutes on a CPU) | paper (the official settings)")]
-    = "preview",
-    steps: Annotated[Optional[int], typer.Option(help="training steps (default: the preset's)")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    encoding: Annotated[str, typer.Option(help="hash-grid backend: auto | torch | tcnn")] = "auto",
-    holdout: Annotated[Optional[list[str]], typer.Option(help="hold-out camera serials (default: the paper's four "
-                                                              "where present); comma-separated or repeated")] = None,
-    override: Annotated[Optional[list[str]], typer.Option(help="model hyper-parameter NAME=VALUE, repeatable "
-                                                               "(e.g. rays_per_batch=2048)")] = None,
-    time_budget: Annotated[Optional[float], typer.Option(help="stop after this many seconds of training")] = None,
-    no_depth: Annotated[bool, typer.Option("--no-depth", help="ignore the depth stage's maps")] = False,
-    scene_box: Annotated[Optional[tuple[float, float, float, float, float, float]], typer.Option(
-        help="XMIN YMIN ZMIN XMAX YMAX ZMAX in metres (default: from the mattes)")] = None,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default)")] = 0,
-    lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
+    config: OptimizeConfig,
 ) -> None:
     """Train NeRSemble on a sequence; resumes from its last checkpoint, skipped when done."""
-    from stages.optimize.config import OptimizeConfig
     from stages.optimize.stage import optimize_sequence
 
-    config = _validated(OptimizeConfig, "optimize", preset=preset, steps=steps, device=device, encoding=encoding,
-                        holdout_cameras=_split_serials(holdout), overrides=_parse_overrides(override),
-                        time_budget_s=time_budget, use_depth=not no_depth, threads=threads,
-                        scene_box=(scene_box[:3], scene_box[3:]) if scene_box else None, lock_timeout=lock_timeout)
     bar = _Progress("training")
 
     def show(p) -> None:  # noqa: ANN001 - a TrainingProgress
@@ -318,61 +217,33 @@ def optimize(
                            "holdout_cameras", "checkpoint"))
 
 
-# Export and evaluate: the render step is a render-time choice (the weights do not depend on it).
-EvalSubsteps = Annotated[Optional[int], typer.Option(help="march renders at the model's training step / N "
-                                                          "(default: as trained); higher is slower and more exact")]
+# What export renders: with none of these named on the command line, the turntable and hold-out videos.
+_WHAT_TO_RENDER = ("turntable", "holdout", "path", "path_cameras", "benchmark")
+
+
+def _render_only_what_was_named(fields: dict) -> None:
+    """Naming any of --turntable, --holdout, --path, --path-cameras, --benchmark renders only what was named."""
+    if any(fields.get(name) for name in _WHAT_TO_RENDER):
+        fields.setdefault("turntable", False)
+        fields.setdefault("holdout", False)
 
 
 @app.command()
 @_user_errors
+@with_config_options("export", adjust=_render_only_what_was_named, aliases=(
+    Alias("--radius", "radius_m"), Alias("--elevation", "elevation_deg"), Alias("--arc", "arc_deg"),
+    Alias("--through-cameras", "path_cameras")))
 def export(
     sequence_work_dir: Annotated[Path, typer.Argument(help="<WORK>/<PID>/<SEQ>, holding a trained model")],
-    turntable: Annotated[bool, typer.Option("--turntable", help="render export/turntable.mp4")] = False,
-    holdout: Annotated[bool, typer.Option("--holdout", help="render every hold-out camera for every frame")]
-    = False,
-    path: Annotated[Optional[Path], typer.Option("--path", help="camera path JSON: width, height, keyframes of "
-                                                               "{K, world_2_cam, time[, frame]}")] = None,
-    through_cameras: Annotated[Optional[list[str]], typer.Option(help="smooth path through these rig cameras, in "
-                                                                      "order (repeat or comma-separate)")] = None,
-    benchmark: Annotated[bool, typer.Option("--benchmark", help="NeRSemble benchmark NVS submission files")]
-    = False,
-    benchmark_size: Annotated[tuple[int, int], typer.Option(help="benchmark video WIDTH HEIGHT (the NVS task's)")]
-    = (1100, 1604),
-    seconds: Annotated[float, typer.Option(help="turntable / path length")] = 4.0,
-    fps: Annotated[float, typer.Option(help="frames per second")] = 24.0,
-    resolution_scale: Annotated[float, typer.Option(help="render size relative to the stored frames")] = 1.0,
-    elevation: Annotated[float, typer.Option(help="turntable height above the rig's mean, degrees")] = 0.0,
-    radius: Annotated[Optional[float], typer.Option(help="turntable distance in metres (default: the rig's)")]
-    = None,
-    trajectory: Annotated[str, typer.Option(help="orbit | official (upstream's circle around the frontal axis)")]
-    = "orbit",
-    arc: Annotated[float, typer.Option(help="orbit azimuth range in degrees; below 360 it sways across the "
-                                            "front")] = 360.0,
-    background: Annotated[str, typer.Option(help="white | transparent (adds RGBA PNG frames and alpha videos)")]
-    = "white",
-    crf: Annotated[int, typer.Option(help="H.264 constant rate factor")] = 14,
-    depth_videos: Annotated[bool, typer.Option(help="also write depth and alpha videos")] = False,
-    eval_substeps: EvalSubsteps = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    chunk: Annotated[int, typer.Option(help="rays rendered at once (bounds memory)")] = 8192,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default)")] = 0,
-    lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
+    config: ExportConfig,
 ) -> None:
     """Render turntable, hold-out, camera-path and benchmark videos from the trained model (skipped when done).
 
-    With none of --turntable, --holdout, --path, --through-cameras, --benchmark: the turntable and hold-out videos.
+    With none of --turntable, --holdout, --path, --path-cameras, --benchmark named: the turntable and hold-out
+    videos. Naming any of them renders only what was named.
     """
-    from stages.export.config import ExportConfig
     from stages.export.stage import export_sequence
 
-    cameras = _split_serials(through_cameras)
-    chosen = turntable or holdout or path is not None or bool(cameras) or benchmark
-    config = _validated(ExportConfig, "export", turntable=turntable or not chosen, holdout=holdout or not chosen,
-                        path=str(path) if path else None, path_cameras=cameras, benchmark=benchmark,
-                        benchmark_size=benchmark_size, seconds=seconds, fps=fps, resolution_scale=resolution_scale,
-                        elevation_deg=elevation, radius_m=radius, trajectory=trajectory, arc_deg=arc,
-                        background=background, crf=crf, depth_videos=depth_videos, eval_substeps=eval_substeps,
-                        device=device, chunk=chunk, threads=threads, lock_timeout=lock_timeout)
     bar = _Progress("rendering")
     try:
         report = export_sequence(sequence_work_dir, config, progress=bar)
@@ -386,25 +257,14 @@ def export(
 
 @app.command()
 @_user_errors
+@with_config_options("evaluate")
 def evaluate(
     sequence_work_dir: Annotated[Path, typer.Argument(help="<WORK>/<PID>/<SEQ>, holding a trained model")],
-    timesteps: Annotated[int, typer.Option(help="evenly spaced frames per hold-out camera (0 = all)")] = 15,
-    lpips: Annotated[bool, typer.Option(help="LPIPS when its weights are on disk (never downloaded)")] = True,
-    ground_truth: Annotated[Optional[Path], typer.Option(help="a synthetic capture's ground_truth.zarr, scored "
-                                                              "separately")] = None,
-    eval_substeps: EvalSubsteps = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    chunk: Annotated[int, typer.Option(help="rays rendered at once (bounds memory)")] = 8192,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default)")] = 0,
-    lock_timeout: Annotated[float, typer.Option(help="seconds to wait if another process writes this sequence")] = 0.0,
+    config: EvaluateConfig,
 ) -> None:
     """Score the trained model on the hold-out cameras: PSNR, SSIM, LPIPS per camera and overall (skipped when done)."""
-    from stages.evaluate.config import EvaluateConfig
     from stages.evaluate.stage import evaluate_sequence
 
-    config = _validated(EvaluateConfig, "evaluate", timesteps=timesteps, lpips=lpips,
-                        ground_truth=str(ground_truth) if ground_truth else None, eval_substeps=eval_substeps,
-                        device=device, chunk=chunk, threads=threads, lock_timeout=lock_timeout)
     bar = _Progress("evaluating")
     try:
         report = evaluate_sequence(sequence_work_dir, config, progress=bar)
@@ -456,24 +316,13 @@ def install_models() -> None:
 # --- flows: the whole pipeline as Prefect flow runs ------------------------------------------------------
 
 
-def _names(values: list[str] | None) -> list[str] | None:
-    """``--stages a,b --stages c`` -> [a, b, c] (also for participants and sequences)."""
-    return _split_serials(values)
-
-
-def _flow_configs(preset: str, steps: int | None, time_budget: float | None, device: str, matte_method: str,
-                  downscale: float, stride: int, count: int | None) -> dict:
-    """The stage configs the run and archive commands build from their options; the rest keep defaults."""
-    from stages.ingest.config import IngestConfig
-    from stages.matte.config import MatteConfig
-    from stages.optimize.config import OptimizeConfig
-
-    return {
-        "ingest": _validated(IngestConfig, "ingest", downscale=downscale, stride=stride, count=count),
-        "matte": _validated(MatteConfig, "matte", method=matte_method),
-        "optimize": _validated(OptimizeConfig, "optimize", preset=preset, steps=steps, time_budget_s=time_budget,
-                               device=device),
-    }
+# Older run/archive options, each one stage's field: they keep working, hidden behind --<stage>-<field>.
+_PIPELINE_ALIASES = (
+    Alias("--preset", "preset", "optimize"), Alias("--steps", "steps", "optimize"),
+    Alias("--time-budget", "time_budget_s", "optimize"), Alias("--device", "device", "optimize"),
+    Alias("--downscale", "downscale", "ingest"), Alias("--stride", "stride", "ingest"),
+    Alias("--count", "count", "ingest"),
+)
 
 
 def _flow_error(state) -> str:  # noqa: ANN001 - a prefect State
@@ -484,11 +333,6 @@ def _flow_error(state) -> str:  # noqa: ANN001 - a prefect State
     return str(error) if isinstance(error, BaseException) else (state.message or state.name)
 
 
-_PRESET = Annotated[str, typer.Option(help="optimize preset: preview (minutes on a CPU) | paper (official, GPU)")]
-_STEPS = Annotated[Optional[int], typer.Option(help="training steps (default: the preset's)")]
-_BUDGET = Annotated[Optional[float], typer.Option("--time-budget", help="stop training after this many seconds")]
-_DEVICE = Annotated[str, typer.Option(help="auto | cpu | cuda, for training")]
-_MATTE = Annotated[str, typer.Option(help="matte method: auto | plate | rembg | fused")]
 _STAGES = Annotated[Optional[list[str]], typer.Option(help="stages to run (repeat or comma-separate; default: all "
                                                            "of ingest,calibrate,matte,depth,optimize,export,"
                                                            "evaluate)")]
@@ -498,29 +342,22 @@ _OPT_DEPLOY = Annotated[Optional[str], typer.Option(help="train through this dep
 
 @app.command()
 @_user_errors
+@with_config_options(None, aliases=_PIPELINE_ALIASES)
 def run(
     raw_sequence_dir: Annotated[Path, typer.Argument(help="<archive>/<PID>/sequences/<SEQ>")],
     work: Annotated[str, typer.Option(help="work root (path or fsspec URL); outputs go to <WORK>/<PID>/<SEQ>")],
-    preset: _PRESET = "preview",
     stages: _STAGES = None,
-    steps: _STEPS = None,
-    time_budget: _BUDGET = None,
-    device: _DEVICE = "auto",
-    matte_method: _MATTE = "auto",
-    downscale: Annotated[float, typer.Option(help="divide frame size by F at ingest")] = 1.0,
-    stride: Annotated[int, typer.Option(help="keep every S-th frame at ingest")] = 1,
-    count: Annotated[Optional[int], typer.Option(help="at most this many frames after the stride")] = None,
     optimize_deployment: _OPT_DEPLOY = None,
+    config: PipelineConfig = None,
 ) -> None:
     """Run the process-sequence flow on one raw sequence; stages that already finished are skipped."""
     from flows.local_api import flow_run_page, prefect_api
 
-    configs = _flow_configs(preset, steps, time_budget, device, matte_method, downscale, stride, count)
     with prefect_api() as api_url:
         from flows.sequence import check_stages, process_sequence
 
-        wanted = check_stages(_names(stages))
-        state = process_sequence(str(raw_sequence_dir.resolve()), work, **configs, stages=wanted,
+        wanted = check_stages(split_values(stages))
+        state = process_sequence(str(raw_sequence_dir.resolve()), work, config, stages=wanted,
                                  optimize_deployment=optimize_deployment, return_state=True)
         page = flow_run_page(state.state_details.flow_run_id, api_url)
     if not state.is_completed():
@@ -554,6 +391,7 @@ def _print_outputs(work_root: str, raw_sequence_dir: Path) -> None:
 
 @app.command("archive")
 @_user_errors
+@with_config_options(None, aliases=_PIPELINE_ALIASES)
 def archive_command(
     archive_root: Annotated[Path, typer.Argument(help="folder holding <PID>/sequences/<SEQ>")],
     work: Annotated[str, typer.Option(help="work root (path or fsspec URL every worker reaches)")],
@@ -561,33 +399,26 @@ def archive_command(
                                                                                     "(repeat or comma-separate)")]
     = None,
     sequences: Annotated[Optional[list[str]], typer.Option("--sequence", help="only these sequence names")] = None,
-    preset: _PRESET = "preview",
     stages: _STAGES = None,
-    steps: _STEPS = None,
-    time_budget: _BUDGET = None,
-    device: _DEVICE = "auto",
-    matte_method: _MATTE = "auto",
-    downscale: Annotated[float, typer.Option(help="divide frame size by F at ingest")] = 1.0,
-    stride: Annotated[int, typer.Option(help="keep every S-th frame at ingest")] = 1,
-    count: Annotated[Optional[int], typer.Option(help="at most this many frames after the stride")] = None,
     concurrency: Annotated[int, typer.Option(help="sequences processed at the same time")] = 1,
     deployment: Annotated[Optional[str], typer.Option(help="run each sequence through this deployment (e.g. "
                                                            "process-sequence/process-sequence) on a work pool")]
     = None,
     optimize_deployment: _OPT_DEPLOY = None,
     rerun: Annotated[bool, typer.Option(help="also run sequences that finished with these settings before")] = False,
+    config: PipelineConfig = None,
 ) -> None:
     """Run the process-archive flow: every sequence under ARCHIVE_ROOT, finished ones skipped, failures isolated."""
     from flows.local_api import flow_run_page, prefect_api
 
-    configs = _flow_configs(preset, steps, time_budget, device, matte_method, downscale, stride, count)
     with prefect_api() as api_url:
         from flows.archive import ArchiveFailures, process_archive
         from flows.sequence import check_stages
 
-        wanted = check_stages(_names(stages))
-        state = process_archive(str(archive_root), work, participants=_names(participants),
-                                sequences=_names(sequences), **configs, stages=wanted, max_concurrent=concurrency,
+        wanted = check_stages(split_values(stages))
+        state = process_archive(str(archive_root), work, participants=split_values(participants),
+                                sequences=split_values(sequences), config=config, stages=wanted,
+                                max_concurrent=concurrency,
                                 sequence_deployment=deployment, optimize_deployment=optimize_deployment,
                                 rerun_finished=rerun, return_state=True)
         page = flow_run_page(state.state_details.flow_run_id, api_url)

@@ -13,26 +13,25 @@ from pathlib import Path
 
 import typer
 
+from stages.config import PipelineConfig
 from stages.evaluate.config import EvaluateConfig
 from stages.export.config import ExportConfig
-from stages.ingest.config import IngestConfig
 from stages.matte.config import MatteConfig
 from stages.optimize.config import OptimizeConfig
 
 
-def demo_configs(train_seconds: float) -> dict:
+def demo_config(train_seconds: float) -> PipelineConfig:
     """What fits the demo's 15 minutes on 2 CPU cores: plate matting (the synthetic rig has perfect plates, and
     rembg's ~1 s per frame would dominate), the preview preset stopped by a time budget, a 3 s turntable (the
     only video; evaluate renders the hold-out views it scores) and the hold-out protocol on 3 timesteps."""
-    return {
-        "ingest": IngestConfig(),
-        "matte": MatteConfig(method="plate"),
+    return PipelineConfig(
+        matte=MatteConfig(method="plate"),
         # One torch thread: the Prefect API server shares the two cores, and oversubscribed OpenMP threads make
         # the small per-step matmuls many times slower.
-        "optimize": OptimizeConfig(preset="preview", time_budget_s=train_seconds, threads=1),
-        "export": ExportConfig(turntable=True, holdout=False, seconds=3.0, fps=12.0),
-        "evaluate": EvaluateConfig(timesteps=3),
-    }
+        optimize=OptimizeConfig(preset="preview", time_budget_s=train_seconds, threads=1),
+        export=ExportConfig(turntable=True, holdout=False, seconds=3.0, fps=12.0),
+        evaluate=EvaluateConfig(timesteps=3),
+    )
 
 
 def run_demo(out: Path, frames: int = 12, train_seconds: float = 300.0) -> None:
@@ -51,7 +50,7 @@ def run_demo(out: Path, frames: int = 12, train_seconds: float = 300.0) -> None:
         where = f"the Prefect server at {api_url}" if api_url else "Prefect's ephemeral API (SQLite in PREFECT_HOME)"
         typer.echo(f"2/2 the process-sequence flow ({', '.join(STAGES)}) into {work}, reporting to {where};")
         typer.echo(f"    training stops after {train_seconds:.0f} s ...")
-        state = process_sequence(str(capture.sequence_dir), str(work), **demo_configs(train_seconds),
+        state = process_sequence(str(capture.sequence_dir), str(work), demo_config(train_seconds),
                                  return_state=True)
         page = flow_run_page(state.state_details.flow_run_id, api_url)
     if not state.is_completed():

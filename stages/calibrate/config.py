@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from stages.core.fields import LockTimeout, StageConfig, Threads
 
 
-class CalibrateConfig(BaseModel):
+class CalibrateConfig(StageConfig):
     """How the calibrate stage finds each camera's K and world_2_cam. Execution knobs stay out of the config hash."""
 
     mode: Literal["auto", "provided", "colmap", "refine"] = Field(
@@ -34,9 +36,5 @@ class CalibrateConfig(BaseModel):
                                "(colmap, after similarity alignment) or move (refine)")
     max_center_error_mm: float = Field(50.0, gt=0, description="the same for camera centres, in mm")
     seed: int = Field(0, ge=0, description="RANSAC and mapper seed")
-    threads: int = Field(0, ge=0, description="COLMAP threads; 0 = one per CPU core")
-    lock_timeout: float = Field(0.0, ge=0.0, description="seconds to wait for another writer of the sequence")
-
-    def result_fields(self) -> dict:
-        """The fields that decide the calibration (execution knobs excluded), for the stage's config hash."""
-        return self.model_dump(exclude={"threads", "lock_timeout"})
+    threads: Threads = Field(0, description="COLMAP threads; 0 = one per CPU core")
+    lock_timeout: LockTimeout = 0.0

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
+
+from stages.core.fields import Device, LockTimeout, PreviewCameras, StageConfig, Workers, knob
 
 
-class DepthConfig(BaseModel):
+class DepthConfig(StageConfig):
     """How the depth stage fills the store's depth maps. Execution knobs and previews stay out of the config hash."""
 
     method: Literal["auto", "sweep", "colmap"] = Field(
         "auto", description="sweep: multi-view plane-sweep stereo in torch; colmap: COLMAP PatchMatch stereo "
                             "(needs a CUDA build of pycolmap); auto: colmap where pycolmap has CUDA, else sweep")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the sweep runs; auto: CUDA if "
-                                                                         "torch sees a GPU, else CPU")
+    device: Device = Field("auto", description="where the sweep runs; auto: CUDA if torch sees a GPU, else CPU")
     neighbours: int = Field(3, ge=1, description="source cameras per reference view, nearest by viewing direction")
     max_neighbour_angle: float = Field(60.0, gt=0, le=180, description="degrees between viewing directions "
                                                                          "beyond which a camera is no neighbour")
@@ -40,10 +41,10 @@ class DepthConfig(BaseModel):
     hull_misses: int = Field(1, ge=0, description="cameras whose matte may exclude a voxel of the visual hull "
                                                   "(outvotes a bad matte)")
     hull_dilation_px: float = Field(1.0, ge=0, description="pixels the mattes are grown by before carving")
-    workers: int = Field(0, ge=0, description="views computed in parallel; 0 = one per CPU core (1 on CUDA)")
-    volume_mb: float = Field(64.0, gt=0, description="memory budget of one view's score volume, per worker")
-    preview_cameras: int = Field(4, ge=1, description="cameras in the preview sheet")
-    lock_timeout: float = Field(0.0, ge=0.0, description="seconds to wait for another writer of the sequence")
+    workers: Workers = Field(0, description="views computed in parallel; 0 = one per CPU core (1 on CUDA)")
+    volume_mb: float = knob(64.0, gt=0, description="memory budget of one view's score volume, per worker")
+    preview_cameras: PreviewCameras = 4
+    lock_timeout: LockTimeout = 0.0
 
     @field_validator("window")
     @classmethod
@@ -51,7 +52,3 @@ class DepthConfig(BaseModel):
         if window % 2 == 0:
             raise ValueError(f"window must be odd, got {window}")
         return window
-
-    def result_fields(self) -> dict:
-        """The fields that decide the depth maps (execution knobs and previews excluded), for the config hash."""
-        return self.model_dump(exclude={"device", "workers", "volume_mb", "preview_cameras", "lock_timeout"})

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
-from stages.core.fields import RenderSubsteps, without_defaulted_render_step
+from stages.core.fields import Device, LockTimeout, RayChunk, RenderSubsteps, StageConfig, Threads
 
 
-class ExportConfig(BaseModel):
+class ExportConfig(StageConfig):
     """What the export stage renders from the trained model, and how it encodes it."""
 
     turntable: bool = Field(True, description="render the turntable video (export/turntable.mp4)")
     holdout: bool = Field(True, description="render every hold-out camera for every frame (export/holdout/)")
-    path: str | None = Field(None, description="camera path JSON (keyframes of K, world_2_cam, time) to render")
+    path: str | None = Field(None, description="camera path JSON to render: width, height, keyframes of "
+                                               "{K, world_2_cam, time[, frame]} (export/path.mp4)")
     path_cameras: list[str] | None = Field(
         None, description="render a smooth path through these rig cameras, in this order (export/rig_path.mp4)")
     benchmark: bool = Field(False, description="write the NeRSemble benchmark NVS submission layout")
@@ -35,15 +36,12 @@ class ExportConfig(BaseModel):
     crf: int = Field(14, ge=0, le=51, description="H.264 constant rate factor (14: the benchmark's)")
     depth_videos: bool = Field(False, description="also write depth and alpha videos beside each render")
     eval_substeps: RenderSubsteps = None
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if torch sees a GPU")
-    chunk: int = Field(8192, ge=256, description="rays rendered at once (bounds memory at any resolution)")
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
-    lock_timeout: float = Field(0.0, ge=0.0, description="seconds to wait for another writer of the sequence")
+    device: Device = "auto"
+    chunk: RayChunk = 8192
+    threads: Threads = 0
+    lock_timeout: LockTimeout = 0.0
 
     @field_validator("path_cameras")
     @classmethod
     def _path_serials_are_strings(cls, cameras: list[str] | None) -> list[str] | None:
         return [str(c) for c in cameras] if cameras else None
-
-    def result_fields(self) -> dict:
-        return without_defaulted_render_step(self.model_dump(exclude={"device", "chunk", "threads", "lock_timeout"}))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
+
+from stages.core.fields import LockTimeout, StageConfig, Workers, knob
 
 
-class IngestConfig(BaseModel):
+class IngestConfig(StageConfig):
     """How raw videos become the capture store. Fields that change the stored data enter the config hash."""
 
     downscale: float = Field(1.0, ge=1.0, description="divide width and height by this factor (area resampling)")
@@ -17,15 +19,11 @@ class IngestConfig(BaseModel):
     calibration_size: tuple[int, int] | None = Field(
         None, description="(width, height) the calibration's K is for; default: the videos' size"
     )
-    workers: int = Field(0, ge=0, description="parallel camera decoders; 0 = one per CPU core")
-    decoder_threads: int = Field(0, ge=0, description="ffmpeg threads per decoder; 0 = ffmpeg's choice")
-    lock_timeout: float = Field(0.0, ge=0.0, description="seconds to wait for another writer of the sequence")
+    workers: Workers = Field(0, description="parallel camera decoders; 0 = one per CPU core")
+    decoder_threads: int = knob(0, ge=0, description="ffmpeg threads per decoder; 0 = ffmpeg's choice")
+    lock_timeout: LockTimeout = 0.0
 
     @field_validator("cameras")
     @classmethod
     def _serials_are_strings(cls, cameras: list[str] | None) -> list[str] | None:
         return [str(c) for c in cameras] if cameras else None
-
-    def result_fields(self) -> dict:
-        """The fields that decide what is stored (execution knobs excluded), for the stage's config hash."""
-        return self.model_dump(exclude={"workers", "decoder_threads", "lock_timeout"})

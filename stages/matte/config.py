@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
+
+from stages.core.fields import LockTimeout, PreviewCameras, StageConfig, Workers, knob
 
 
-class MatteConfig(BaseModel):
+class MatteConfig(StageConfig):
     """How the matte stage fills the store's alpha. Execution knobs and previews stay out of the config hash."""
 
     method: Literal["auto", "plate", "rembg", "fused"] = Field(
@@ -35,21 +37,16 @@ class MatteConfig(BaseModel):
                                                      "are dropped")
     max_hole: float = Field(0.02, ge=0, description="plate: enclosed holes up to this fraction of the frame are "
                                                     "filled (fused: holes the saliency model calls subject)")
-    workers: int = Field(0, ge=0, description="cameras matted in parallel; 0 = one per CPU core")
-    onnx_threads: int = Field(0, ge=0, description="threads per model inference; 0 = CPU cores / workers")
-    preview_cameras: int = Field(4, ge=1, description="cameras in the preview contact sheet")
-    preview_frames: int = Field(3, ge=1, description="frames per camera in the preview contact sheet")
-    lock_timeout: float = Field(0.0, ge=0.0, description="seconds to wait for another writer of the sequence")
+    workers: Workers = Field(0, description="cameras matted in parallel; 0 = one per CPU core")
+    onnx_threads: int = knob(0, ge=0, description="threads per model inference; 0 = CPU cores / workers")
+    preview_cameras: PreviewCameras = Field(4, description="cameras in the preview contact sheet")
+    preview_frames: int = knob(3, ge=1, description="frames per camera in the preview contact sheet")
+    lock_timeout: LockTimeout = 0.0
 
     @field_validator("high")
     @classmethod
-    def _high_above_low(cls, high: float, info) -> float:  # noqa: ANN001 - pydantic's ValidationInfo
+    def _high_above_low(cls, high: float, info) -> float:
         low = info.data.get("low")
         if low is not None and high <= low:
             raise ValueError(f"high ({high}) must be above low ({low})")
         return high
-
-    def result_fields(self) -> dict:
-        """The fields that decide the alpha (execution knobs and previews excluded), for the config hash."""
-        return self.model_dump(exclude={"workers", "onnx_threads", "preview_cameras", "preview_frames",
-                                        "lock_timeout"})

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
+from stages.core.fields import Device, LockTimeout, StageConfig, Threads, knob
 
 # The four rig cameras the NeRSemble paper holds out for novel-view evaluation.
 PAPER_HOLDOUT_CAMERAS = ("222200040", "220700191", "222200043", "221501007")
 
 
-class OptimizeConfig(BaseModel):
+class OptimizeConfig(StageConfig):
     """How the optimize stage trains NeRSemble. ``overrides`` reaches every model hyper-parameter by name."""
 
     preset: Literal["preview", "standard", "paper"] = Field(
@@ -27,17 +28,17 @@ class OptimizeConfig(BaseModel):
     scene_box: tuple[tuple[float, float, float], tuple[float, float, float]] | None = Field(
         None, description="((xmin, ymin, zmin), (xmax, ymax, zmax)) in metres, calibration frame; default: the "
                           "mattes' visual hull, padded (or a box at the rig's focus when the hull is empty)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if torch sees a GPU")
-    encoding: Literal["auto", "torch", "tcnn"] = Field(
+    device: Device = "auto"
+    encoding: Literal["auto", "torch", "tcnn"] = knob(
         "auto", description="hash-grid backend: tcnn when importable (auto), or the pure-torch one")
-    time_budget_s: float | None = Field(
+    time_budget_s: float | None = knob(
         None, gt=0, description="stop training after this many seconds (a checkpoint is written); steps "
                                 "schedules keep their meaning")
-    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; default: the preset's")
-    resume: bool = Field(True, description="continue from the last checkpoint of the same config")
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    checkpoint_every: int | None = knob(None, ge=1, description="steps between checkpoints; default: the preset's")
+    resume: bool = knob(True, description="continue from the last checkpoint of the same config")
+    threads: Threads = 0
     seed: int | None = Field(None, description="random seed; default: the preset's")
-    lock_timeout: float = Field(0.0, ge=0.0, description="seconds to wait for another writer of the sequence")
+    lock_timeout: LockTimeout = 0.0
 
     @field_validator("scene_box")
     @classmethod
@@ -50,8 +51,3 @@ class OptimizeConfig(BaseModel):
     @classmethod
     def _holdout_serials_are_strings(cls, cameras: list[str] | None) -> list[str] | None:
         return [str(c) for c in cameras] if cameras is not None else None
-
-    def result_fields(self) -> dict:
-        """The fields that decide the trained model (execution knobs excluded), for the config hash."""
-        return self.model_dump(exclude={"device", "encoding", "time_budget_s", "checkpoint_every", "resume",
-                                        "threads", "lock_timeout"})

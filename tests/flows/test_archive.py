@@ -14,13 +14,14 @@ import pytest
 from prefect.logging.handlers import APILogHandler
 
 from flows.archive import process_archive
+from stages.config import PipelineConfig
 from stages.ingest.config import IngestConfig
 from pipeline.synthetic import synthesize_capture
 from stages.core.video import encode_video
 from storage import CaptureStore, SequenceWorkDir
 
 EARLY = ["ingest", "calibrate"]
-FAST = IngestConfig(count=2, workers=1)
+FAST = PipelineConfig(ingest=IngestConfig(count=2, workers=1))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def _records(work_root: Path, participant: str, sequence: str) -> dict[str, str]
 
 
 def test_one_corrupt_capture_fails_alone_and_a_rerun_touches_only_it(prefect_harness, archive, tmp_path):
-    state = process_archive(str(archive), str(tmp_path), ingest=FAST, stages=EARLY, max_concurrent=2,
+    state = process_archive(str(archive), str(tmp_path), config=FAST, stages=EARLY, max_concurrent=2,
                             return_state=True)
     assert state.is_failed()
     assert "1 of 3 sequence(s) failed" in state.message and "201/BROKEN" in state.message
@@ -80,7 +81,7 @@ def test_one_corrupt_capture_fails_alone_and_a_rerun_touches_only_it(prefect_har
     assert "ingest" not in _records(tmp_path, "201", "BROKEN")
     runs_before = asyncio.run(_sequence_run_names())
 
-    again = process_archive(str(archive), str(tmp_path), ingest=FAST, stages=EARLY, return_state=True)
+    again = process_archive(str(archive), str(tmp_path), config=FAST, stages=EARLY, return_state=True)
     assert again.is_failed()
     rows = {row["sequence"]: row for row in asyncio.run(_summary_rows())}
     assert {name: row["status"] for name, row in rows.items()} == {
@@ -100,7 +101,7 @@ def test_a_missing_archive_root_is_a_clear_failure(prefect_harness, tmp_path):
 
 def test_an_unknown_participant_fails_without_losing_the_others(prefect_harness, archive, tmp_path):
     state = process_archive(str(archive), str(tmp_path), participants=["201", "999"], sequences=["GOOD-1"],
-                            ingest=FAST, stages=["ingest"], return_state=True)
+                            config=FAST, stages=["ingest"], return_state=True)
     assert state.is_failed() and "participant '999' not found" in state.message and "201" in state.message
     rows = asyncio.run(_summary_rows())
     assert {(row["participant"], row["sequence"], row["status"]) for row in rows} == {
@@ -116,7 +117,7 @@ def test_a_capture_without_calibration_or_texture_fails_clearly_and_alone(prefec
     flat = [np.full((64, 48, 3), 128, np.uint8)] * 2
     for serial in ("222200037", "222200042", "221501007"):
         encode_video(root / "302" / "sequences" / "FLAT" / "images" / f"cam_{serial}.mp4", flat, fps=73.0)
-    state = process_archive(str(root), str(tmp_path / "work"), ingest=FAST, stages=EARLY, return_state=True)
+    state = process_archive(str(root), str(tmp_path / "work"), config=FAST, stages=EARLY, return_state=True)
     assert state.is_failed() and "302/FLAT" in state.message and "not registered" in state.message
     rows = {row["sequence"]: row for row in asyncio.run(_summary_rows())}
     assert rows["GOOD-1"]["status"] == "completed" and rows["FLAT"]["status"] == "failed"

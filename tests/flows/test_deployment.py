@@ -115,7 +115,7 @@ def test_deployments_run_on_a_process_worker(server, tmp_path):
         with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
             run = run_deployment("process-archive/process-archive", timeout=150, poll_interval=1,
                                  parameters={"archive_root": str(capture.root), "work_root": str(tmp_path / "work"),
-                                             "stages": ["ingest"], "ingest": {"count": 1, "workers": 1},
+                                             "stages": ["ingest"], "config": {"ingest": {"count": 1, "workers": 1}},
                                              "sequence_deployment": "process-sequence/process-sequence"})
             sequence_runs = _flow_run_names("process-sequence")
     finally:

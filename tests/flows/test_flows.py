@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from flows.sequence import STAGES, process_sequence
+from stages.config import PipelineConfig
 from stages.evaluate.config import EvaluateConfig
 from stages.export.config import ExportConfig
 from stages.ingest.config import IngestConfig
@@ -34,16 +35,16 @@ def capture(tmp_path_factory):
     return synthesize_capture(tmp_path_factory.mktemp("archive"), cameras=3, frames=3, width=48, height=64)
 
 
-def _configs(capture) -> dict:
+def _config(capture) -> PipelineConfig:
     """Every stage at its smallest: 2 frames, plate matting, 6 training steps, a 2-frame turntable, 1 timestep."""
-    return {
-        "ingest": IngestConfig(count=2),
-        "matte": MatteConfig(method="plate", workers=1),
-        "optimize": OptimizeConfig(steps=6, overrides=TINY, holdout_cameras=[capture.cameras[2]], device="cpu",
-                                   encoding="torch", seed=3, threads=1),
-        "export": ExportConfig(seconds=0.5, fps=4, holdout=False, threads=1),
-        "evaluate": EvaluateConfig(timesteps=1, lpips=False, threads=1),
-    }
+    return PipelineConfig(
+        ingest=IngestConfig(count=2),
+        matte=MatteConfig(method="plate", workers=1),
+        optimize=OptimizeConfig(steps=6, overrides=TINY, holdout_cameras=[capture.cameras[2]], device="cpu",
+                                encoding="torch", seed=3, threads=1),
+        export=ExportConfig(seconds=0.5, fps=4, holdout=False, threads=1),
+        evaluate=EvaluateConfig(timesteps=1, lpips=False, threads=1),
+    )
 
 
 async def _artifact_keys() -> set[str]:
@@ -64,7 +65,7 @@ def _records(work: SequenceWorkDir) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_sequence_flow_runs_every_stage_publishes_and_skips_on_rerun(prefect_harness, capture, tmp_path):
-    reports = process_sequence(str(capture.sequence_dir), str(tmp_path), **_configs(capture))
+    reports = process_sequence(str(capture.sequence_dir), str(tmp_path), _config(capture))
     assert list(reports) == list(STAGES)
     assert {stage: report["status"] for stage, report in reports.items()} == {stage: "completed" for stage in STAGES}
     assert reports["optimize"]["steps"] == 6
@@ -82,7 +83,7 @@ def test_sequence_flow_runs_every_stage_publishes_and_skips_on_rerun(prefect_har
     summary = work.read_report("sequence")
     assert summary["status"] == "completed" and summary["psnr"] == pytest.approx(reports["evaluate"]["psnr"], abs=1e-3)
     records = _records(work)
-    again = process_sequence(str(capture.sequence_dir), str(tmp_path), **_configs(capture))
+    again = process_sequence(str(capture.sequence_dir), str(tmp_path), _config(capture))
     assert {stage: report["status"] for stage, report in again.items()} == {stage: "skipped" for stage in STAGES}
     assert _records(work) == records
 
@@ -95,12 +96,11 @@ def _api_url() -> str:
 
 _KILLED_RUN = """
 import sys
-from stages.ingest.config import IngestConfig
-from stages.matte.config import MatteConfig
-from stages.optimize.config import OptimizeConfig
+from stages.config import PipelineConfig
 from flows.sequence import process_sequence
-process_sequence(sys.argv[1], sys.argv[2], IngestConfig(count=2), matte=MatteConfig(method="plate", workers=1),
-                 optimize=OptimizeConfig(steps=400, device="cpu", encoding="torch", threads=1), stages=sys.argv[3:])
+config = PipelineConfig.model_validate({"ingest": {"count": 2}, "matte": {"method": "plate", "workers": 1},
+                                        "optimize": {"steps": 400, "device": "cpu", "encoding": "torch", "threads": 1}})
+process_sequence(sys.argv[1], sys.argv[2], config, stages=sys.argv[3:])
 """
 
 
@@ -125,8 +125,7 @@ def test_a_run_killed_mid_way_resumes_where_it_stopped(prefect_harness, capture,
     before = _records(work)
     assert {"ingest", "calibrate", "matte", "depth"} <= set(before) and "optimize" not in before
 
-    configs = _configs(capture)
-    resumed = process_sequence(str(capture.sequence_dir), str(tmp_path), **configs,
+    resumed = process_sequence(str(capture.sequence_dir), str(tmp_path), _config(capture),
                                stages=["ingest", "calibrate", "matte", "depth", "optimize"])
     assert {stage: resumed[stage]["status"] for stage in ("ingest", "calibrate", "matte", "depth")} == {
         stage: "skipped" for stage in ("ingest", "calibrate", "matte", "depth")}
