@@ -35,7 +35,7 @@ def _frame_codec() -> ZstdCodec:
 
 
 def _mask_codec() -> BloscCodec:
-    # Masks are long runs of 0 and 255: bit-shuffled zstd is ~25% smaller than plain zstd there.
+    # Masks are long runs of 0 and 255: bit-shuffled zstd compresses them better than plain zstd.
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 

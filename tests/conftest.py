@@ -12,7 +12,7 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
 
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """One real Prefect API server for the whole session (starting one costs ~10 s)."""
+    """One real Prefect API server for the whole session (starting one takes seconds)."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
@@ -22,7 +22,7 @@ def prefect_harness():
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Torch pinned to one thread for a test module, restored afterwards. Small tensors gain nothing from
-    threads, and on a shared 2-core runner oversubscribed OpenMP threads made small matmuls ~30x slower."""
+    threads, and on a shared 2-core runner oversubscribed OpenMP threads make small matmuls many times slower."""
     import torch
 
     previous = torch.get_num_threads()

@@ -376,18 +376,18 @@ def paper() -> NeRSembleConfig:
 
 
 def preview() -> NeRSembleConfig:
-    """A CPU-sized variant for 220x320 x 12 cameras x 24 frames (timings: README.md).
+    """A CPU-sized variant for 220x320 x 12 cameras x 24 frames, trained for minutes.
 
     Capacity is cut: 4 grids x 8 levels x 2^14 entries up to resolution 512, a 4-layer 32-wide deformation
-    MLP with 32-d codes (it dominates a sample's FLOPs: 64 wide ran 26% fewer steps in the same time, for a
-    lower hold-out SSIM), a 32^3 occupancy grid probed every 4 steps, a 0.1 marching step (~1 cm, 9x the
-    official one: a head ray gets ~20 samples; renders march 0.05) and 1024 to 4096 rays. The warm-up
-    schedules are compressed by the ratio of step counts (3000 / 300000), so PE annealing, the single-grid
-    phase and the grid fade-in keep their relative positions; the evaluation filter's blurs, given in
-    occupancy cells, are scaled by the ratio of grid resolutions (32 / 128), so they keep their size in space.
-    For a CPU time budget: alpha loss weight 1.0, depth loss weight 0.3 (with depth maps), learning-rate decay
-    every 600 steps, the matte-hull occupancy mask, early termination at T < 1e-3 and a budget of 4096 samples
-    per step (README.md says why).
+    MLP with 32-d codes (it dominates a sample's FLOPs, so a narrower one buys steps), a 32^3 occupancy grid
+    probed every 4 steps, a 0.1 marching step (~1 cm, 9x the official one: a head ray gets ~20 samples;
+    renders march 0.05) and 1024 to 4096 rays. The warm-up schedules are compressed by the ratio of step
+    counts (3000 / 300000), so PE annealing, the single-grid phase and the grid fade-in keep their relative
+    positions; the evaluation filter's blurs, given in occupancy cells, are scaled by the ratio of grid
+    resolutions (32 / 128), so they keep their size in space. For a CPU time budget: alpha loss weight 1.0,
+    depth loss weight 0.3 (with depth maps), learning-rate decay every 600 steps, the matte-hull occupancy
+    mask, early termination at T < 1e-3 and a budget of 4096 samples per step. Why: README.md next to this
+    file; the measurements: benchmarks/EXPERIMENTS.md.
     """
     base = NeRSembleConfig()
     steps = 3000
@@ -411,27 +411,29 @@ def preview() -> NeRSembleConfig:
         # few hundred steps instead of a third of the run; R^3/2 = 16k probes per update stay cheap at 32^3.
         occupancy=replace(base.occupancy, resolution=occupancy_resolution, update_every=4, warmup_steps=64,
                           matte_hull=True),
-        # Rendering marches half the training step: +0.21 dB hold-out PSNR and +0.012 SSIM on the same weights,
-        # for 1.4x the render time (README).
+        # Rendering marches half the training step: training's jittered lattice fits the continuous integral,
+        # which a finer fixed lattice estimates better than one at this coarse step; finer still costs render
+        # time for little more.
         sampler=replace(base.sampler, step_size=0.1, early_stop_eps=1e-3, eval_substeps=2),
         # The untrained field is a fog of density ~1 filling the box; at the official 0.01 the alpha loss
-        # needs thousands of steps to clear it, which is the whole preview budget. At 1.0 the background is
-        # clear within ~100 steps and the occupancy grid can prune it.
+        # needs thousands of steps to clear it, which is the whole preview budget. At 1.0 the background
+        # clears early and the occupancy grid can prune it.
         # The expected-depth loss at 0.3 instead of 1e-4 concentrates each ray's weight at the depth stage's
-        # surface: ~1.3 samples per ray instead of 2.2, so the sample budget draws ~3200 rays a step instead of
-        # ~1900; +0.4 to +0.5 dB on the hold-out cameras in the 10-minute CPU benchmark (0.1 to 1.0 alike, README).
+        # surface: fewer samples survive per ray, so the sample budget draws more rays a step. 0.3 sits in the
+        # middle of a plateau of weights that all do better than upstream's within a CPU budget.
         loss=replace(base.loss, depth_eps=base.loss.depth_eps.scaled(factor), lambda_alpha=1.0, lambda_depth=0.3),
         # Learning rates decay every 600 steps instead of the compressed 200: on a CPU the run is cut by a time
-        # budget long before step 3000, and at the compressed rate the hold-out PSNR stalled by step ~1500.
+        # budget long before step 3000, and at the compressed rate learning stalls long before the budget ends.
         optim=replace(base.optim, lr_step_size=600),
-        # Steps start at 1024 rays; once pruning has cut the samples per ray to ~2.2, 4096 samples are ~1900
-        # rays: +0.22 to +0.46 dB on the hold-out cameras over fixed 1024-ray steps in the 10-minute CPU
-        # benchmark (README). A 512-ray start was not reliably better (README).
+        # Steps start at 1024 rays; once pruning has cut the samples per ray, a 4096-sample budget draws more
+        # rays per step. Much of a small step is fixed cost, so those rays come cheap; a larger budget makes
+        # the early steps dearer, and a smaller first batch was not reliably better.
         train=replace(base.train, steps=steps, rays_per_batch=1024, target_samples_per_batch=4096,
                       max_rays_per_batch=4096, checkpoint_every=1000,
                       eval_every_batch=100, eval_every_image=500, eval_every_all_images=1000),
         # Upstream's sigmas of 1 and 7 cells are for its 128^3 grid: on 32^3, a 7-cell blur grows the largest
-        # blob over the whole grid and the filter removes nothing (+0.23 dB hold-out PSNR once scaled, README).
+        # blob over the whole grid and the filter removes nothing. Scaled, it removes the floaters that only
+        # the hold-out views see.
         eval=replace(base.eval, chunk=4096, filter_sigma_thinning=base.eval.filter_sigma_thinning * cells,
                      filter_sigma_erosion=base.eval.filter_sigma_erosion * cells),
     )

@@ -71,8 +71,9 @@ def march_rays(
 
     ``t0`` is the near plane, jittered by U(0, dt) per ray when ``stratified`` (training). Steps are
     anchored at the near plane, not at the box entry, so a ray's sample lattice does not depend on the box.
-    ``occupied`` is an ``[R, R, R]`` bool grid over ``aabb`` (None: everything). There is no early ray
-    termination: the official setting (``early_stop_eps = 0``) keeps every occupied interval.
+    ``occupied`` is an ``[R, R, R]`` bool grid over ``aabb`` (None: everything). Every occupied interval is
+    returned: early ray termination (``sampler.early_stop_eps`` > 0, off in ``paper``) is the model's
+    culling pass (``NeRSembleModel.sample``), not this function's.
     """
     n_rays = rays_o.shape[0]
     device = rays_o.device

@@ -22,7 +22,8 @@ from storage import (
     config_hash,
     digest_of,
 )
-from storage.capture_store import ARRAY_NAMES
+from storage import uri as uris
+from storage.capture_store import ARRAY_NAMES, _open_zarr_store
 
 CAMS = ["222200037", "220700191", "000123"]
 T, H, W = 4, 12, 10
@@ -88,10 +89,10 @@ def test_create_open_round_trip(store_uri: str) -> None:
     assert not store.read_depth("000123", T - 1).any()
 
 
-def test_attrs_are_plain_json_with_string_serials(tmp_path: Any) -> None:
-    uri = str(tmp_path / "capture.zarr")
-    _create(uri)
-    meta = json.loads((tmp_path / "capture.zarr" / "zarr.json").read_text())
+def test_attrs_are_plain_json_with_string_serials(store_uri: str) -> None:
+    _create(store_uri)
+    fs, path = uris.filesystem(store_uri)
+    meta = json.loads(fs.cat_file(f"{path}/zarr.json"))
     attrs = meta["attributes"]
     assert attrs["cameras"] == CAMS  # "000123" keeps its leading zeros
     assert list(attrs["intrinsics"]) == CAMS and list(attrs["world_2_cam"]) == CAMS
@@ -129,13 +130,14 @@ def test_calibration_may_be_missing_and_set_later(store_uri: str) -> None:
         again.set_calibration({c: _k(50.0) for c in CAMS}, {c: _w2c(2.0) for c in CAMS})
 
 
-def test_create_validates_its_inputs(tmp_path: Any) -> None:
+def test_create_validates_its_inputs_before_writing(store_uri: str) -> None:
     with pytest.raises(ValueError, match="frame_indices"):
-        _create(str(tmp_path / "a.zarr"), frame_indices=[0, 1])
+        _create(store_uri, frame_indices=[0, 1])
     with pytest.raises(ValueError, match="unique"):
-        _create(str(tmp_path / "b.zarr"), cameras=["1", "1"])
+        _create(store_uri, cameras=["1", "1"])
     with pytest.raises(ValueError, match=r"intrinsics\['222200037'\] must be 3x3"):
-        _create(str(tmp_path / "c.zarr"), intrinsics={c: np.eye(4) for c in CAMS})
+        _create(store_uri, intrinsics={c: np.eye(4) for c in CAMS})
+    assert not CaptureStore.exists(store_uri)
 
 
 def test_create_refuses_to_overwrite(store_uri: str) -> None:
@@ -160,13 +162,12 @@ def test_open_missing_store_names_the_uri(tmp_path: Any) -> None:
     assert not CaptureStore.exists(missing) and not CaptureStore.exists(mem)
 
 
-def test_open_rejects_non_capture_groups(tmp_path: Any) -> None:
-    uri = str(tmp_path / "other.zarr")
-    zarr.create_group(uri, attributes={"hello": 1})
+def test_open_rejects_non_capture_groups(store_uri: str) -> None:
+    zarr.create_group(_open_zarr_store(store_uri, read_only=False), attributes={"hello": 1})
     with pytest.raises(CaptureStoreError, match="not a capture store"):
-        CaptureStore.open(uri)
+        CaptureStore.open(store_uri)
     with pytest.raises(ValueError, match="mode"):
-        CaptureStore.open(uri, "w")
+        CaptureStore.open(store_uri, "w")
 
 
 # ---------------------------------------------------------------- reads and writes
@@ -270,11 +271,10 @@ def _fill_every_chunk(store: CaptureStore) -> None:
         store.write_frames(c, 0, np.stack([_image(10 * c + t) for t in range(T)]))
 
 
-def test_reads_fetch_only_the_one_chunk(tmp_path: Any) -> None:
-    uri = str(tmp_path / "capture.zarr")
-    _fill_every_chunk(_create(uri))
-    recorder = _KeyRecordingStore(zarr.storage.LocalStore(uri, read_only=True))
-    store = CaptureStore(uri, zarr.open_group(recorder, mode="r"), recorder)
+def test_reads_fetch_only_the_one_chunk(store_uri: str) -> None:
+    _fill_every_chunk(_create(store_uri))
+    recorder = _KeyRecordingStore(_open_zarr_store(store_uri, read_only=True))
+    store = CaptureStore(store_uri, zarr.open_group(recorder, mode="r"), recorder)
     store.frames  # noqa: B018 - load the array metadata before counting
     recorder.keys.clear()
     np.testing.assert_array_equal(store.read_frame(1, 2), _image(12))
