@@ -27,8 +27,9 @@ class OptimizeConfig(BaseModel):
         None, description="((xmin, ymin, zmin), (xmax, ymax, zmax)) in metres, calibration frame; default: the "
                           "mattes' visual hull, padded (or a box at the rig's focus when the hull is empty)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if torch sees a GPU")
-    encoding: Literal["auto", "torch", "tcnn"] = Field(
-        "auto", description="hash-grid backend: tcnn when importable (auto), or the pure-torch one")
+    encoding: Literal["auto", "torch", "tcnn", "triton"] = Field(
+        "auto", description="hash-grid backend: auto = tcnn when importable, else triton on CUDA, else the "
+                            "pure-torch one")
     time_budget_s: float | None = Field(
         None, gt=0, description="stop training after this many seconds (a checkpoint is written); steps "
                                 "schedules keep their meaning")
