@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Before triton is imported: on a CPU machine test_triton_encoding must be the first to import it, with
+    # its interpreter switched on.
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("triton", reason="triton does not import here (pip install triton; it is in the test extra)")
 
 from stages.nersemble.config import HashEnsembleConfig, preset  # noqa: E402
 from stages.nersemble.hash_encoding import TorchHashEnsemble, make_encoding  # noqa: E402
 from stages.nersemble.triton_encoding import TritonHashEnsemble, interpreting  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CONFIGS = {
     "mixed": HashEnsembleConfig(n_grids=3, n_levels=5, log2_table_size=12, base_resolution=8, per_level_scale=1.5),
