@@ -121,7 +121,7 @@ def train_variant(store: CaptureStore, overrides: dict, budget: float, curve_eve
                   device: torch.device, use_depth: bool, steps: int | None = None) -> dict:
     cfg = model_config(OptimizeConfig(overrides=overrides, steps=steps))
     train, holdout = split_cameras(store.cameras, None)
-    trainer, _ = build_trainer(store, train, cfg, device, resolve_backend("auto"), use_depth)
+    trainer, _ = build_trainer(store, train, cfg, device, resolve_backend("auto", device), use_depth)
     model = trainer.model
     snapshots: list[tuple[float, int, dict]] = []
     next_snapshot = [curve_every]

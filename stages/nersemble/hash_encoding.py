@@ -7,9 +7,11 @@ and sizes, so E = 6,299,960 for the paper config), which lets a single fused gat
 (``embedding_bag``) serve all K grids from 8 corner indices computed once per point and level.
 
 Backends behind :func:`make_encoding` compute the same function:
-- ``reference``: per-grid, per-level, per-corner loops with tcnn's index function written out literally.
-  Slow and obvious; tests and benchmarks hold ``torch`` against it.
-- ``torch``: vectorised, device-agnostic; the CPU path and the fallback on GPUs without tiny-cuda-nn.
+- ``reference``: per-grid, per-level, per-corner loops with tcnn's index function written out literally
+  (:mod:`stages.nersemble._reference`). Slow and obvious; tests and benchmarks hold the others against it.
+- ``torch``: vectorised, device-agnostic; the CPU path and the fallback where nothing faster runs.
+- ``triton``: fused Triton kernels over the same ``table`` parameter (:mod:`stages.nersemble.triton_encoding`),
+  for CUDA GPUs without tiny-cuda-nn; needs only the ``triton`` wheel that CUDA builds of torch bring along.
 - ``tcnn``: tiny-cuda-nn HashGrids (CUDA only) with the same layout, when ``tinycudann`` imports.
 
 Inputs are positions in [0, 1]^3 (the field maps samples outside the scene box to 0 first). Hashing mimics
@@ -19,7 +21,6 @@ levels at the upper border that tcnn's +0.5 offset causes.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from .config import HashEnsembleConfig
 PRIMES = (1, 2654435761, 805459861)  # tcnn's coherent_prime_hash factors for 3-D inputs
 UINT32 = 0xFFFFFFFF
 
-Backend = Literal["auto", "torch", "tcnn", "reference"]
+Backend = Literal["auto", "torch", "triton", "tcnn", "reference"]
 
 
 @dataclass(frozen=True)
@@ -76,26 +77,6 @@ def grid_layout(n_levels: int, base_resolution: int, per_level_scale: float, log
         dense.append(dense_size <= size)
         offset += size
     return GridLayout(tuple(scales), tuple(resolutions), tuple(sizes), tuple(offsets), tuple(dense))
-
-
-def tcnn_grid_index(coords: list[torch.Tensor], resolution: int, size: int, hashed_level: bool) -> torch.Tensor:
-    """tcnn's ``grid_index`` for integer corner coordinates (one int64 tensor per axis), written out literally.
-
-    Coordinates are first cast to uint32 (as tcnn's ``(uint32_t)(int)floor``); arithmetic wraps mod 2^32.
-    """
-    coords = [c & UINT32 for c in coords]
-    stride = 1
-    index = torch.zeros_like(coords[0])
-    for dim in range(3):
-        if stride > size:
-            break
-        index = (index + coords[dim] * stride) & UINT32
-        stride *= resolution
-    if hashed_level and size < stride:
-        index = torch.zeros_like(coords[0])
-        for dim in range(3):
-            index = index ^ ((coords[dim] * PRIMES[dim]) & UINT32)
-    return index % size
 
 
 class HashEnsembleEncoding(nn.Module):
@@ -298,48 +279,6 @@ def trilinear_rows(index: torch.Tensor, frac: torch.Tensor, table: torch.Tensor)
     return _TrilinearRows.apply(index, frac, table)
 
 
-class ReferenceHashEnsemble(TorchHashEnsemble):
-    """Per-grid, per-level, per-corner loops over the same table: the obviously-correct twin of ``torch``."""
-
-    def forward(self, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
-        return HashEnsembleEncoding.forward(self, x, blend)  # interpolate per grid, then blend
-
-    def grid_features(self, x: torch.Tensor) -> torch.Tensor:
-        layout, f = self.layout, self.features_per_level
-        # Per level and corner: tcnn's index function, written out, and the trilinear weight.
-        rows, weights = [], []
-        for level in range(self.n_levels):
-            pos = x * torch.tensor(layout.scales[level], dtype=torch.float32).to(x) + 0.5
-            cell = torch.floor(pos)
-            frac = pos - cell
-            cell = cell.long()
-            for corner in itertools.product((0, 1), repeat=3):
-                coords = [cell[:, d] + corner[d] for d in range(3)]
-                index = tcnn_grid_index(coords, layout.resolutions[level], layout.sizes[level],
-                                        hashed_level=not layout.dense[level])
-                rows.append(layout.offsets[level] + index)
-                weight = torch.ones_like(frac[:, 0])
-                for d in range(3):
-                    weight = weight * (frac[:, d] if corner[d] else 1.0 - frac[:, d])
-                weights.append(weight)
-        rows_t = torch.stack(rows, dim=1)  # [N, L * 8], level-major then corner
-        # One split and one read per grid: reading a slice of a big parameter once per corner would make
-        # autograd build (and zero) a table-sized gradient for every single lookup.
-        grids = self.table.split(f, dim=1)
-        per_grid = []
-        for k in range(self.n_grids):
-            grid_rows = grids[k][rows_t]  # [N, L * 8, F]
-            per_level = []
-            for level in range(self.n_levels):
-                acc = torch.zeros(x.shape[0], f, dtype=self.table.dtype, device=x.device)
-                for c in range(8):
-                    j = level * 8 + c
-                    acc = acc + weights[j][:, None].to(acc.dtype) * grid_rows[:, j]
-                per_level.append(acc)
-            per_grid.append(torch.stack(per_level, dim=1))  # [N, L, F]
-        return torch.stack(per_grid, dim=2)  # [N, L, K, F]
-
-
 class TcnnHashEnsemble(HashEnsembleEncoding):
     """tiny-cuda-nn backend: ceil(K*F / 8) HashGrids with (up to) 8 features per level, as upstream packs them.
 
@@ -407,14 +346,63 @@ def tcnn_available() -> bool:
     return True
 
 
+def triton_importable() -> bool:
+    """The ``triton`` package imports (it does not say whether a GPU is there to run it)."""
+    try:
+        import triton  # noqa: F401, PLC0415
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+def triton_available() -> bool:
+    """Triton imports and a CUDA device exists: the ``triton`` backend can run compiled kernels here."""
+    return torch.cuda.is_available() and triton_importable()
+
+
+def auto_backend(device: torch.device | str | None = None) -> str:
+    """What ``auto`` means on ``device`` (None: the default CUDA device when there is one, else the CPU).
+
+    tcnn when it imports, else triton (both need CUDA), else torch.
+    """
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if on_cuda and tcnn_available():
+        return "tcnn"
+    if on_cuda and triton_available():
+        return "triton"
+    return "torch"
+
+
 def make_encoding(config: HashEnsembleConfig, backend: Backend = "auto") -> HashEnsembleEncoding:
-    """The ensemble encoding for ``backend``; ``auto`` picks ``tcnn`` when usable, else ``torch``."""
+    """The ensemble encoding for ``backend``; ``auto`` picks ``tcnn``, else ``triton`` on CUDA, else ``torch``.
+
+    ``triton`` builds without a GPU too (the module falls back to the torch path on CPU tensors, and the
+    tests run its kernels under ``TRITON_INTERPRET=1``); it fails only when triton does not import.
+    """
     if backend == "auto":
-        backend = "tcnn" if tcnn_available() else "torch"
+        backend = auto_backend()
     if backend == "torch":
         return TorchHashEnsemble(config)
+    if backend == "triton":
+        if not triton_importable():
+            raise ImportError("hash-encoding backend 'triton': the triton package does not import here "
+                              "(pip install triton, or a CUDA build of torch); use backend 'torch'")
+        from .triton_encoding import TritonHashEnsemble  # noqa: PLC0415 - imports triton
+
+        return TritonHashEnsemble(config)
     if backend == "reference":
+        from ._reference import ReferenceHashEnsemble  # noqa: PLC0415 - the twin imports this module
+
         return ReferenceHashEnsemble(config)
     if backend == "tcnn":
         return TcnnHashEnsemble(config)
     raise ValueError(f"unknown hash-encoding backend {backend!r}")
+
+
+def __getattr__(name: str):
+    """The reference twins moved to :mod:`stages.nersemble._reference`; old imports from here keep working."""
+    if name in ("ReferenceHashEnsemble", "tcnn_grid_index"):
+        from . import _reference  # noqa: PLC0415 - lazy: _reference imports this module
+
+        return getattr(_reference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

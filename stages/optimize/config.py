@@ -29,8 +29,9 @@ class OptimizeConfig(StageConfig):
         None, description="((xmin, ymin, zmin), (xmax, ymax, zmax)) in metres, calibration frame; default: the "
                           "mattes' visual hull, padded (or a box at the rig's focus when the hull is empty)")
     device: Device = "auto"
-    encoding: Literal["auto", "torch", "tcnn"] = knob(
-        "auto", description="hash-grid backend: tcnn when importable (auto), or the pure-torch one")
+    encoding: Literal["auto", "torch", "tcnn", "triton"] = knob(
+        "auto", description="hash-grid backend: auto = tcnn when importable, else triton on CUDA, else the "
+                            "pure-torch one")
     time_budget_s: float | None = knob(
         None, gt=0, description="stop training after this many seconds (a checkpoint is written); steps "
                                 "schedules keep their meaning")

@@ -29,7 +29,7 @@ from stages.geometry.views import make_views
 from stages.geometry.hull import visual_hull
 from stages.core.devices import resolve_device, torch_threads
 from stages.nersemble import NeRSembleConfig, NeRSembleModel, preset, scene_box_from_cameras
-from stages.nersemble.hash_encoding import tcnn_available
+from stages.nersemble.hash_encoding import auto_backend, tcnn_available, triton_importable
 from stages.nersemble.trainer import (
     ProgressCallback,
     Trainer,
@@ -115,10 +115,25 @@ def split_cameras(cameras: list[str], holdout: list[str] | None) -> tuple[list[s
     return train, held
 
 
-def resolve_backend(encoding: str) -> str:
+def resolve_backend(encoding: str, device: torch.device | str | None = None) -> str:
+    """The hash-encoding backend ``--encoding`` names on ``device`` (None: CUDA when torch sees a GPU).
+
+    auto: tcnn when it imports, else triton on CUDA, else torch. An explicit choice that cannot run here is
+    an error naming what is missing and the fallback.
+    """
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if encoding == "auto":
+        return auto_backend("cuda" if on_cuda else "cpu")
     if encoding == "tcnn" and not tcnn_available():
         raise PipelineError("optimize --encoding tcnn: tinycudann does not import here (it needs CUDA and is "
                             "not on the package index); use --encoding torch or auto")
+    if encoding == "triton" and not triton_importable():
+        raise PipelineError("optimize --encoding triton: the triton package does not import here (pip install "
+                            "triton; CUDA builds of torch bring it along); use --encoding torch or auto")
+    if encoding == "triton" and not on_cuda:
+        raise PipelineError(f"optimize --encoding triton: needs a CUDA GPU, and the device here is "
+                            f"{'cpu' if device is None else torch.device(device)} (torch.cuda.is_available() = "
+                            f"{torch.cuda.is_available()}); use --encoding torch or auto")
     return encoding
 
 
@@ -212,7 +227,7 @@ def load_trained_model(sequence_work_dir: str | os.PathLike[str], device: str = 
     if checkpoint is None:
         raise StageOrderError(f"{work.uri}: no trained model in nersemble/{CHECKPOINTS}/: run "
                               f"`{PRODUCED_BY['optimize']}` first")
-    model = model_from_checkpoint(checkpoint, target, resolve_backend(encoding), eval_substeps)
+    model = model_from_checkpoint(checkpoint, target, resolve_backend(encoding, target), eval_substeps)
     return TrainedModel(model=model, config=model.config, step=int(checkpoint["step"]),
                         train_cameras=list(checkpoint["train_cameras"]),
                         holdout_cameras=list(checkpoint["holdout_cameras"]), n_timesteps=model.n_timesteps)
@@ -260,7 +275,7 @@ def plan_training(store: CaptureStore, config: OptimizeConfig) -> TrainPlan:
                               f"{store.stage_record('calibrate').finished_at}); run `{PRODUCED_BY['calibrate']}`")
     cfg = model_config(config)
     device = resolve_device(config.device, STAGE)
-    backend = resolve_backend(config.encoding)
+    backend = resolve_backend(config.encoding, device)
     train, holdout = split_cameras(store.cameras, config.holdout_cameras)
     use_depth = config.use_depth and store.stage_record("depth") is not None
     return TrainPlan(cfg, device, backend, train, holdout, use_depth)

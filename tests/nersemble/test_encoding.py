@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from stages.nersemble.config import HashEnsembleConfig, preset
+from stages.nersemble import hash_encoding
+from stages.nersemble._reference import ReferenceHashEnsemble, tcnn_grid_index
 from stages.nersemble.hash_encoding import (
-    ReferenceHashEnsemble,
     TcnnHashEnsemble,
     TorchHashEnsemble,
+    auto_backend,
     grid_layout,
     make_encoding,
     tcnn_available,
-    tcnn_grid_index,
     trilinear_rows,
 )
 
@@ -141,9 +142,16 @@ def test_make_encoding_backends():
     config = SMALL_CONFIGS["preview"]
     assert type(make_encoding(config, "torch")) is TorchHashEnsemble
     assert type(make_encoding(config, "reference")) is ReferenceHashEnsemble
-    assert isinstance(make_encoding(config, "auto"), TcnnHashEnsemble if tcnn_available() else TorchHashEnsemble)
-    with pytest.raises(ValueError):
-        make_encoding(config, "triton")
+    expected = {"tcnn": "TcnnHashEnsemble", "triton": "TritonHashEnsemble", "torch": "TorchHashEnsemble"}
+    assert type(make_encoding(config, "auto")).__name__ == expected[auto_backend()]
+    assert auto_backend("cpu") == "torch"  # tcnn and triton both need CUDA
+    with pytest.raises(ValueError, match="cuda"):
+        make_encoding(config, "cuda")
+
+
+def test_reference_twin_still_imports_from_the_production_module():
+    assert hash_encoding.ReferenceHashEnsemble is ReferenceHashEnsemble
+    assert hash_encoding.tcnn_grid_index is tcnn_grid_index
 
 
 @pytest.mark.skipif(not tcnn_available(), reason="tinycudann and CUDA are not available")
