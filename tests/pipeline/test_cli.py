@@ -228,7 +228,7 @@ def test_the_demo_config_round_trips_through_a_file(tmp_path):
 @pytest.mark.parametrize("content, expected", [
     ({"ingest": {"strde": 2}}, "ingest.strde: unknown key"),
     ({"exprt": {}}, "exprt: unknown key"),
-    ({"optimize": {"preset": "fast"}}, "optimize.preset: Input should be 'preview' or 'paper'"),
+    ({"optimize": {"preset": "fast"}}, "optimize.preset: Input should be 'preview', 'standard' or 'paper'"),
 ])
 def test_a_bad_config_file_is_one_line_naming_the_file_and_the_key(tmp_path, content, expected):
     file = _write(tmp_path / "bad.yaml", content)
