@@ -120,6 +120,8 @@ def process_sequence(
     if "matte" in wanted:
         record("matte", matte_task(work.uri, matte))
     if "depth" in wanted:
+        if depth.holdout is None:  # one hold-out set per sequence: depth keeps out what optimize will hold out
+            depth = depth.model_copy(update={"holdout": optimize.holdout_request()})
         record("depth", depth_task(work.uri, depth))
     if "optimize" in wanted:
         if optimize_deployment:

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from stages.geometry.holdout import HOLDOUT_HELP, HoldoutRequest
+
 
 class DepthConfig(BaseModel):
     """How the depth stage fills the store's depth maps. Execution knobs and previews stay out of the config hash."""
@@ -40,6 +42,7 @@ class DepthConfig(BaseModel):
     hull_misses: int = Field(1, ge=0, description="cameras whose matte may exclude a voxel of the visual hull "
                                                   "(outvotes a bad matte)")
     hull_dilation_px: float = Field(1.0, ge=0, description="pixels the mattes are grown by before carving")
+    holdout: HoldoutRequest = Field(None, description=HOLDOUT_HELP)  # hashed as the resolved set, not the request
     workers: int = Field(0, ge=0, description="views computed in parallel; 0 = one per CPU core (1 on CUDA)")
     volume_mb: float = Field(64.0, gt=0, description="memory budget of one view's score volume, per worker")
     preview_cameras: int = Field(4, ge=1, description="cameras in the preview sheet")

@@ -27,7 +27,8 @@ import torch
 from stages.core.cameras import intrinsics_for_size
 from stages.export.config import ExportConfig
 from stages.core.errors import PipelineError
-from stages.core.bookkeeping import finish_stage, open_store_for, require_stage, upstream_digest
+from stages.core.bookkeeping import PRODUCED_BY, finish_stage, open_store_for, require_stage, upstream_digest
+from stages.geometry.holdout import check_model_protocol, recorded_cameras
 from stages.rendering.model import (StoreCameras, check_model_fits, load_model, render_size, resolve_device,
                                  store_cameras, torch_threads)
 from stages.rendering.paths import (CameraPath, CameraView, expand_path, read_camera_path, render_intrinsics,
@@ -91,11 +92,12 @@ def export_sequence(sequence_work_dir: str | os.PathLike[str], config: ExportCon
             require_stage(store, upstream, STAGE)
         plan = plan_export(store, config)
         chash = config_hash({**config.result_fields(), "path_digest": plan.path_digest})
-        digest = upstream_digest(store, *UPSTREAM)
+        digest = upstream_digest(store, *UPSTREAM, extra={"holdout": recorded_cameras(store)})
         if store.is_complete(STAGE, chash, digest):
             return {**store.stage_record(STAGE).report, "status": "skipped"}
         trained = load_model(work, plan.device, STAGE, config.eval_substeps)
         check_model_fits(trained, store, STAGE)
+        check_model_protocol(store, trained.holdout_cameras, STAGE, PRODUCED_BY["optimize"])
         store.clear_stage_record(STAGE)
         return _run(store, work, config, plan, trained, chash, digest, progress)
 
@@ -220,6 +222,7 @@ def _run(store: CaptureStore, work: SequenceWorkDir, config: ExportConfig, plan:
         "model_step": trained.step,
         "eval_substeps": trained.config.sampler.eval_substeps,
         "holdout_cameras": list(trained.holdout_cameras),
+        "holdout": store.holdout,  # the sequence's record: how and why these cameras were held out
         "timesteps": trained.n_timesteps,
         "videos": results,
         "benchmark_submission": submission,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-
-# The four rig cameras the NeRSemble paper holds out for novel-view evaluation.
-PAPER_HOLDOUT_CAMERAS = ("222200040", "220700191", "222200043", "221501007")
+# The four rig cameras the NeRSemble paper holds out for novel-view evaluation (defined with the hold-out rules).
+from stages.geometry.holdout import HOLDOUT_HELP, PAPER_HOLDOUT_CAMERAS, HoldoutRequest  # noqa: F401
 
 
 class OptimizeConfig(BaseModel):
@@ -21,7 +20,9 @@ class OptimizeConfig(BaseModel):
         default_factory=dict, description="model hyper-parameters by dotted path or unique name, e.g. "
                                           "{'hash.n_grids': 8, 'rays_per_batch': 2048}")
     holdout_cameras: list[str] | None = Field(
-        None, description="serials kept out of training for evaluation; default: the paper's four, where present")
+        None, description="serials kept out of training for evaluation (an empty list: none); kept for older "
+                          "callers, --holdout says the same and more")
+    holdout: HoldoutRequest = Field(None, description=HOLDOUT_HELP)  # hashed as the resolved set, not the request
     use_depth: bool = Field(True, description="use the depth stage's maps in the depth losses when they exist")
     scene_box: tuple[tuple[float, float, float], tuple[float, float, float]] | None = Field(
         None, description="((xmin, ymin, zmin), (xmax, ymax, zmax)) in metres, calibration frame; default: the "
@@ -49,6 +50,21 @@ class OptimizeConfig(BaseModel):
     @classmethod
     def _holdout_serials_are_strings(cls, cameras: list[str] | None) -> list[str] | None:
         return [str(c) for c in cameras] if cameras is not None else None
+
+    @model_validator(mode="after")
+    def _one_holdout(self) -> OptimizeConfig:
+        if self.holdout is not None and self.holdout_cameras is not None \
+                and set(self.holdout_cameras) != set(self.holdout):
+            raise ValueError(f"holdout {self.holdout} and holdout_cameras {self.holdout_cameras} disagree; give one")
+        return self
+
+    def holdout_request(self) -> list[str] | None:
+        """``holdout``, else ``holdout_cameras`` (an empty list there meaning none), else None: the recorded set."""
+        if self.holdout is not None:
+            return self.holdout
+        if self.holdout_cameras is not None:
+            return self.holdout_cameras or ["none"]
+        return None
 
     def result_fields(self) -> dict:
         """The fields that decide the trained model (execution knobs excluded), for the config hash."""

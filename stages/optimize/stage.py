@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.optimize.config import OptimizeConfig, PAPER_HOLDOUT_CAMERAS
+from stages.optimize.config import OptimizeConfig
 from stages.core.errors import PipelineError, StageOrderError
 from stages.core.bookkeeping import PRODUCED_BY, finish_stage, open_store_for, require_stage, upstream_digest
 from stages.geometry.views import make_views
 from stages.geometry.hull import visual_hull
+from stages.geometry.holdout import HoldoutSet, check_depth_protocol, choose_holdout, record_holdout, resolve_holdout
 from stages.core.devices import resolve_device, torch_threads
 from stages.nersemble import NeRSembleConfig, NeRSembleModel, preset, scene_box_from_cameras
 from stages.nersemble.hash_encoding import tcnn_available
@@ -97,21 +98,18 @@ def model_config(config: OptimizeConfig) -> NeRSembleConfig:
     return cfg.with_overrides(extra) if extra else cfg
 
 
-def split_cameras(cameras: list[str], holdout: list[str] | None) -> tuple[list[str], list[str]]:
-    """(train, hold-out) serials. Default hold-out: the paper's four cameras that this capture has."""
-    if holdout is None:
-        held = [s for s in cameras if s in PAPER_HOLDOUT_CAMERAS]
-    else:
-        unknown = [s for s in holdout if s not in cameras]
-        if unknown:
-            raise PipelineError(f"optimize --holdout: camera(s) {', '.join(unknown)} are not in this capture "
-                                f"(it has {', '.join(cameras)})")
-        held = [s for s in cameras if s in holdout]
-    train = [s for s in cameras if s not in held]
-    if len(train) < 2:
-        raise PipelineError(f"optimize needs at least 2 training cameras; holding out {', '.join(held)} leaves "
-                            f"{len(train)}")
-    return train, held
+def split_cameras(cameras: list[str], holdout: list[str] | None,
+                  world_2_cam: dict[str, np.ndarray] | None = None) -> tuple[list[str], list[str]]:
+    """(train, hold-out) serials for a hold-out request (``stages.geometry.holdout``), without a store."""
+    held = choose_holdout(cameras, world_2_cam, holdout, STAGE)
+    return held.train(cameras), list(held.cameras)
+
+
+def plan_holdout(store: CaptureStore, config: OptimizeConfig) -> HoldoutSet:
+    """The sequence's hold-out set for this run, refused when the store's depth maps were made with another."""
+    holdout = resolve_holdout(store, config.holdout_request(), STAGE)
+    check_depth_protocol(store, holdout, STAGE, PRODUCED_BY["depth"])
+    return holdout
 
 
 def resolve_backend(encoding: str) -> str:
@@ -239,13 +237,17 @@ def optimize_sequence(sequence_work_dir: str | os.PathLike[str], config: Optimiz
         cfg = model_config(config)
         device = resolve_device(config.device, STAGE)
         backend = resolve_backend(config.encoding)
-        train, holdout = split_cameras(store.cameras, config.holdout_cameras)
+        held = plan_holdout(store, config)
+        train, holdout = held.train(store.cameras), list(held.cameras)
         use_depth = config.use_depth and store.stage_record("depth") is not None
-        chash = config_hash({**config.result_fields(), "model": cfg.to_dict(), "use_depth": use_depth})
-        digest = upstream_digest(store, *UPSTREAM)
+        hashed = {k: v for k, v in config.result_fields().items() if k not in ("holdout", "holdout_cameras")}
+        chash = config_hash({**hashed, "model": cfg.to_dict(), "use_depth": use_depth})
+        digest = upstream_digest(store, *UPSTREAM, extra={"holdout": sorted(holdout)})
         if store.is_complete(STAGE, chash, digest):
+            record_holdout(store, held)
             return {**store.stage_record(STAGE).report, "status": "skipped"}
         store.clear_stage_record(STAGE)
+        record_holdout(store, held)
         with torch_threads(config.threads):
             return _train(store, work, config, cfg, device, backend, train, holdout, use_depth, chash, digest,
                           progress)
@@ -345,6 +347,7 @@ def _train(store: CaptureStore, work: SequenceWorkDir, config: OptimizeConfig, c
         "encoding": model.field.encoding.__class__.__name__,
         "train_cameras": train,
         "holdout_cameras": holdout,
+        "holdout": store.holdout,  # the sequence's record: these cameras, how and why they were chosen
         "use_depth": use_depth,
         "scene_box_m": (box / cfg.scene.world_scale).tolist(),
         "scene_box_from": box_source,
