@@ -128,11 +128,14 @@ class NeRSembleField(nn.Module):
     behind an Identity encoding that pads the input width to a multiple of 16 with constant ones: the colour
     MLP's 18 inputs reach it as 32, 14 of them 1. Those ones times their (trained, Xavier-initialised over the
     padded width) weights are a first-layer bias, the only one a bias-free tcnn MLP has; without it every
-    first-layer unit of the colour head passes through the origin of its inputs. Both MLPs here take the
-    padded width (:func:`padded_width`, :func:`pad_with_ones`), so the function class, the initialisation
-    and the optimiser's view of that bias (14 weights, each with its own Adam state) are upstream's. Widths
-    that are already multiples of 16 (the density MLP's 32 or 16 features) are unchanged. Checkpoints from
-    before the padding load with zero weights on the padded inputs, which computes exactly what they did.
+    first-layer unit of the colour head passes through the origin of its inputs. The colour MLP here takes
+    the padded width (:func:`padded_width`, :func:`pad_with_ones`), so its function class, initialisation
+    and the optimiser's view of that bias (14 weights, each with its own Adam state) are upstream's.
+
+    The density MLP is not padded: every preset feeds it 16 or 32 hash features, which tcnn leaves as they
+    are. Only the tests' tiny grids have other widths, and a ones-bias there (which no preset has) starts
+    training from a denser field. Checkpoints from before the padding load with zero weights on the padded
+    inputs, which computes exactly what they did.
     """
 
     def __init__(self, hash_config: HashEnsembleConfig, field_config: FieldConfig, scene_box: torch.Tensor,
@@ -143,8 +146,7 @@ class NeRSembleField(nn.Module):
         self.register_buffer("scene_box", torch.as_tensor(scene_box, dtype=torch.float32).clone())
         self.encoding: HashEnsembleEncoding = make_encoding(hash_config, backend)
         c = field_config
-        self.density_mlp = _mlp(padded_width(self.encoding.out_dim), c.hidden_dim, c.num_layers - 1,
-                                1 + c.geo_feat_dim, c.use_bias)
+        self.density_mlp = _mlp(self.encoding.out_dim, c.hidden_dim, c.num_layers - 1, 1 + c.geo_feat_dim, c.use_bias)
         self.color_mlp = _mlp(padded_width(3 + c.geo_feat_dim), c.hidden_dim_color, c.num_layers_color - 1, 3,
                               c.use_bias)
         self._register_load_state_dict_pre_hook(_pad_unpadded_first_layers, with_module=True)
@@ -159,8 +161,7 @@ class NeRSembleField(nn.Module):
         """Density ``[N]`` (float32) and geometry feature ``[N, geo]`` at canonical world ``positions``."""
         x, inside = self.normalize(positions)
         features = self.encoding(x, blend)
-        h = self.density_mlp(pad_with_ones(features.to(self.density_mlp[0].weight.dtype),
-                                           self.density_mlp[0].in_features))
+        h = self.density_mlp(features.to(self.density_mlp[0].weight.dtype))
         sigma = trunc_exp(h[:, 0], self.config.trunc_exp_clamp) * inside.float()
         return sigma, h[:, 1:]
 
@@ -173,9 +174,8 @@ class NeRSembleField(nn.Module):
 
 def _pad_unpadded_first_layers(module: NeRSembleField, state_dict: dict, prefix: str, *args: object) -> None:
     """Load a checkpoint saved before the input padding: zero weights on the padded inputs (the same function)."""
-    for name in ("density_mlp", "color_mlp"):
-        key = f"{prefix}{name}.0.weight"
-        weight = state_dict.get(key)
-        width = getattr(module, name)[0].in_features
-        if weight is not None and weight.dim() == 2 and weight.shape[1] < width:
-            state_dict[key] = torch.cat([weight, weight.new_zeros(weight.shape[0], width - weight.shape[1])], dim=1)
+    key = f"{prefix}color_mlp.0.weight"
+    weight = state_dict.get(key)
+    width = module.color_mlp[0].in_features
+    if weight is not None and weight.dim() == 2 and weight.shape[1] < width:
+        state_dict[key] = torch.cat([weight, weight.new_zeros(weight.shape[0], width - weight.shape[1])], dim=1)

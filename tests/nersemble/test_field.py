@@ -132,3 +132,11 @@ def test_checkpoints_from_before_the_padding_compute_what_they_did():
         unpadded = torch.nn.functional.linear(torch.cat([(directions + 1) / 2, geo], dim=-1), old_weight)
         expected = torch.sigmoid(torch.nn.Sequential(*field.color_mlp[1:])(unpadded))
         torch.testing.assert_close(field.color(directions, geo), expected)
+
+
+def test_the_density_mlp_takes_the_hash_features_as_they_are():
+    config = preset("preview").with_overrides({"hash.n_levels": 6})  # 12 features: no preset has this width
+    field = NeRSembleField(config.hash, config.field, BOX, backend="torch")
+    assert field.density_mlp[0].in_features == 12
+    assert all(preset(name).hash.n_levels * preset(name).hash.features_per_level % 16 == 0
+               for name in ("preview", "paper"))  # where tcnn would pad nothing either
