@@ -200,7 +200,7 @@ def check_depth_protocol(store: Any, holdout: HoldoutSet, stage: str, depth_comm
     if record is None:
         return
     made_without = depth_holdout(record.report or {})
-    if made_without is not None and set(made_without) == set(holdout.cameras):
+    if set(made_without or []) == set(holdout.cameras):  # depth from before hold-outs used every camera: none
         return
     wanted = ", ".join(holdout.cameras) or "none"
     if made_without is None:
