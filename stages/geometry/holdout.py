@@ -8,9 +8,9 @@ scene box, not the occupancy mask. So the set is decided once per sequence and w
 Requests (``--holdout`` on depth and optimize):
 
 - ``None`` (not given): the set the sequence already recorded, else ``auto``;
-- ``auto``: the paper's four (:data:`PAPER_HOLDOUT_CAMERAS`) when the rig has all of them; else, from 8
-  cameras up, a quarter of the rig (at most 4) spread over its viewing directions (:func:`spread_cameras`);
-  below 8 cameras nothing is held out (each camera is too valuable to training);
+- ``auto``: below 8 cameras nothing (each camera is too valuable to training); else the paper's four
+  (:data:`PAPER_HOLDOUT_CAMERAS`) when the rig has all of them; else a quarter of the rig (at most 4) spread
+  over its viewing directions (:func:`spread_cameras`);
 - ``paper``: the paper's four, which must all be present;
 - ``none``: every camera trains (production use; evaluate then reports that nothing is held out);
 - serials: exactly these cameras.
@@ -145,6 +145,8 @@ def _keyword(word: str, serials: list[str], world_2_cam: Mapping[str, np.ndarray
     paper_present = all(s in serials for s in PAPER_HOLDOUT_CAMERAS)
     if word == "none":
         return HoldoutSet((), "none", "asked for none: every camera trains")
+    if word == "auto" and len(serials) < AUTO_MIN_CAMERAS:
+        return HoldoutSet((), "auto", f"{len(serials)} cameras (fewer than {AUTO_MIN_CAMERAS}): every camera trains")
     if word == "paper" or paper_present:
         if not paper_present:
             missing = [s for s in PAPER_HOLDOUT_CAMERAS if s not in serials]
@@ -152,8 +154,6 @@ def _keyword(word: str, serials: list[str], world_2_cam: Mapping[str, np.ndarray
                                 f"{', '.join(missing)}; use auto or name the cameras")
         return HoldoutSet(tuple(s for s in serials if s in PAPER_HOLDOUT_CAMERAS), "paper",
                           "the NeRSemble paper's four evaluation cameras")
-    if len(serials) < AUTO_MIN_CAMERAS:
-        return HoldoutSet((), "auto", f"{len(serials)} cameras (fewer than {AUTO_MIN_CAMERAS}): every camera trains")
     if world_2_cam is None:
         raise StageOrderError(f"{stage}: choosing hold-out cameras needs the calibration; run calibrate first")
     count = min(AUTO_MAX_HOLDOUT, len(serials) // AUTO_SHARE)

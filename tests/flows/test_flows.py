@@ -126,7 +126,8 @@ def test_a_run_killed_mid_way_resumes_where_it_stopped(prefect_harness, capture,
     before = _records(work)
     assert {"ingest", "calibrate", "matte", "depth"} <= set(before) and "optimize" not in before
 
-    configs = _configs(capture)
+    configs = _configs(capture)  # with the killed run's hold-out set (another one would rightly re-run depth)
+    configs["optimize"] = configs["optimize"].model_copy(update={"holdout_cameras": None})
     resumed = process_sequence(str(capture.sequence_dir), str(tmp_path), **configs,
                                stages=["ingest", "calibrate", "matte", "depth", "optimize"])
     assert {stage: resumed[stage]["status"] for stage in ("ingest", "calibrate", "matte", "depth")} == {

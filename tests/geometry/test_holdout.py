@@ -51,6 +51,9 @@ def test_auto_holds_out_one_in_four_and_nothing_below_eight_cameras():
         assert len(held.cameras) == expected, (count, held)
         assert held.method == "auto"
     assert spread_cameras(_rig(SERIALS), SERIALS, 0) == []
+    small = list(PAPER_HOLDOUT_CAMERAS) + [s for s in SERIALS if s not in PAPER_HOLDOUT_CAMERAS][:3]
+    assert choose_holdout(small, None, None, "depth").cameras == ()  # 7 cameras, the paper's four among them
+    assert set(choose_holdout(small, None, ["paper"], "depth").cameras) == set(PAPER_HOLDOUT_CAMERAS)
 
 
 def test_none_trains_on_every_camera_and_given_serials_are_kept_in_store_order():
