@@ -120,7 +120,7 @@ def score(model: NeRSembleModel, store: CaptureStore, holdout: list[str], timest
 def train_variant(store: CaptureStore, overrides: dict, budget: float, curve_every: float, seed: int,
                   device: torch.device, use_depth: bool, steps: int | None = None) -> dict:
     cfg = model_config(OptimizeConfig(overrides=overrides, steps=steps))
-    train, holdout = split_cameras(store.cameras, None)
+    train, holdout = split_cameras(store.cameras, None, store.world_2_cam)  # auto: the paper's four, else a spread
     trainer, _ = build_trainer(store, train, cfg, device, resolve_backend("auto", device), use_depth)
     model = trainer.model
     snapshots: list[tuple[float, int, dict]] = []

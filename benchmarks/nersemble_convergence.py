@@ -89,7 +89,7 @@ def run_seed(store: CaptureStore, truth: SyntheticTruth | None, config: Optimize
              steps: int, eval_every: int, eval_timesteps: int, device: torch.device, use_depth: bool) -> list[dict]:
     """Train one seed to ``steps``, scoring every ``eval_every`` steps; resumes from ``run_dir``."""
     cfg = model_config(config)
-    train, holdout = split_cameras(store.cameras, None)
+    train, holdout = split_cameras(store.cameras, None, store.world_2_cam)  # auto: the paper's four, else a spread
     checkpoint_file, curve_file = run_dir / "checkpoint.pt", run_dir / "curve.json"
     resumed = None
     if checkpoint_file.exists() and curve_file.exists():

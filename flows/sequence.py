@@ -20,6 +20,7 @@ from flows.optimize import optimize_sequence
 from flows.tasks import calibrate_task, depth_task, evaluate_task, export_task, ingest_task, matte_task
 from stages.config import PipelineConfig
 from stages.core.errors import PipelineError
+from stages.depth.config import DepthConfig
 from stages.optimize.config import OptimizeConfig
 from stages.table import STAGE_NAMES, stage as stage_row
 from storage import SequenceWorkDir
@@ -38,6 +39,14 @@ def check_stages(stages: list[str] | None) -> list[str]:
     if unknown:
         raise UnknownStageError(f"unknown stage(s) {', '.join(unknown)}; available: {', '.join(STAGES)}")
     return [stage for stage in STAGES if stage in wanted]
+
+
+def depth_config(config: PipelineConfig) -> DepthConfig:
+    """Depth's settings, holding out what optimize will hold out when depth's own request is unset: one hold-out
+    set per sequence, so the depth maps never use a camera the model is scored on."""
+    if config.depth.holdout is not None:
+        return config.depth
+    return config.depth.model_copy(update={"holdout": config.optimize.holdout_request()})
 
 
 def _run_name() -> str:
@@ -112,7 +121,7 @@ def process_sequence(
     if "matte" in wanted:
         record("matte", matte_task(work.uri, config.matte))
     if "depth" in wanted:
-        record("depth", depth_task(work.uri, config.depth))
+        record("depth", depth_task(work.uri, depth_config(config)))
     if "optimize" in wanted:
         if optimize_deployment:
             logger.info("optimize runs as a deployment run of %s", optimize_deployment)

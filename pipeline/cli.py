@@ -192,8 +192,10 @@ class _Progress:
 
 @app.command()
 @_user_errors
+# --holdout is the holdout field's own option now (it was an older name of holdout_cameras): serials mean the
+# same there, and it also takes auto, paper and none; --holdout '' still holds none out.
 @with_config_options("optimize", aliases=(
-    Alias("--holdout", "holdout_cameras"), Alias("--override", "overrides"), Alias("--time-budget", "time_budget_s"),
+    Alias("--override", "overrides"), Alias("--time-budget", "time_budget_s"),
     Alias("--no-depth", "use_depth", negates=True)))
 def optimize(
     sequence_work_dir: Annotated[Path, typer.Argument(help="<WORK>/<PID>/<SEQ>, calibrated and matted")],

@@ -316,6 +316,20 @@ class CaptureStore:
         """Set one stage-owned attr (JSON-able), keeping every key other writers set meanwhile."""
         self._update_attrs({key: value})
 
+    @property
+    def holdout(self) -> dict[str, Any] | None:
+        """The sequence's hold-out record (``cameras``, ``method``, ``reason``), or None before a stage chose one."""
+        value = self.group.attrs.get("holdout")
+        return None if value is None else dict(value)
+
+    def set_holdout(self, record: Mapping[str, Any]) -> None:
+        """Record the sequence's hold-out set (chosen by ``stages.geometry.holdout``); unknown serials are refused."""
+        cameras = [str(c) for c in record.get("cameras", [])]
+        unknown = [c for c in cameras if c not in self.cameras]
+        if unknown:
+            raise UnknownCameraError(f"hold-out camera(s) {unknown} are not in the capture store {self.uri}")
+        self._update_attrs({"holdout": {**dict(record), "cameras": cameras}})
+
     def set_calibration(self, intrinsics: Mapping[str, Any], world_2_cam: Mapping[str, Any]) -> None:
         """Store K (for the stored frame size) and world_2_cam (4x4) for every camera."""
         cams = self.cameras

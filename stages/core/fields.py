@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticUndefined
 
 KNOB = "execution_knob"
@@ -34,6 +34,26 @@ RenderSubsteps = Annotated[int | None, Field(ge=1, json_schema_extra={HASHED_WHE
                                              description="renders march the model's training step / this; "
                                                          "default: as trained (the optimize preset's "
                                                          "sampler.eval_substeps)")]
+
+
+def _split_holdout(value: Any) -> list[str] | None:
+    """``"a,b"``, ``["a,b", "c"]`` -> ``["a", "b", "c"]``; None -> None (the sequence's set); given but empty ->
+    ``["none"]`` (an empty list of hold-out cameras holds none out, as ``optimize --holdout ''`` always did)."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    serials = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    return serials or ["none"]
+
+
+# Depth and optimize both take the sequence's hold-out request (rules in stages.geometry.holdout). Neither hashes
+# the request: each folds the set it resolves to into its input digest; unset, it stays out of result_fields too.
+HOLDOUT_HELP = ("hold-out cameras of the sequence, kept out of everything training uses: auto (the paper's four "
+                "where all are present, else a quarter of the rig spread over its viewing directions, none below "
+                "8 cameras), paper, none (train on every camera), or serials (comma-separated or repeated); "
+                "default: the set the sequence recorded, else auto")
+HoldoutRequest = Annotated[list[str] | None, BeforeValidator(_split_holdout),
+                           Field(json_schema_extra={HASHED_WHEN_SET: True}, description=HOLDOUT_HELP)]
 
 
 def _flagged(model: type[BaseModel], flag: str) -> frozenset[str]:

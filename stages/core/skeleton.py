@@ -28,13 +28,17 @@ class Decision(Generic[PlanT]):
     ``config``: the fields hashed into the record's config hash (the config's result fields and whatever was
     resolved from them, such as ``auto`` turned into a method). ``inputs``: the upstream stages whose records go
     into the input digest; None takes the stage table's ``inputs``. ``extra``: anything else the outputs depend
-    on (a model file, user plates), folded into the input digest.
+    on (a model file, user plates), folded into the input digest. ``record_choice``: a choice the decision made
+    for the whole sequence that later stages read from the store (the hold-out set), written past the skip
+    check whether the stage skips or runs, so a refused run writes nothing and a skipped one still leaves the
+    store saying what its outputs were made with.
     """
 
     plan: PlanT
     config: Mapping[str, Any]
     inputs: tuple[str, ...] | None = None
     extra: object = None
+    record_choice: Callable[[CaptureStore], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,10 @@ def run_stage(work: SequenceWorkDir, stage: str, version: str, lock_timeout: flo
     In order: the store and the ingest record are checked before the lock (a missing store must not leave an
     empty work folder behind) and again under it with every record the table ``requires``; ``decide(store)``
     plans the run; a record matching the plan's config hash and input digest returns the stored report marked
-    skipped. Otherwise ``prepare(store, plan)`` loads what only a real run needs (it may still refuse, leaving
-    the old record), the old record is cleared so a crash mid-run reruns the stage, ``clear_outputs(work)``
-    removes outputs a new run would not overwrite, and ``run`` does the work, ending with ``StageRun.finish``.
+    skipped (after the decision's ``record_choice``). Otherwise ``prepare(store, plan)`` loads what only a real
+    run needs (it may still refuse, leaving the old record), the old record is cleared so a crash mid-run reruns
+    the stage, the decision's ``record_choice`` is written, ``clear_outputs(work)`` removes outputs a new run
+    would not overwrite, and ``run`` does the work, ending with ``StageRun.finish``.
     """
     row = table_row(stage)
     open_store_for(work, stage, mode="r")
@@ -86,9 +91,13 @@ def run_stage(work: SequenceWorkDir, stage: str, version: str, lock_timeout: flo
         chash, digest = config_hash(decision.config), upstream_digest(store, *inputs, extra=decision.extra)
         skipped = skipped_report(store, stage, chash, digest)
         if skipped is not None:
+            if decision.record_choice is not None:
+                decision.record_choice(store)
             return skipped
         ready = decision.plan if prepare is None else prepare(store, decision.plan)
         store.clear_stage_record(stage)
+        if decision.record_choice is not None:
+            decision.record_choice(store)
         if clear_outputs is not None:
             clear_outputs(work)
         return run(StageRun(stage, version, store, work, chash, digest), ready)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from stages.core.fields import Device, LockTimeout, PreviewCameras, StageConfig, Workers, knob
+from stages.core.fields import Device, HoldoutRequest, LockTimeout, PreviewCameras, StageConfig, Workers, knob
 
 
 class DepthConfig(StageConfig):
@@ -41,6 +41,7 @@ class DepthConfig(StageConfig):
     hull_misses: int = Field(1, ge=0, description="cameras whose matte may exclude a voxel of the visual hull "
                                                   "(outvotes a bad matte)")
     hull_dilation_px: float = Field(1.0, ge=0, description="pixels the mattes are grown by before carving")
+    holdout: HoldoutRequest = None  # hashed as the resolved set (in the input digest), never as the request
     workers: Workers = Field(0, description="views computed in parallel; 0 = one per CPU core (1 on CUDA)")
     volume_mb: float = knob(64.0, gt=0, description="memory budget of one view's score volume, per worker")
     preview_cameras: PreviewCameras = 4

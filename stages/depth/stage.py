@@ -33,6 +33,7 @@ from stages.depth.colmap import PatchMatchSettings, colmap_has_cuda, patch_match
 from stages.depth.consistency import filter_consistent
 from stages.geometry.views import Views, angles_between_axes, make_views, rig_centre, sees_point
 from stages.geometry.hull import Hull, depth_bounds, visual_hull
+from stages.geometry.holdout import HoldoutSet, digest_part, record_holdout, resolve_holdout
 from stages.depth.sweep import SweepSettings, build_pyramid, sweep_view, to_grey
 from stages.core.devices import resolve_device, torch_threads
 from storage import CaptureStore, SequenceWorkDir
@@ -72,13 +73,14 @@ def sweep_settings(config: DepthConfig) -> SweepSettings:
                          refine_steps=config.refine_steps, volume_mb=config.volume_mb)
 
 
-def load_views(store: CaptureStore, device: torch.device) -> Views:
-    """The store's cameras, or a clear error when the calibration is missing."""
+def load_views(store: CaptureStore, device: torch.device, serials: list[str] | None = None) -> Views:
+    """The store's cameras (or ``serials`` of them), or a clear error when the calibration is missing."""
     intrinsics, world_2_cam = store.intrinsics, store.world_2_cam
     if intrinsics is None or world_2_cam is None:
         raise StageOrderError(f"{store.uri}: the depth stage needs every camera's K and world_2_cam, and the store "
                               f"has none: run `{PRODUCED_BY['calibrate']}`")
-    return make_views(store.cameras, intrinsics, world_2_cam, store.width, store.height, device)
+    return make_views(store.cameras if serials is None else serials, intrinsics, world_2_cam, store.width,
+                      store.height, device)
 
 
 def choose_sources(views: Views, count: int, max_angle: float) -> dict[int, list[int]]:
@@ -104,21 +106,27 @@ class DepthPlan:
 
     method: str
     device: torch.device
-    views: Views
+    views: Views  # the training cameras only: hold-out views are neither references nor sources
     sources: dict[int, list[int]]
     workers: int
+    holdout: HoldoutSet
+    indices: list[int]  # store camera index of each view
     warnings: list[str] = field(default_factory=list)
 
 
 def plan_depth(store: CaptureStore, config: DepthConfig) -> DepthPlan:
-    """Everything decided from the calibration alone: method, device, each view's sources."""
+    """Everything decided from the calibration alone: method, device, hold-out set, each view's sources."""
     method = resolve_method(config.method)
     device = resolve_device(config.device, STAGE) if method == "sweep" else torch.device("cpu")
-    views = load_views(store, device)
+    load_views(store, device)  # the calibration must be there before the hold-out set can be chosen
+    holdout = resolve_holdout(store, config.holdout, STAGE)
+    train = holdout.train(store.cameras)
+    views = load_views(store, device, train)
     sources = choose_sources(views, config.neighbours, config.max_neighbour_angle)
     warnings = [f"camera {views.serials[ref]}: no neighbouring camera within {config.max_neighbour_angle:g} deg "
                 "sees the subject; its depth maps are all invalid" for ref, srcs in sources.items() if not srcs]
-    return DepthPlan(method, device, views, sources, worker_count(config, device, views.count), warnings)
+    return DepthPlan(method, device, views, sources, worker_count(config, device, views.count), holdout,
+                     [store.camera_index(s) for s in train], warnings)
 
 
 # --- the stage --------------------------------------------------------------------------------------------------
@@ -135,7 +143,9 @@ def depth_sequence(sequence_work_dir: str | os.PathLike[str], config: DepthConfi
 
     def decide(store: CaptureStore) -> Decision[DepthPlan]:
         plan = plan_depth(store, config)
-        return Decision(plan, {**config.result_fields(), "method": plan.method})
+        hashed = {k: v for k, v in config.result_fields().items() if k != "holdout"}  # the set goes in the digest
+        return Decision(plan, {**hashed, "method": plan.method}, extra=digest_part(plan.holdout.cameras),
+                        record_choice=lambda store: record_holdout(store, plan.holdout))
 
     return run_stage(SequenceWorkDir(sequence_work_dir), STAGE, VERSION, config.lock_timeout, decide,
                      lambda run, plan: _run(run, config, plan, progress))
@@ -187,7 +197,7 @@ def _run(run: StageRun, config: DepthConfig, plan: DepthPlan, progress: Progress
             if progress:
                 progress(t + 1, store.n_frames)
     wall = time.perf_counter() - started
-    preview = write_preview(store, work, config)
+    preview = write_preview(store, work, config, plan.indices)
     report = _report(store, work, config, plan, tally, wall, preview, run.config_hash)
     return run.finish(report)
 
@@ -196,8 +206,8 @@ def _depth_timestep(store: CaptureStore, t: int, config: DepthConfig, plan: Dept
                    tally: _Tally) -> None:
     """Match every view of timestep ``t``, filter by consistency and matte, write each camera's chunk."""
     clock = time.perf_counter()
-    frames = np.asarray(store.frames[:, t])
-    alpha = np.asarray(store.alpha[:, t])
+    frames = np.stack([store.read_frame(c, t) for c in plan.indices])  # never a hold-out camera's
+    alpha = np.stack([store.read_alpha(c, t) for c in plan.indices])
     masks = alpha >= config.matte_threshold
     tally.seconds["read"] += time.perf_counter() - clock
 
@@ -226,8 +236,10 @@ def _depth_timestep(store: CaptureStore, t: int, config: DepthConfig, plan: Dept
     tally.seconds["filter"] += time.perf_counter() - clock
 
     clock = time.perf_counter()
-    for index in range(plan.views.count):
-        store.write_depth(index, t, depth[index])
+    for index, camera in enumerate(plan.indices):
+        store.write_depth(camera, t, depth[index])
+    for camera in sorted(set(range(store.n_cameras)) - set(plan.indices)):  # hold-out views: no depth, ever
+        store.write_depth(camera, t, np.zeros((store.height, store.width), np.float32))
     tally.seconds["write"] += time.perf_counter() - clock
     tally.add(masks, raw, depth)
 
@@ -307,8 +319,10 @@ def preview_sheet(store: CaptureStore, cameras: list[int], t: int) -> np.ndarray
     return _label(sheet, f"depth {lo:.3f} m (red) .. {hi:.3f} m (blue), black = invalid")
 
 
-def write_preview(store: CaptureStore, work: SequenceWorkDir, config: DepthConfig) -> str:
-    sheet = preview_sheet(store, _spread(store.n_cameras, config.preview_cameras), store.n_frames // 2)
+def write_preview(store: CaptureStore, work: SequenceWorkDir, config: DepthConfig, cameras: list[int]) -> str:
+    """The preview of the given (training) cameras."""
+    chosen = [cameras[i] for i in _spread(len(cameras), config.preview_cameras)]
+    sheet = preview_sheet(store, chosen, store.n_frames // 2)
     ok, data = cv2.imencode(".png", np.ascontiguousarray(sheet[..., ::-1]))
     if not ok:
         raise PipelineError("could not encode the depth preview as PNG")
@@ -350,6 +364,7 @@ def _report(store: CaptureStore, work: SequenceWorkDir, config: DepthConfig, pla
         "coverage": fraction(tally.valid),
         "raw_coverage": fraction(tally.raw),
         "cameras": cameras,
+        "holdout": plan.holdout.to_json(),  # no depth for these: they were neither references nor sources
         "seconds": round(wall, 3),
         "seconds_per_view": round(wall / views, 4) if views else None,
         "match_seconds_per_view": (round(float(np.mean(tally.match_seconds_per_view)), 4)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,7 @@ SSIM_SETTINGS = {"window": "gaussian", "kernel_size": 11, "sigma": 1.5, "k1": 0.
                  "channels": "per channel, averaged"}
 PSNR_SETTINGS = {"data_range": 1.0, "formula": "-10 log10(MSE), per image, then averaged",
                  "cap_db": 100.0}
+SILHOUETTE_BAND_PX = 2.0  # the band around the true silhouette whose share of the error the report gives
 ALEXNET_CHECKPOINT = "alexnet-owt-7be5be79.pth"  # torchvision's file name for AlexNet ImageNet weights
 
 
@@ -47,6 +50,34 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     """-10 log10(MSE) for images in [0, 1]; identical images give the 100 dB cap instead of infinity."""
     error = mse(pred, target)
     return PSNR_SETTINGS["cap_db"] if error <= 10 ** (-PSNR_SETTINGS["cap_db"] / 10) else -10.0 * math.log10(error)
+
+
+def silhouette_band(alpha: np.ndarray, width_px: float = SILHOUETTE_BAND_PX) -> np.ndarray:
+    """(H, W) bool: pixels within ``width_px`` of the silhouette, on either side.
+
+    The silhouette is the edge of ``alpha >= 0.5``; a pixel is in the band when the nearest pixel on the other
+    side lies at most ``width_px`` away (Euclidean, between pixel centres; neighbours across the edge are 1
+    apart). Matte errors, partial coverage and the model's soft edges all live here, so the share of an
+    image's error in the band tells edge error apart from surface error.
+    """
+    inside = (np.asarray(alpha) >= 0.5).astype(np.uint8)
+    if inside.all() or not inside.any():
+        return np.zeros(inside.shape, bool)
+    to_outside = cv2.distanceTransform(inside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    to_inside = cv2.distanceTransform(1 - inside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return np.where(inside > 0, to_outside, to_inside) <= width_px
+
+
+def band_scores(pred: np.ndarray, target: np.ndarray, band: np.ndarray) -> dict[str, float | None]:
+    """PSNR inside the band, and the band's share of the image's squared error and of its pixels."""
+    error = ((np.asarray(pred, np.float64) - np.asarray(target, np.float64)) ** 2).sum(-1)
+    total = float(error.sum())
+    inside = float(error[band].sum())
+    band_mse = inside / (3 * band.sum()) if band.any() else None
+    cap = PSNR_SETTINGS["cap_db"]
+    band_psnr = None if band_mse is None else (cap if band_mse <= 10 ** (-cap / 10) else -10.0 * math.log10(band_mse))
+    return {"band_psnr": band_psnr, "band_error_share": inside / total if total > 0 else 0.0,
+            "band_pixel_share": float(band.mean())}
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:

@@ -4,7 +4,11 @@ The paper's protocol (reference/nersemble-method.md section 6): render every hol
 timesteps (``np.linspace(0, T-1, n, dtype=int)``, 15 by default, or all) on white, and compare with the ground
 truth composited on white with the matting stage's alpha ("regular"), and with both images additionally
 blended with that alpha ("masked"). A synthetic capture's exact images are scored separately when its
-``ground_truth.zarr`` is given. Writes ``export/metrics.json`` (every image's scores), one comparison sheet
+``ground_truth.zarr`` is given, and are then the headline (``psnr``/``ssim``/``lpips``): the matte reference
+carries the matting and compression error, which caps what it can measure; the matte reference's own score
+against the exact images is reported beside it. Every image also gets the share of its error that lies in a
+2-pixel band around the reference's silhouette. A model trained with nothing held out is recorded as such,
+with no scores. Writes ``export/metrics.json`` (every image's scores), one comparison sheet
 per hold-out camera (``export/evaluation/cam_<SERIAL>.png``: GT | render | error) and ``reports/evaluate.json``.
 """
 
@@ -21,16 +25,18 @@ import numpy as np
 import torch
 
 from stages.evaluate.config import EvaluateConfig
-from stages.core.errors import PipelineError
+from stages.core.bookkeeping import PRODUCED_BY
 from stages.core.skeleton import Decision, StageRun, run_stage
 from stages.core.status import Status
+from stages.geometry.holdout import check_model_protocol, digest_part, recorded_cameras
 from stages.rendering.model import (StoreCameras, check_model_fits, load_model, resolve_device, store_cameras,
                                  torch_threads)
 from stages.rendering.paths import CameraView
 from stages.rendering.render import render_view
 from stages.rendering.sheets import encode_png, sheet_row, stack_sheet
 from stages.evaluate.truth import Reference, SyntheticTruth, matte_reference
-from stages.evaluate.metrics import PSNR_SETTINGS, SSIM_SETTINGS, Lpips, load_lpips, mse, psnr, ssim
+from stages.evaluate.metrics import (PSNR_SETTINGS, SILHOUETTE_BAND_PX, SSIM_SETTINGS, Lpips, band_scores,
+                                     load_lpips, mse, psnr, silhouette_band, ssim)
 from storage import CaptureStore, SequenceWorkDir, digest_of
 
 STAGE = "evaluate"
@@ -53,20 +59,23 @@ def masked(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return image * alpha[..., None] + (1.0 - alpha[..., None])
 
 
-def score(pred: np.ndarray, ref: Reference, lpips: Lpips | None) -> dict[str, float]:
-    """Every metric of one image: regular PSNR/SSIM/MSE(/LPIPS), and masked PSNR/SSIM."""
+def score(pred: np.ndarray, ref: Reference, lpips: Lpips | None) -> dict[str, float | None]:
+    """Every metric of one image: regular (unmasked) PSNR/SSIM/MSE(/LPIPS), masked PSNR/SSIM, and the silhouette
+    band's PSNR and shares of the error and of the pixels (the band of the reference's alpha)."""
     p, g = torch.from_numpy(pred), torch.from_numpy(ref.image)
     pm, gm = torch.from_numpy(masked(pred, ref.alpha)), torch.from_numpy(masked(ref.image, ref.alpha))
-    scores = {"psnr": psnr(p, g), "ssim": ssim(p, g), "mse": mse(p, g),
-              "masked_psnr": psnr(pm, gm), "masked_ssim": ssim(pm, gm)}
+    scores: dict[str, float | None] = {"psnr": psnr(p, g), "ssim": ssim(p, g), "mse": mse(p, g),
+                                       "masked_psnr": psnr(pm, gm), "masked_ssim": ssim(pm, gm)}
+    scores.update(band_scores(pred, ref.image, silhouette_band(ref.alpha)))
     if lpips is not None:
         scores["lpips"] = lpips.score(p, g)
     return scores
 
 
 def _mean(rows: list[dict[str, Any]]) -> dict[str, float]:
-    keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
-    return {k: round(float(np.mean([r[k] for r in rows])), 6) for k in keys}
+    """Per metric, the mean over the images that have it (an image without a silhouette has no band PSNR)."""
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, float)))
+    return {k: round(float(np.mean([r[k] for r in rows if isinstance(r.get(k), float)])), 6) for k in keys}
 
 
 def summarise(images: list[dict[str, Any]], serials: list[str]) -> dict[str, Any]:
@@ -118,18 +127,41 @@ def evaluate_sequence(sequence_work_dir: str | os.PathLike[str], config: Evaluat
 
     def decide(store: CaptureStore) -> Decision[EvaluatePlan]:
         plan = plan_evaluate(store, config)
-        return Decision(plan, {**config.result_fields(), "ground_truth": plan.truth_digest})
+        # "scores": the band metrics and the exact-image headline are new, so older records re-run once.
+        return Decision(plan, {**config.result_fields(), "ground_truth": plan.truth_digest, "scores": "band-2px"},
+                        extra=digest_part(recorded_cameras(store)))
 
     def prepare(store: CaptureStore, plan: EvaluatePlan) -> tuple[EvaluatePlan, Any]:
         trained = load_model(work, plan.device, STAGE, config.eval_substeps)
         check_model_fits(trained, store, STAGE)
-        if not trained.holdout_cameras:
-            raise PipelineError(f"{work.uri}: the model was trained without hold-out cameras, so there is nothing to "
-                                "evaluate; train with hold-out cameras (optimize --holdout-cameras)")
+        check_model_protocol(store, trained.holdout_cameras, STAGE, PRODUCED_BY["optimize"])
         return plan, trained
 
-    return run_stage(work, STAGE, VERSION, config.lock_timeout, decide,
-                     lambda run, ready: _run(run, config, *ready, progress), prepare=prepare)
+    def evaluate(run: StageRun, ready: tuple[EvaluatePlan, Any]) -> dict:
+        plan, trained = ready
+        if not trained.holdout_cameras:
+            return _nothing_held_out(run, config, plan, trained)
+        return _run(run, config, plan, trained, progress)
+
+    return run_stage(work, STAGE, VERSION, config.lock_timeout, decide, evaluate, prepare=prepare)
+
+
+def _nothing_held_out(run: StageRun, config: EvaluateConfig, plan: EvaluatePlan, trained: Any) -> dict:
+    """The record of a model trained on every camera: there is no view it has not seen, so no score."""
+    holdout = run.store.holdout or {"cameras": [], "method": "none",
+                                    "reason": "the model was trained on every camera"}
+    message = (f"nothing is held out ({holdout.get('method')}: {holdout.get('reason')}); every camera trained, so "
+               f"there is no unseen view to score; choose hold-out cameras with `{PRODUCED_BY['depth']} --holdout "
+               f"auto` (then optimize) to measure novel views")
+    report = {
+        "stage": STAGE, "status": Status.COMPLETED, "store": run.work.capture_uri, "device": str(plan.device),
+        "model_step": trained.step, "holdout": holdout,
+        "protocol": {"cameras": [], "timesteps": plan.timesteps, "lpips": "not run: nothing is held out"},
+        "results": {}, "headline": None, "psnr": None, "ssim": None, "lpips": None, "metrics": None, "sheets": {},
+        "images": 0, "seconds": 0.0, "render_seconds": 0.0, "warnings": [*plan.warnings, message],
+        "config": config.model_dump(), "config_hash": run.config_hash,
+    }
+    return run.finish(report)
 
 
 @dataclass
@@ -141,6 +173,7 @@ class _Scores:
     baseline: dict[str, list[dict]] = field(default_factory=dict)
     sheets: dict[str, str] = field(default_factory=dict)
     render_seconds: float = 0.0
+    matte_vs_exact: list[dict] = field(default_factory=list)  # the matte reference scored against the exact images
 
     def __post_init__(self) -> None:
         self.images = {name: [] for name in self.references}
@@ -161,10 +194,13 @@ def _score_camera(work: SequenceWorkDir, store: CaptureStore, config: EvaluateCo
         scores.render_seconds += time.perf_counter() - clock
         where = {"camera": serial, "timestep": t, "frame_index": store.frame_indices[t]}
         white = np.ones_like(pred)
+        matte = matte_reference(store, serial, t)
         for name in scores.references:
-            ref = matte_reference(store, serial, t) if name == "matte" else plan.truth.reference(serial, t)
+            ref = matte if name == "matte" else plan.truth.reference(serial, t)
             scores.images[name].append({**where, **score(pred, ref, scorer)})
             scores.baseline[name].append({**where, **score(white, ref, None)})
+            if name == "synthetic":  # how far the matte reference itself is from the exact image
+                scores.matte_vs_exact.append({**where, **score(matte.image, ref, None)})
             if name == "matte":
                 rows.append(sheet_row(ref.image, pred, f"{serial} t={t} "
                                       f"PSNR {scores.images[name][-1]['psnr']:.2f} dB"))
@@ -175,7 +211,7 @@ def _score_camera(work: SequenceWorkDir, store: CaptureStore, config: EvaluateCo
 
 
 def _protocol(plan: EvaluatePlan, trained: Any, serials: list[str], filtered: int | None,
-              lpips: Lpips | str) -> dict[str, Any]:
+              lpips: Lpips | str, headline: str) -> dict[str, Any]:
     """How the scores were made, written beside them so a number is never read without its protocol."""
     cams = plan.cameras
     return {
@@ -187,6 +223,16 @@ def _protocol(plan: EvaluatePlan, trained: Any, serials: list[str], filtered: in
                        **({"synthetic": "exact synthetic image (analytic re-render with the rig's true camera) "
                                         "composited on white with exact coverage"} if plan.truth else {})},
         "masked": "both images additionally blended with the reference's alpha, as the paper's masked metrics",
+        "unmasked": "psnr, ssim, mse, lpips: the whole image on white, as the paper's regular metrics",
+        "silhouette_band": {"width_px": SILHOUETTE_BAND_PX,
+                            "definition": "pixels within width_px of the edge of the reference's alpha >= 0.5, "
+                                          "either side (the exact alpha for synthetic, the matte for matte)",
+                            "keys": {"band_psnr": "PSNR over the band's pixels",
+                                     "band_error_share": "the band's share of the image's squared error",
+                                     "band_pixel_share": "the band's share of the image's pixels"}},
+        "headline": (f"{headline}: psnr, ssim and lpips at the top of the report are against the "
+                     + ("exact synthetic images; results.synthetic.matte_reference scores the matte reference "
+                        "itself against them" if plan.truth else "matte reference")),
         "eval_substeps": trained.config.sampler.eval_substeps,  # renders march the training step / this
         "occupancy_filter": ("off (eval.occupancy_filter)" if filtered is None else
                              f"largest connected component kept, {filtered} occupied cells dropped"),
@@ -223,7 +269,10 @@ def _run(run: StageRun, config: EvaluateConfig, plan: EvaluatePlan, trained: Any
     results = {name: summarise(scores.images[name], serials) for name in scores.references}
     for name in scores.references:
         results[name]["white_image_baseline"] = _mean(scores.baseline[name])
-    protocol = _protocol(plan, trained, serials, filtered, lpips)
+    if scores.matte_vs_exact:
+        results["synthetic"]["matte_reference"] = summarise(scores.matte_vs_exact, serials)
+    headline = "synthetic" if plan.truth else "matte"
+    protocol = _protocol(plan, trained, serials, filtered, lpips, headline)
     metrics_uri = work.write_json(METRICS_PATH, {
         "protocol": protocol, "model_step": trained.step,
         "results": {name: {**results[name], "per_image": scores.images[name]} for name in scores.references}})
@@ -236,9 +285,11 @@ def _run(run: StageRun, config: EvaluateConfig, plan: EvaluatePlan, trained: Any
         "model_step": trained.step,
         "protocol": protocol,
         "results": results,
-        "psnr": results["matte"]["overall"]["psnr"],
-        "ssim": results["matte"]["overall"]["ssim"],
-        "lpips": results["matte"]["overall"].get("lpips", protocol["lpips"]),
+        "headline": headline,
+        "holdout": store.holdout,
+        "psnr": results[headline]["overall"]["psnr"],
+        "ssim": results[headline]["overall"]["ssim"],
+        "lpips": results[headline]["overall"].get("lpips", protocol["lpips"]),
         "metrics": metrics_uri,
         "sheets": scores.sheets,
         "images": total,

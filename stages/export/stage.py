@@ -27,8 +27,10 @@ import torch
 from stages.core.cameras import intrinsics_for_size
 from stages.export.config import ExportConfig
 from stages.core.errors import PipelineError
+from stages.core.bookkeeping import PRODUCED_BY
 from stages.core.skeleton import Decision, StageRun, run_stage
 from stages.core.status import Status
+from stages.geometry.holdout import check_model_protocol, digest_part, recorded_cameras
 from stages.rendering.model import (StoreCameras, check_model_fits, load_model, render_size, resolve_device,
                                  store_cameras, torch_threads)
 from stages.rendering.paths import (CameraPath, CameraView, expand_path, read_camera_path, render_intrinsics,
@@ -87,11 +89,14 @@ def export_sequence(sequence_work_dir: str | os.PathLike[str], config: ExportCon
 
     def decide(store: CaptureStore) -> Decision[ExportPlan]:
         plan = plan_export(store, config)
-        return Decision(plan, {**config.result_fields(), "path_digest": plan.path_digest})
+        # the sequence's recorded hold-out set: a new one re-checks the model (trained with another, it is refused)
+        return Decision(plan, {**config.result_fields(), "path_digest": plan.path_digest},
+                        extra=digest_part(recorded_cameras(store)))
 
     def prepare(store: CaptureStore, plan: ExportPlan) -> tuple[ExportPlan, Any]:
         trained = load_model(work, plan.device, STAGE, config.eval_substeps)
         check_model_fits(trained, store, STAGE)
+        check_model_protocol(store, trained.holdout_cameras, STAGE, PRODUCED_BY["optimize"])
         return plan, trained
 
     return run_stage(work, STAGE, VERSION, config.lock_timeout, decide,
@@ -219,6 +224,7 @@ def _run(run: StageRun, config: ExportConfig, plan: ExportPlan, trained: Any,
         "model_step": trained.step,
         "eval_substeps": trained.config.sampler.eval_substeps,
         "holdout_cameras": list(trained.holdout_cameras),
+        "holdout": run.store.holdout,  # the sequence's record: how and why these cameras were held out
         "timesteps": trained.n_timesteps,
         "videos": results,
         "benchmark_submission": submission,

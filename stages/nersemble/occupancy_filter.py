@@ -15,30 +15,57 @@ itself is always kept, even where the blur of a small one floors to 0.
 
 from __future__ import annotations
 
-
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 TRUNCATE = 4.0  # kernel radius in sigmas (scipy's default, which upstream's filter uses)
 
 
-def gaussian_blur3d(volume: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of an (R, R, R) float volume with reflected borders."""
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """scipy.ndimage's 1-d Gaussian (radius ``int(4 sigma + 0.5)``, normalised), in float64 as scipy builds it."""
     radius = int(TRUNCATE * sigma + 0.5)
+    x = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 / (sigma * sigma) * x ** 2)
+    return weights / weights.sum()
+
+
+def reflect_indices(size: int, radius: int) -> torch.Tensor:
+    """Indices of a line of ``size`` cells padded by ``radius`` in scipy's 'reflect' mode.
+
+    Half-sample symmetric: the edge cell repeats (d c b a | a b c d | d c b a), and a pad longer than the line
+    keeps reflecting (period ``2 size``). torch's own 'reflect' padding is scipy's 'mirror' (no repeat).
+    """
+    index = torch.arange(-radius, size + radius) % (2 * size)
+    return torch.where(index < size, index, 2 * size - 1 - index)
+
+
+def gaussian_blur3d(volume: torch.Tensor, sigma: float, integer: bool = False) -> torch.Tensor:
+    """``scipy.ndimage.gaussian_filter(volume, sigma)`` (mode 'reflect', truncate 4) of an (R, R, R) volume.
+
+    Axis by axis as scipy does, in float64 with scipy's summation order (the centre tap, then each pair of
+    symmetric taps from the outermost in), so the result matches scipy to the last bit in the cases upstream
+    uses. ``integer``: the volume holds an integer array, as upstream's does (uint8 or int64), so scipy
+    stores every axis's result back into that integer type, truncating toward zero; mimicked here, pass by
+    pass. Otherwise each pass is stored in the volume's dtype, as scipy stores it in the input's.
+    """
+    weights = gaussian_kernel(sigma)
+    radius = (len(weights) - 1) // 2
+    out = volume.to(torch.float64)
     if radius == 0:
-        return volume
-    x = torch.arange(-radius, radius + 1, dtype=volume.dtype, device=volume.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    out = volume[None, None]
+        return volume.clone()
+    taps = [float(w) for w in weights[radius:]]  # taps[j]: the weight j cells from the centre
     for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = kernel.numel()
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
-        padded = F.pad(out, pad, mode="reflect") if radius < min(volume.shape) else F.pad(out, pad, mode="replicate")
-        out = F.conv3d(padded, kernel.view(shape))
-    return out[0, 0]
+        size = out.shape[axis]
+        padded = out.index_select(axis, reflect_indices(size, radius).to(out.device))
+
+        def shifted(offset: int) -> torch.Tensor:
+            return padded.narrow(axis, radius + offset, size)
+
+        acc = shifted(0) * taps[0]
+        for j in range(radius, 0, -1):
+            acc = acc + (shifted(-j) + shifted(j)) * taps[j]
+        out = torch.trunc(acc) if integer else acc.to(volume.dtype).to(torch.float64)
+    return out.to(volume.dtype)
 
 
 def largest_component(mask: torch.Tensor) -> torch.Tensor:
@@ -72,7 +99,7 @@ def filter_occupancy(occs: torch.Tensor, threshold: float = 0.05, sigma_thinning
                      sigma_erosion: float = 7.0) -> torch.Tensor:
     """The mask ([R, R, R] bool) of cells to keep, from the grid's EMA values ``occs`` ([R, R, R])."""
     u8 = torch.floor((torch.sigmoid(occs.float()) - 0.5) * 2 * 255).clamp(0, 255)
-    thinned = torch.floor(gaussian_blur3d(u8, sigma_thinning))
+    thinned = gaussian_blur3d(u8, sigma_thinning, integer=True)  # upstream blurs the uint8 array itself
     candidates = thinned >= 255 * threshold
     if not bool(candidates.any()):  # nothing dense enough yet (a barely trained model): filter nothing
         return torch.ones_like(candidates)
@@ -81,7 +108,7 @@ def filter_occupancy(occs: torch.Tensor, threshold: float = 0.05, sigma_thinning
     # undertrained model) is left alone: keeping its largest speck would erase the subject.
     if 2 * int(component.sum()) < int(candidates.sum()):
         return torch.ones_like(candidates)
-    grown = torch.floor(gaussian_blur3d(component.float() * 100, sigma_erosion) + 1e-4)
+    grown = gaussian_blur3d(component.float() * 100, sigma_erosion, integer=True)  # an integer array upstream too
     return (grown > 0) | component  # a small blob's blur can floor to 0 everywhere; never drop the blob
 
 

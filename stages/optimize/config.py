@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from stages.core.fields import Device, LockTimeout, StageConfig, Threads, knob
+from stages.core.fields import Device, HoldoutRequest, LockTimeout, StageConfig, Threads, knob
 
-# The four rig cameras the NeRSemble paper holds out for novel-view evaluation.
-PAPER_HOLDOUT_CAMERAS = ("222200040", "220700191", "222200043", "221501007")
+# The four rig cameras the NeRSemble paper holds out for novel-view evaluation (defined with the hold-out rules).
+from stages.geometry.holdout import PAPER_HOLDOUT_CAMERAS  # noqa: F401
 
 
 class OptimizeConfig(StageConfig):
@@ -23,7 +23,9 @@ class OptimizeConfig(StageConfig):
         default_factory=dict, description="model hyper-parameters by dotted path or unique name, e.g. "
                                           "{'hash.n_grids': 8, 'rays_per_batch': 2048}")
     holdout_cameras: list[str] | None = Field(
-        None, description="serials kept out of training for evaluation; default: the paper's four, where present")
+        None, description="serials kept out of training for evaluation (an empty list: none); kept for older "
+                          "callers, --holdout says the same and more")
+    holdout: HoldoutRequest = None  # hashed as the resolved set (in the input digest), never as the request
     use_depth: bool = Field(True, description="use the depth stage's maps in the depth losses when they exist")
     scene_box: tuple[tuple[float, float, float], tuple[float, float, float]] | None = Field(
         None, description="((xmin, ymin, zmin), (xmax, ymax, zmax)) in metres, calibration frame; default: the "
@@ -52,3 +54,20 @@ class OptimizeConfig(StageConfig):
     @classmethod
     def _holdout_serials_are_strings(cls, cameras: list[str] | None) -> list[str] | None:
         return [str(c) for c in cameras] if cameras is not None else None
+
+    @field_validator("holdout")
+    @classmethod
+    def _one_holdout(cls, holdout: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        """Both requests given (holdout_cameras is declared first, so it is checked already) must agree."""
+        cameras = info.data.get("holdout_cameras")
+        if holdout is not None and cameras is not None and set(cameras or ["none"]) != set(holdout):
+            raise ValueError(f"holdout {holdout} and holdout_cameras {cameras} disagree; give one")
+        return holdout
+
+    def holdout_request(self) -> list[str] | None:
+        """``holdout``, else ``holdout_cameras`` (an empty list there meaning none), else None: the recorded set."""
+        if self.holdout is not None:
+            return self.holdout
+        if self.holdout_cameras is not None:
+            return self.holdout_cameras or ["none"]
+        return None

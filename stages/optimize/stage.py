@@ -20,13 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.optimize.config import OptimizeConfig, PAPER_HOLDOUT_CAMERAS
+from stages.optimize.config import OptimizeConfig
 from stages.core.errors import PipelineError, StageOrderError
 from stages.core.bookkeeping import PRODUCED_BY
 from stages.core.skeleton import Decision, StageRun, run_stage
 from stages.core.status import Status
 from stages.geometry.views import make_views
 from stages.geometry.hull import visual_hull
+from stages.geometry.holdout import (HoldoutSet, check_depth_protocol, choose_holdout, digest_part, record_holdout,
+                                     resolve_holdout)
 from stages.core.devices import resolve_device, torch_threads
 from stages.nersemble import NeRSembleConfig, NeRSembleModel, preset, scene_box_from_cameras
 from stages.nersemble.hash_encoding import auto_backend, tcnn_available, triton_importable
@@ -98,21 +100,18 @@ def model_config(config: OptimizeConfig) -> NeRSembleConfig:
     return cfg.with_overrides(extra) if extra else cfg
 
 
-def split_cameras(cameras: list[str], holdout: list[str] | None) -> tuple[list[str], list[str]]:
-    """(train, hold-out) serials. Default hold-out: the paper's four cameras that this capture has."""
-    if holdout is None:
-        held = [s for s in cameras if s in PAPER_HOLDOUT_CAMERAS]
-    else:
-        unknown = [s for s in holdout if s not in cameras]
-        if unknown:
-            raise PipelineError(f"optimize --holdout: camera(s) {', '.join(unknown)} are not in this capture "
-                                f"(it has {', '.join(cameras)})")
-        held = [s for s in cameras if s in holdout]
-    train = [s for s in cameras if s not in held]
-    if len(train) < 2:
-        raise PipelineError(f"optimize needs at least 2 training cameras; holding out {', '.join(held)} leaves "
-                            f"{len(train)}")
-    return train, held
+def split_cameras(cameras: list[str], holdout: list[str] | None,
+                  world_2_cam: dict[str, np.ndarray] | None = None) -> tuple[list[str], list[str]]:
+    """(train, hold-out) serials for a hold-out request (``stages.geometry.holdout``), without a store."""
+    held = choose_holdout(cameras, world_2_cam, holdout, STAGE)
+    return held.train(cameras), list(held.cameras)
+
+
+def plan_holdout(store: CaptureStore, config: OptimizeConfig) -> HoldoutSet:
+    """The sequence's hold-out set for this run, refused when the store's depth maps were made with another."""
+    holdout = resolve_holdout(store, config.holdout_request(), STAGE)
+    check_depth_protocol(store, holdout, STAGE, PRODUCED_BY["depth"])
+    return holdout
 
 
 def resolve_backend(encoding: str, device: torch.device | str | None = None) -> str:
@@ -247,7 +246,10 @@ def optimize_sequence(sequence_work_dir: str | os.PathLike[str], config: Optimiz
 
     def decide(store: CaptureStore) -> Decision[TrainPlan]:
         plan = plan_training(store, config)
-        return Decision(plan, {**config.result_fields(), "model": plan.model.to_dict(), "use_depth": plan.use_depth})
+        # the hold-out request is not hashed: the set it resolves to goes into the input digest
+        hashed = {k: v for k, v in config.result_fields().items() if k not in ("holdout", "holdout_cameras")}
+        return Decision(plan, {**hashed, "model": plan.model.to_dict(), "use_depth": plan.use_depth},
+                        extra=digest_part(plan.holdout), record_choice=lambda store: record_holdout(store, plan.held))
 
     def train(run: StageRun, plan: TrainPlan) -> dict:
         with torch_threads(config.threads):
@@ -266,19 +268,23 @@ class TrainPlan:
     train: list[str]
     holdout: list[str]
     use_depth: bool
+    held: HoldoutSet  # the sequence's hold-out set: ``holdout``, with how and why it was chosen
 
 
 def plan_training(store: CaptureStore, config: OptimizeConfig) -> TrainPlan:
-    """Check the calibration is there and resolve the config against this store; writes nothing."""
+    """Check the calibration is there and resolve the config against this store; writes nothing.
+
+    The hold-out set is the sequence's (``stages.geometry.holdout``); depth maps made with another are refused.
+    """
     if store.intrinsics is None or store.world_2_cam is None:
         raise StageOrderError(f"{store.uri}: no camera calibration in the store (calibrate record "
                               f"{store.stage_record('calibrate').finished_at}); run `{PRODUCED_BY['calibrate']}`")
     cfg = model_config(config)
     device = resolve_device(config.device, STAGE)
     backend = resolve_backend(config.encoding, device)
-    train, holdout = split_cameras(store.cameras, config.holdout_cameras)
+    held = plan_holdout(store, config)
     use_depth = config.use_depth and store.stage_record("depth") is not None
-    return TrainPlan(cfg, device, backend, train, holdout, use_depth)
+    return TrainPlan(cfg, device, backend, held.train(store.cameras), list(held.cameras), use_depth, held)
 
 
 def build_trainer(store: CaptureStore, train: list[str], cfg: NeRSembleConfig, device: torch.device, backend: str,
@@ -375,6 +381,7 @@ def _train(run: StageRun, config: OptimizeConfig, plan: TrainPlan, progress: Pro
         "encoding": model.field.encoding.__class__.__name__,
         "train_cameras": train,
         "holdout_cameras": holdout,
+        "holdout": store.holdout,  # the sequence's record: these cameras, how and why they were chosen
         "use_depth": use_depth,
         "scene_box_m": (box / cfg.scene.world_scale).tolist(),
         "scene_box_from": box_source,

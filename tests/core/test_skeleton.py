@@ -4,7 +4,8 @@ The first tests drive ``run_stage`` with small ``decide``/``run`` functions on a
 so each step of the skeleton is seen on its own: skip, rerun on a new config or upstream record, the lock held,
 report before record. The last tests prove that records written by the stage code before the skeleton existed
 still skip: the config hash and input digest are computed the way each stage computed them then, written as the
-stage's record, and the stage entry point must report ``skipped``.
+stage's record, and the stage entry point must report ``skipped`` (optimize and evaluate re-run once, on purpose,
+for the hold-out protocol).
 """
 
 from __future__ import annotations
@@ -134,6 +135,32 @@ def test_prepare_may_refuse_and_leaves_the_old_record(tmp_path):
     assert not cleared  # skipped: the outputs stay
 
 
+def test_a_recorded_choice_is_written_when_the_stage_skips_or_runs_and_never_when_it_refuses(tmp_path):
+    work = _work_with_store(tmp_path)
+    written: list[int] = []
+    recorder = Recorder(work)
+
+    def decide(knob: int):
+        return lambda store: Decision("the plan", {"knob": knob}, record_choice=lambda store: written.append(knob))
+
+    def refuse(store: CaptureStore, plan: str) -> str:
+        raise StageOrderError("no trained model")
+
+    seen_by_run: list[list[int]] = []
+
+    def run(stage_run: StageRun, plan: str) -> dict:
+        seen_by_run.append(list(written))
+        return recorder.run(stage_run, plan)
+
+    run_stage(work, STAGE, "1", 0, decide(1), run)
+    assert written == [1] and seen_by_run == [[1]]  # written before the run starts
+    assert run_stage(work, STAGE, "1", 0, decide(1), recorder.run)["status"] == Status.SKIPPED
+    assert written == [1, 1] and recorder.ran == 1
+    with pytest.raises(StageOrderError, match="no trained model"):
+        run_stage(work, STAGE, "1", 0, decide(2), recorder.run, prepare=refuse)
+    assert written == [1, 1]
+
+
 def test_status_is_plain_json_and_reads_old_reports():
     assert json.dumps({"status": Status.COMPLETED}) == '{"status": "completed"}'
     assert f"{Status.SKIPPED}" == "skipped" and Status.FAILED == "failed"
@@ -166,8 +193,14 @@ def _skipped(report: dict) -> bool:
     return report["status"] == "skipped" and report["written"] == "before"
 
 
+# A model small enough to train one step in a moment.
+TINY = {"hash.n_levels": 4, "hash.log2_table_size": 10, "occupancy.resolution": 32, "rays_per_batch": 256}
+
+
 def test_records_written_before_the_skeleton_still_skip(ingested):
-    """Each stage's old formula, as its entry point computed it before ``run_stage``, against the new code."""
+    """Each stage's old formula, as its entry point computed it before ``run_stage``, against the new code.
+
+    The hold-out protocol re-runs optimize and evaluate once, on purpose (said where they are checked)."""
     from stages.calibrate.config import CalibrateConfig
     from stages.calibrate.stage import calibrate_sequence
     from stages.core.bookkeeping import upstream_digest
@@ -200,12 +233,18 @@ def test_records_written_before_the_skeleton_still_skip(ingested):
     _old_record(store, "depth", config_hash({**depth.result_fields(), "method": "sweep"}),
                 upstream_digest(store, "ingest", "calibrate", "matte"))
     assert _skipped(depth_sequence(work.uri, depth))
+    # 6 cameras hold none out (auto): the old maps, made from every camera, are that protocol's; the set is recorded
+    store.refresh()
+    assert store.holdout["cameras"] == [] and store.holdout["method"] == "auto"
 
-    optimize = OptimizeConfig(device="cpu")
+    # Optimize re-runs once: its default hold-out changed meaning (the paper's cameras wherever present, 3 of these
+    # 6, became the auto rule: none here), and the request left its hash for the resolved set in its digest.
+    optimize = OptimizeConfig(device="cpu", encoding="torch", steps=1, threads=1, overrides=TINY)
     _old_record(store, "optimize", config_hash({**optimize.result_fields(), "model": model_config(optimize).to_dict(),
                                                 "use_depth": optimize.use_depth}),
                 upstream_digest(store, "ingest", "calibrate", "matte", "depth"))
-    assert _skipped(optimize_sequence(work.uri, optimize))
+    trained = optimize_sequence(work.uri, optimize)
+    assert trained["status"] == "completed" and trained["holdout_cameras"] == []
 
     export = ExportConfig(device="cpu")
     _old_record(store, "export", config_hash({**export.result_fields(), "path_digest": None}),
@@ -217,7 +256,10 @@ def test_records_written_before_the_skeleton_still_skip(ingested):
     truth_digest = digest_of(str(truth.resolve()), (truth / "zarr.json").stat().st_mtime_ns)
     _old_record(store, "evaluate", config_hash({**evaluate.result_fields(), "ground_truth": truth_digest}),
                 upstream_digest(store, "ingest", "calibrate", "matte", "optimize"))
-    assert _skipped(evaluate_sequence(work.uri, evaluate))
+    # Evaluate re-runs once: its scores changed (band metrics, the exact images as the headline). Nothing is held
+    # out, so it records that and scores nothing.
+    evaluated = evaluate_sequence(work.uri, evaluate)
+    assert evaluated["status"] == "completed" and evaluated["images"] == 0 and evaluated["psnr"] is None
 
 
 def test_the_ingest_record_keeps_its_formula(ingested):

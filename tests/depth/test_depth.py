@@ -81,7 +81,8 @@ def rig(tmp_path_factory):
 def rig_run(rig, tmp_path_factory):
     work = _ingest(rig, tmp_path_factory.mktemp("rig-work"))
     store = _pretend_calibrated_and_matted(work, rig)
-    report = depth_sequence(work.uri, DepthConfig(device="cpu"))
+    # Stereo quality on the whole rig: nothing held out (the hold-out protocol has its own tests).
+    report = depth_sequence(work.uri, DepthConfig(device="cpu", holdout="none"))
     return work, store, report
 
 
@@ -287,7 +288,7 @@ def test_cuda_and_cpu_sweeps_agree(tiny, tmp_path):
 def test_colmap_patch_match_meets_the_bounds(rig, tmp_path):
     work = _ingest(rig, tmp_path)
     store = _pretend_calibrated_and_matted(work, rig)
-    report = depth_sequence(work.uri, DepthConfig(method="colmap"))
+    report = depth_sequence(work.uri, DepthConfig(method="colmap", holdout="none"))
     assert report["method"] == "colmap"
     truth = _ground_truth(rig)
     depth, true_depth = np.asarray(store.depth[:]), np.asarray(truth["depth"][:])

@@ -261,3 +261,76 @@ def test_renders_choose_their_marching_step_after_training(trained):
     assert report["protocol"]["eval_substeps"] == 5
     bad = runner.invoke(app, ["evaluate", work.uri, "--eval-substeps", "0"])
     assert bad.exit_code != 0 and "--eval-substeps" in bad.output
+
+
+# --- the headline, the matte reference beside it, the silhouette band ---------------------------------------------
+
+
+def test_silhouette_band_is_two_pixels_either_side_of_the_edge():
+    from stages.evaluate.metrics import band_scores, silhouette_band
+
+    alpha = np.zeros((20, 30), np.float32)
+    alpha[5:15, 10:20] = 1.0
+    band = silhouette_band(alpha)
+    rows = band[10]  # a row through the square: columns 8, 9 outside and 10, 11 inside the left edge
+    assert rows[8:12].all() and not rows[7] and not rows[12] and not rows[13]
+    assert not band[10, 15] and not band[0, 0]
+    assert not silhouette_band(np.ones((8, 8))).any() and not silhouette_band(np.zeros((8, 8))).any()
+    target = np.ones((20, 30, 3))
+    pred = target.copy()
+    pred[10, 9] = 0.0  # one wrong pixel in the band, one outside it, equal errors
+    pred[0, 0] = 0.0
+    scores = band_scores(pred, target, band)
+    assert scores["band_error_share"] == pytest.approx(0.5)
+    assert scores["band_pixel_share"] == pytest.approx(band.mean())
+    assert scores["band_psnr"] == pytest.approx(-10 * math.log10(3 / (3 * band.sum())))
+    assert band_scores(target, target, band) == {"band_psnr": 100.0, "band_error_share": 0.0,
+                                                 "band_pixel_share": pytest.approx(band.mean())}
+
+
+def test_synthetic_scores_are_the_headline_with_the_matte_reference_beside_them(evaluated):
+    work, holdout, report = evaluated
+    results = report["results"]
+    assert report["headline"] == "synthetic" and report["psnr"] == results["synthetic"]["overall"]["psnr"]
+    assert report["ssim"] == results["synthetic"]["overall"]["ssim"] and "exact" in report["protocol"]["headline"]
+    # the matte reference itself against the exact images: far better than a white image (only the plate matte
+    # and H.264 differ), not equal
+    matte_reference = results["synthetic"]["matte_reference"]
+    white = results["synthetic"]["white_image_baseline"]["psnr"]
+    assert white + 5 < matte_reference["overall"]["psnr"] < 100 and set(matte_reference["cameras"]) == {holdout}
+    for name in ("synthetic", "matte"):
+        for scores in (results[name]["overall"], results[name]["cameras"][holdout]):
+            assert {"psnr", "masked_psnr", "ssim", "masked_ssim", "band_psnr", "band_error_share",
+                    "band_pixel_share"} <= set(scores)
+            assert 0 < scores["band_pixel_share"] < scores["band_error_share"] <= 1  # edges err more than average
+    assert report["protocol"]["silhouette_band"]["width_px"] == 2.0
+    assert report["holdout"]["cameras"] == [holdout] and report["holdout"]["method"] == "given"
+
+
+def test_a_model_trained_on_every_camera_is_reported_with_nothing_held_out(capture, tmp_path):
+    from stages.calibrate.stage import calibrate_sequence
+    from stages.export.stage import export_sequence
+    from stages.ingest.stage import ingest_sequence
+    from stages.matte.stage import matte_sequence
+    from stages.optimize.stage import optimize_sequence
+
+    ingest_sequence(capture.sequence_dir, str(tmp_path), IngestConfig())
+    work = SequenceWorkDir.for_sequence(str(tmp_path), capture.participant_dir.name, capture.sequence_dir.name)
+    calibrate_sequence(work.uri, CalibrateConfig(mode="provided"))
+    matte_sequence(work.uri, MatteConfig(method="plate", workers=1))
+    trained = optimize_sequence(work.uri, OptimizeConfig(steps=2, overrides=TINY, holdout="none", device="cpu",
+                                                         encoding="torch", seed=3))
+    assert trained["holdout_cameras"] == [] and trained["holdout"]["method"] == "none"
+    report = evaluate_sequence(work.uri, EvaluateConfig(device="cpu", chunk=1024))
+    assert report["status"] == "completed" and report["images"] == 0 and report["psnr"] is None
+    assert report["holdout"]["method"] == "none" and any("nothing is held out" in w for w in report["warnings"])
+    result = CliRunner().invoke(app, ["evaluate", work.uri, "--device", "cpu"])
+    assert result.exit_code == 0 and "skipped: 0 images" in result.output, result.output
+
+    # the sequence's set re-chosen after training: the model no longer fits the protocol
+    store = CaptureStore.open(work.capture_uri, mode="r+")
+    store.set_holdout({"cameras": [store.cameras[2]], "method": "given", "reason": "re-chosen"})
+    for run in (lambda: evaluate_sequence(work.uri, EvaluateConfig(device="cpu", chunk=1024)),
+                lambda: export_sequence(work.uri, ExportConfig(device="cpu", seconds=0.25, fps=4))):
+        with pytest.raises(StageOrderError, match=r"trained holding out none.*nersemble-pipeline optimize"):
+            run()

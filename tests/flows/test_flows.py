@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.sequence import STAGES, process_sequence
+from flows.sequence import STAGES, depth_config, process_sequence
 from stages.config import PipelineConfig
+from stages.depth.config import DepthConfig
 from stages.evaluate.config import EvaluateConfig
 from stages.export.config import ExportConfig
 from stages.ingest.config import IngestConfig
@@ -70,6 +71,8 @@ def test_sequence_flow_runs_every_stage_publishes_and_skips_on_rerun(prefect_har
     assert {stage: report["status"] for stage, report in reports.items()} == {stage: "completed" for stage in STAGES}
     assert reports["optimize"]["steps"] == 6
     assert reports["calibrate"]["resolved_mode"] == "provided"
+    # one hold-out set: depth kept out the camera optimize held out, and the store recorded it
+    assert reports["depth"]["holdout"]["cameras"] == reports["optimize"]["holdout_cameras"] == [capture.cameras[2]]
     work = SequenceWorkDir.for_sequence(str(tmp_path), "001", "EXP-1-head")
     assert work.exists("export", "turntable.mp4") and work.exists("export", "metrics.json")
 
@@ -125,13 +128,24 @@ def test_a_run_killed_mid_way_resumes_where_it_stopped(prefect_harness, capture,
     before = _records(work)
     assert {"ingest", "calibrate", "matte", "depth"} <= set(before) and "optimize" not in before
 
-    resumed = process_sequence(str(capture.sequence_dir), str(tmp_path), _config(capture),
+    config = _config(capture)  # with the killed run's hold-out set (another one would rightly re-run depth)
+    config = config.model_copy(update={"optimize": config.optimize.model_copy(update={"holdout_cameras": None})})
+    resumed = process_sequence(str(capture.sequence_dir), str(tmp_path), config,
                                stages=["ingest", "calibrate", "matte", "depth", "optimize"])
     assert {stage: resumed[stage]["status"] for stage in ("ingest", "calibrate", "matte", "depth")} == {
         stage: "skipped" for stage in ("ingest", "calibrate", "matte", "depth")}
     assert resumed["optimize"]["status"] == "completed"
     after = _records(work)
     assert {stage: after[stage] for stage in before} == before
+
+
+def test_depth_holds_out_what_optimize_will_unless_it_is_told_otherwise():
+    assert depth_config(PipelineConfig()).holdout is None  # the sequence's recorded set, else auto
+    assert depth_config(PipelineConfig(optimize=OptimizeConfig(holdout_cameras=["a"]))).holdout == ["a"]
+    assert depth_config(PipelineConfig(optimize=OptimizeConfig(holdout_cameras=[]))).holdout == ["none"]
+    assert depth_config(PipelineConfig(optimize=OptimizeConfig(holdout="paper"))).holdout == ["paper"]
+    own = PipelineConfig(depth=DepthConfig(holdout="none"), optimize=OptimizeConfig(holdout=["a"]))
+    assert depth_config(own) == own.depth
 
 
 def test_sequence_flow_fails_on_bad_input_without_retrying(prefect_harness, tmp_path):

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.synthetic import synthesize_capture
 from stages.config import PipelineConfig
+from stages.core.errors import PipelineError
 from stages.table import STAGE_NAMES
 from storage import SequenceWorkDir
 
@@ -116,7 +117,7 @@ def test_lists_repeat_and_comma_separate_tuples_take_several_values():
     box = parsed("optimize", "w", "--scene-box", "-1", "-2", "-3", "1", "2", "3").scene_box
     assert box == ((-1, -2, -3), (1, 2, 3))
     assert parsed("optimize", "w", "--holdout-cameras", "").holdout_cameras == []  # none held out
-    assert parsed("optimize", "w").holdout_cameras is None  # the paper's four
+    assert parsed("optimize", "w").holdout_request() is None  # the sequence's recorded set, else auto
     overrides = parsed("optimize", "w", "--overrides", "hash.n_grids=8", "--overrides", "name=text").overrides
     assert overrides == {"hash.n_grids": 8, "name": "text"}
 
@@ -129,8 +130,8 @@ ALIASES = [
      ("export", "w", "--radius-m", "1.5", "--elevation-deg", "10", "--arc-deg", "120")),
     (("export", "w", "--through-cameras", "a,b", "--through-cameras", "c"),
      ("export", "w", "--path-cameras", "a", "--path-cameras", "b,c")),
-    (("optimize", "w", "--holdout", "1,2", "--time-budget", "30", "--no-depth"),
-     ("optimize", "w", "--holdout-cameras", "1,2", "--time-budget-s", "30", "--no-use-depth")),
+    (("optimize", "w", "--time-budget", "30", "--no-depth"),
+     ("optimize", "w", "--time-budget-s", "30", "--no-use-depth")),
     (("optimize", "w", "--override", "rays_per_batch=2048", "--override", "hash.n_grids=8"),
      ("optimize", "w", "--overrides", "rays_per_batch=2048", "--overrides", "hash.n_grids=8")),
     (("run", "r", "--work", "w", "--preset", "paper", "--steps", "7", "--time-budget", "60", "--device", "cpu",
@@ -147,6 +148,27 @@ ALIASES = [
 def test_old_option_names_give_the_same_config_as_the_new_ones(old, new):
     assert parsed(*old) == parsed(*new)
     assert parsed(*old) != parsed(*old[:2], *(["--work", "w"] if "--work" in old else []))
+
+
+def test_holdout_names_the_sequence_set_on_depth_and_optimize_and_keeps_its_old_meaning_on_optimize():
+    """optimize --holdout was an older name of --holdout-cameras; it is the holdout field's own option now, on
+    depth too: serials mean what they meant, '' still holds none out, and it also takes the keywords."""
+    for argv in (("--holdout", "1,2"), ("--holdout", "1", "--holdout", "2"), ("--holdout-cameras", "1,2")):
+        assert parsed("optimize", "w", *argv).holdout_request() == ["1", "2"], argv
+    assert parsed("optimize", "w", "--holdout", "").holdout_request() == ["none"]
+    assert parsed("optimize", "w", "--holdout-cameras", "").holdout_request() == ["none"]
+    assert parsed("optimize", "w", "--holdout", "auto").holdout_request() == ["auto"]
+    assert parsed("optimize", "w", "--holdout", "2,1", "--holdout-cameras", "1,2").holdout_request() == ["2", "1"]
+    with pytest.raises(PipelineError, match="--holdout: .*disagree"):
+        parsed("optimize", "w", "--holdout", "1", "--holdout-cameras", "2")
+
+    assert parsed("depth", "w", "--holdout", "1,2").holdout == ["1", "2"]
+    assert parsed("depth", "w", "--holdout", "paper").holdout == ["paper"]
+    assert parsed("depth", "w", "--holdout", "").holdout == ["none"]
+    assert parsed("depth", "w").holdout is None
+    config = parsed("run", "r", "--work", "w", "--depth-holdout", "none", "--optimize-holdout", "1,2")
+    assert config.depth.holdout == ["none"] and config.optimize.holdout_request() == ["1", "2"]
+    assert not _all_options(_command("optimize"))["--holdout"].hidden  # the field's own option, in the help
 
 
 def test_old_names_are_hidden_from_help():
