@@ -102,6 +102,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.hash_forward.restype = None
     lib.hash_backward.argtypes = [p, p, p, p, i64, i32, i32, i32, p, p, p, p, i32, p, p, p, i32]
     lib.hash_backward.restype = None
+    lib.query_forward.argtypes = [p, p, p, p, p, i64, p, p, p, p, i32, i32, i32, p, p, p, p, i32, p, p, p, p, i32]
+    lib.query_forward.restype = None
 
 
 def library() -> ctypes.CDLL | None:
@@ -203,3 +205,102 @@ def fused_hash_encoding(encoding, x: torch.Tensor, blend: torch.Tensor) -> torch
         geometry = _Geometry(encoding)
         encoding._fast_geometry = geometry
     return _FusedHash.apply(x, blend, encoding.table, geometry)
+
+
+# --- the whole no-grad query ----------------------------------------------------------------------------------
+
+
+def _linear_layers(sequential: torch.nn.Module) -> list[tuple[torch.nn.Linear, int]]:
+    """(Linear, activation) pairs of a ``_mlp`` Sequential: 1 when a ReLU follows, else 0."""
+    modules = list(sequential)
+    return [(m, int(i + 1 < len(modules) and isinstance(modules[i + 1], torch.nn.ReLU)))
+            for i, m in enumerate(modules) if isinstance(m, torch.nn.Linear)]
+
+
+class _Packer:
+    """Weights transposed to [in][out] and packed into one float32 buffer, with their offsets."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+        self.size = 0
+
+    def add(self, t: torch.Tensor | None, transpose: bool = False) -> int:
+        if t is None:
+            return -1
+        t = t.detach().float()
+        flat = (t.t() if transpose else t).contiguous().view(-1)
+        self.parts.append(flat)
+        self.size += flat.numel()
+        return self.size - flat.numel()
+
+    def buffer(self) -> torch.Tensor:
+        return torch.cat(self.parts) if self.parts else torch.zeros(1)
+
+
+def _pack(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001 - NeRSembleModel
+    """(spec int64, params float32, fparams float32) describing the model for ``query_forward``."""
+    packer, spec = _Packer(), [0] * 11
+    d = model.deformation
+    if d is not None:
+        c = d.config
+        spec[:6] = [1, c.n_frequencies, int(c.include_input), model.codes.deformation.weight.shape[1], len(d.layers),
+                    int(model.config.deformation.offset_units == "box")]
+        spec[6:10] = [packer.add(d.head_translation.weight, True), packer.add(d.head_translation.bias),
+                      packer.add(d.head_rotation.weight, True), packer.add(d.head_rotation.bias)]
+        for i, layer in enumerate(d.layers):
+            spec += [layer.in_features, layer.out_features, packer.add(layer.weight, True), packer.add(layer.bias),
+                     int(i in c.skip_connections)]
+    for mlp in (model.field.density_mlp, model.field.color_mlp):
+        layers = _linear_layers(mlp)
+        spec.append(len(layers))
+        for layer, act in layers:
+            spec += [layer.in_features, layer.out_features, packer.add(layer.weight, True), packer.add(layer.bias),
+                     act]
+    box = model.scene_box.detach().float().cpu().view(-1)
+    eps = d.config.exp_map_eps if d is not None else 0.0
+    fparams = torch.cat([box, torch.tensor([eps], dtype=torch.float32)])
+    return torch.tensor(spec, dtype=torch.int64), packer.buffer(), fparams
+
+
+def query_supported(model) -> bool:  # noqa: ANN001 - NeRSembleModel
+    """The model's shapes fit the kernel's buffers and its encoding is the plain torch backend."""
+    from .hash_encoding import TorchHashEnsemble  # noqa: PLC0415 - import cycle
+
+    encoding = model.field.encoding
+    if type(encoding) is not TorchHashEnsemble or encoding.table.shape[1] > MAX_WIDTH:
+        return False
+    widths = [m.in_features + m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = 0
+    if model.deformation is not None:
+        c = model.deformation.config
+        inputs = 6 * c.n_frequencies + 3 + model.codes.deformation.weight.shape[1]
+    return max(widths, default=0) + inputs <= 1024 and encoding.out_dim <= 1024
+
+
+def query_nograd(model, positions: torch.Tensor, directions: torch.Tensor | None, deformation_codes: torch.Tensor | None,
+                 pe_window: torch.Tensor | None, blend: torch.Tensor, want_offset: bool = True,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Density ``[N]``, colour ``[N, 3]`` (None without ``directions``) and offset ``[N, 3]`` without autograd.
+
+    ``model.query`` / ``model.density`` in one C pass per sample (callers check :func:`applies` and
+    :func:`query_supported`); ``pe_window`` is the posenc band weights repeated per axis, ``[3 n_freq]``.
+    """
+    lib = library()
+    spec, params, fparams = _pack(model)
+    encoding = model.field.encoding
+    geometry = getattr(encoding, "_fast_geometry", None)
+    if geometry is None:
+        geometry = _Geometry(encoding)
+        encoding._fast_geometry = geometry
+    n = positions.shape[0]
+    positions, blend = positions.detach().float().contiguous(), blend.detach().float().contiguous()
+    directions = None if directions is None else directions.detach().float().contiguous()
+    codes = None if deformation_codes is None else deformation_codes.detach().float().contiguous()
+    window = None if pe_window is None else pe_window.detach().float().contiguous()
+    sigma = torch.empty(n)
+    rgb = torch.empty(n, 3) if directions is not None else None
+    offset = torch.empty(n, 3) if want_offset else None
+    lib.query_forward(_ptr(positions), _ptr(directions), _ptr(codes), _ptr(blend), _ptr(window), n, _ptr(spec),
+                      _ptr(params), _ptr(fparams), _ptr(encoding.table.detach()), *geometry.args(), _ptr(sigma),
+                      _ptr(rgb), _ptr(offset), None, torch.get_num_threads())
+    return sigma, rgb, offset

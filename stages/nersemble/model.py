@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import fast
 from ._random import randint
 from .config import NeRSembleConfig
 from .deformation import SE3DeformationField, deform_positions
@@ -26,6 +27,7 @@ from .packed import segment_cumsum, segment_sum
 from .rays import camera_rays, pixel_centers, scale_world_2_cam
 from .rendering import composite, render_weights
 from .sampling import RaySamples, march_rays
+from .schedules import cosine_window
 
 
 VISIBILITY_SLAB = 16  # samples per ray evaluated at once by front-to-back early termination
@@ -117,6 +119,8 @@ class NeRSembleModel(nn.Module):
     def density(self, positions: torch.Tensor, timesteps: torch.Tensor, windows: Windows,
                 mixed_precision: bool = True) -> torch.Tensor:
         """Density ``[N]`` at world positions, each at its own timestep index."""
+        if self._fast_nograd(positions):
+            return self._fast_query(positions, None, timesteps, windows, want_offset=False)[0]
         with self._autocast(positions.device, mixed_precision):
             canonical, _ = self.canonical_positions(positions, timesteps, windows)
             sigma, _ = self.field.density(canonical, self.blend_weights(timesteps, windows))
@@ -125,11 +129,29 @@ class NeRSembleModel(nn.Module):
     def query(self, positions: torch.Tensor, directions: torch.Tensor, timesteps: torch.Tensor,
               windows: Windows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Density ``[N]``, colour ``[N, 3]`` and deformation offset ``[N, 3]``, all float32."""
+        if self._fast_nograd(positions):
+            return self._fast_query(positions, directions, timesteps, windows)
         with self._autocast(positions.device):
             canonical, offset = self.canonical_positions(positions, timesteps, windows)
             sigma, geo = self.field.density(canonical, self.blend_weights(timesteps, windows))
             rgb = self.field.color(directions, geo)
         return sigma.float(), rgb.float(), offset.float()
+
+    def _fast_nograd(self, positions: torch.Tensor) -> bool:
+        """No autograd wanted, float32 on a CPU, and the fused C kernels are there: one C pass per sample."""
+        return (not torch.is_grad_enabled() and fast.applies(positions, self.field.encoding.table)
+                and fast.query_supported(self))
+
+    def _fast_query(self, positions: torch.Tensor, directions: torch.Tensor | None, timesteps: torch.Tensor,
+                    windows: Windows, want_offset: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`query` (or with ``directions`` None, :meth:`density`) through :func:`fast.query_nograd`."""
+        codes = window = None
+        if self.deformation is not None:
+            c = self.config.deformation
+            codes = self.codes.deformation(timesteps)
+            window = cosine_window(windows.deformation, c.n_frequencies).repeat(3)
+        return fast.query_nograd(self, positions, directions, codes, window, self.blend_weights(timesteps, windows),
+                                 want_offset)
 
     # --- rays -------------------------------------------------------------------------------------------
 
