@@ -104,6 +104,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.hash_backward.restype = None
     lib.query_forward.argtypes = [p, p, p, p, p, i64, p, p, p, p, i32, i32, i32, p, p, p, p, i32, p, p, p, p, i32]
     lib.query_forward.restype = None
+    lib.march.argtypes = [p, p, p, p, p, i64, ctypes.c_float, p, p, i32, i32, i32, i32, p, p, p, p, p, i32]
+    lib.march.restype = None
 
 
 def library() -> ctypes.CDLL | None:
@@ -304,3 +306,29 @@ def query_nograd(model, positions: torch.Tensor, directions: torch.Tensor | None
                       _ptr(params), _ptr(fparams), _ptr(encoding.table.detach()), *geometry.args(), _ptr(sigma),
                       _ptr(rgb), _ptr(offset), None, torch.get_num_threads())
     return sigma, rgb, offset
+
+
+def march_occupied(rays_o: torch.Tensor, rays_d: torch.Tensor, t0: torch.Tensor, k_first: torch.Tensor,
+                   counts: torch.Tensor, step_size: float, aabb: torch.Tensor, occupied: torch.Tensor,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The occupied samples of each ray's lattice ``t0 + (k_first + j) dt``, ``j < counts``, packed by ray.
+
+    :func:`stages.nersemble.sampling.march_rays`'s expansion and occupancy test without materialising the
+    unoccupied samples; returns ``(ray_indices, t_starts, t_ends)``.
+    """
+    lib = library()
+    o, d = rays_o.float().contiguous(), rays_d.float().contiguous()
+    t0, k_first, counts = t0.float().contiguous(), k_first.long().contiguous(), counts.long().contiguous()
+    box = aabb.float().contiguous().view(-1)
+    occ = occupied.to(torch.uint8).contiguous()
+    n_rays = o.shape[0]
+    args = (_ptr(o), _ptr(d), _ptr(t0), _ptr(k_first), _ptr(counts), n_rays, float(step_size), _ptr(box), _ptr(occ),
+            *occ.shape)
+    kept = torch.empty(n_rays, dtype=torch.int64)
+    lib.march(*args, 0, _ptr(kept), None, None, None, None, torch.get_num_threads())
+    first = torch.cumsum(kept, 0) - kept
+    total = int(kept.sum())
+    ray_indices = torch.empty(total, dtype=torch.int64)
+    t_starts, t_ends = torch.empty(total), torch.empty(total)
+    lib.march(*args, 1, None, _ptr(first), _ptr(ray_indices), _ptr(t_starts), _ptr(t_ends), torch.get_num_threads())
+    return ray_indices, t_starts, t_ends

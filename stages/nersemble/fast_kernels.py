@@ -287,4 +287,39 @@ void query_forward(const float *positions, const float *directions, const float 
         }
     }
 }
+/* --- ray marching through the occupancy grid ------------------------------------------------------------ */
+
+/* Sample j of ray i sits at t_start = t0 + (k_first + j) step; it is kept when its midpoint's cell is
+   occupied. Pass 1 (fill == 0) counts the kept samples per ray; pass 2 writes them at out_first[i]. */
+void march(const float *o, const float *d, const float *t0, const int64_t *k_first, const int64_t *count,
+           int64_t n_rays, float step, const float *aabb, const uint8_t *occ, int r0, int r1, int r2, int fill,
+           int64_t *kept, const int64_t *out_first, int64_t *ray_indices, float *t_starts, float *t_ends,
+           int n_threads) {
+    const float ext[3] = {aabb[3] - aabb[0], aabb[4] - aabb[1], aabb[5] - aabb[2]};
+    const int64_t res[3] = {r0, r1, r2};
+    #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 64)
+    for (int64_t i = 0; i < n_rays; ++i) {
+        int64_t m = 0, at = fill ? out_first[i] : 0;
+        for (int64_t j = 0; j < count[i]; ++j) {
+            const float ts = t0[i] + (float)(k_first[i] + j) * step;
+            const float te = ts + step;
+            const float tm = 0.5f * (ts + te);
+            int64_t c[3];
+            for (int a = 0; a < 3; ++a) {
+                const float unit = (o[3 * i + a] + d[3 * i + a] * tm - aabb[a]) / ext[a];
+                int64_t v = (int64_t)(unit * (float)res[a]);
+                v = v < 0 ? 0 : v;
+                c[a] = v < res[a] - 1 ? v : res[a] - 1;
+            }
+            if (!occ[(c[0] * r1 + c[1]) * r2 + c[2]]) continue;
+            if (fill) {
+                ray_indices[at + m] = i;
+                t_starts[at + m] = ts;
+                t_ends[at + m] = te;
+            }
+            ++m;
+        }
+        if (!fill) kept[i] = m;
+    }
+}
 """

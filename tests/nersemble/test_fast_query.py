@@ -86,3 +86,38 @@ def test_render_image_matches_the_reference_render(monkeypatch):
     twin = model.render_image(K, w2c, 24, 32, 1)
     for key in ("rgb", "alpha", "depth"):
         torch.testing.assert_close(fused[key], twin[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_slab_ids_equal_the_masked_selection():
+    from stages.nersemble.model import _slab_ids
+
+    gen = torch.Generator().manual_seed(2)
+    counts = torch.randint(0, 40, (60,), generator=gen)
+    alive = torch.rand(60, generator=gen) > 0.3
+    ray_ids = torch.repeat_interleave(torch.arange(60), counts)
+    first = torch.cumsum(counts, 0) - counts
+    index_in_ray = torch.arange(ray_ids.shape[0]) - first[ray_ids]
+    for start in range(0, 40, 16):
+        masked = torch.nonzero((index_in_ray >= start) & (index_in_ray < start + 16) & alive[ray_ids])[:, 0]
+        assert torch.equal(_slab_ids(first, counts, alive, start, 16), masked)
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_fused_marching_equals_the_torch_marching(stratified, monkeypatch):
+    from stages.nersemble.sampling import march_rays
+
+    gen = torch.Generator().manual_seed(4)
+    aabb = torch.tensor([[-1.0, -1.5, -1.0], [1.0, 1.0, 2.0]])
+    o = torch.randn(300, 3, generator=gen) * 0.5 + torch.tensor([0.0, 0.0, -4.0])
+    d = torch.nn.functional.normalize(torch.randn(300, 3, generator=gen) * 0.3 + torch.tensor([0.0, 0.0, 1.0]), dim=-1)
+    d[0] = torch.tensor([0.0, 0.0, 1.0])  # axis-parallel: inf/nan slabs
+    occupied = torch.rand(8, 8, 8, generator=gen) > 0.5
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv(fast.ENV, flag)
+        runs.append(march_rays(o, d, aabb, 0.05, 0.2, 100.0, occupied=occupied, stratified=stratified,
+                               generator=torch.Generator().manual_seed(5)))
+    fused, twin = runs
+    assert len(twin) > 1000
+    assert torch.equal(fused.ray_indices, twin.ray_indices)
+    assert torch.equal(fused.t_starts, twin.t_starts) and torch.equal(fused.t_ends, twin.t_ends)
