@@ -142,15 +142,38 @@ void hash_backward(const float *x, const float *blend, const float *table, const
 }
 /* --- the whole no-grad query: deformation, encoding, density and colour MLPs, per sample -------------- */
 
-/* out = act(in @ W + b), W stored [n_in][n_out] so the inner loop runs over outputs (vectorised);
-   act 1 = ReLU. */
-static inline void dense(const float *in, int n_in, const float *W, const float *b, int n_out, int act,
-                         float *out) {
-    for (int o = 0; o < n_out; ++o) out[o] = b ? b[o] : 0.0f;
-    for (int i = 0; i < n_in; ++i) {
-        const float xi = in[i];
-        const float *w = W + (int64_t)i * n_out;
-        for (int o = 0; o < n_out; ++o) out[o] += xi * w[o];
+/* out = act(in @ W + b), W stored [n_in][n_out] so the inner loop runs over outputs; act 1 = ReLU.
+   Common widths get a compile-time trip count (fully vectorised, no alias checks per input). */
+#define DENSE_FIXED(N)                                                                                   \
+    static inline void dense##N(const float *restrict in, int n_in, const float *restrict W,               \
+                                const float *restrict b, float *restrict out) {                            \
+        float acc[N];                                                                                      \
+        for (int o = 0; o < N; ++o) acc[o] = b ? b[o] : 0.0f;                                              \
+        for (int i = 0; i < n_in; ++i) {                                                                   \
+            const float xi = in[i];                                                                        \
+            const float *restrict w = W + (int64_t)i * N;                                                  \
+            for (int o = 0; o < N; ++o) acc[o] += xi * w[o];                                               \
+        }                                                                                                  \
+        for (int o = 0; o < N; ++o) out[o] = acc[o];                                                       \
+    }
+DENSE_FIXED(16)
+DENSE_FIXED(32)
+DENSE_FIXED(64)
+DENSE_FIXED(128)
+
+static inline void dense(const float *restrict in, int n_in, const float *restrict W, const float *restrict b,
+                         int n_out, int act, float *restrict out) {
+    if (n_out == 16) dense16(in, n_in, W, b, out);
+    else if (n_out == 32) dense32(in, n_in, W, b, out);
+    else if (n_out == 64) dense64(in, n_in, W, b, out);
+    else if (n_out == 128) dense128(in, n_in, W, b, out);
+    else {
+        for (int o = 0; o < n_out; ++o) out[o] = b ? b[o] : 0.0f;
+        for (int i = 0; i < n_in; ++i) {
+            const float xi = in[i];
+            const float *restrict w = W + (int64_t)i * n_out;
+            for (int o = 0; o < n_out; ++o) out[o] += xi * w[o];
+        }
     }
     if (act == 1)
         for (int o = 0; o < n_out; ++o) out[o] = out[o] > 0.0f ? out[o] : 0.0f;
