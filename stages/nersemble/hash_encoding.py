@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast
 from .config import HashEnsembleConfig
 
 PRIMES = (1, 2654435761, 805459861)  # tcnn's coherent_prime_hash factors for 3-D inputs
@@ -168,6 +169,12 @@ class TorchHashEnsemble(HashEnsembleEncoding):
         return self.interpolated(x).transpose(0, 1)
 
     def forward(self, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
+        if self.table.shape[1] <= fast.MAX_WIDTH and fast.applies(x, blend, self.table):
+            return fast.fused_hash_encoding(self, x, blend)  # the CPU kernels; this method is their twin
+        return self.reference_forward(x, blend)
+
+    def reference_forward(self, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
+        """The vectorised torch path: the fast path's reference twin, and the path on GPUs."""
         rows = self.interpolated(x).flatten(2)  # [L, N, K*F]
         # Blending after interpolation touches L*K*F values per sample instead of 8*L*K*F. Each grid's
         # weight is repeated over its F columns so the product broadcasts over levels only (contiguous

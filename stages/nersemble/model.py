@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import fast
 from ._random import randint
 from .config import NeRSembleConfig
 from .deformation import SE3DeformationField, deform_positions
@@ -26,6 +27,7 @@ from .packed import segment_cumsum, segment_sum
 from .rays import camera_rays, pixel_centers, scale_world_2_cam
 from .rendering import composite, render_weights
 from .sampling import RaySamples, march_rays
+from .schedules import cosine_window
 
 
 VISIBILITY_SLAB = 16  # samples per ray evaluated at once by front-to-back early termination
@@ -53,6 +55,18 @@ class Queried:
 
     def select(self, keep: torch.Tensor) -> Queried:
         return Queried(self.sigma[keep], self.rgb[keep], self.offset[keep])
+
+
+def _slab_ids(first: torch.Tensor, counts: torch.Tensor, alive: torch.Tensor, start: int, slab: int) -> torch.Tensor:
+    """Sample ids ``start .. start + slab - 1`` of every alive ray (by ray, then by distance), in O(their number).
+
+    The same ids, in the same order, as masking ``index_in_ray`` over all samples.
+    """
+    rays = torch.nonzero(alive & (counts > start))[:, 0]
+    n = torch.clamp(counts[rays] - start, max=slab)
+    base = torch.repeat_interleave(first[rays] + start, n)
+    within = torch.arange(base.shape[0], device=base.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+    return base + within
 
 
 def timestep_index(time: torch.Tensor | float, n_timesteps: int) -> torch.Tensor:
@@ -117,6 +131,8 @@ class NeRSembleModel(nn.Module):
     def density(self, positions: torch.Tensor, timesteps: torch.Tensor, windows: Windows,
                 mixed_precision: bool = True) -> torch.Tensor:
         """Density ``[N]`` at world positions, each at its own timestep index."""
+        if self._fast_nograd(positions):
+            return self._fast_query(positions, None, timesteps, windows, want_offset=False)[0]
         with self._autocast(positions.device, mixed_precision):
             canonical, _ = self.canonical_positions(positions, timesteps, windows)
             sigma, _ = self.field.density(canonical, self.blend_weights(timesteps, windows))
@@ -125,11 +141,29 @@ class NeRSembleModel(nn.Module):
     def query(self, positions: torch.Tensor, directions: torch.Tensor, timesteps: torch.Tensor,
               windows: Windows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Density ``[N]``, colour ``[N, 3]`` and deformation offset ``[N, 3]``, all float32."""
+        if self._fast_nograd(positions):
+            return self._fast_query(positions, directions, timesteps, windows)
         with self._autocast(positions.device):
             canonical, offset = self.canonical_positions(positions, timesteps, windows)
             sigma, geo = self.field.density(canonical, self.blend_weights(timesteps, windows))
             rgb = self.field.color(directions, geo)
         return sigma.float(), rgb.float(), offset.float()
+
+    def _fast_nograd(self, positions: torch.Tensor) -> bool:
+        """No autograd wanted, float32 on a CPU, and the fused C kernels are there: one C pass per sample."""
+        return (not torch.is_grad_enabled() and fast.applies(positions, self.field.encoding.table)
+                and fast.query_supported(self))
+
+    def _fast_query(self, positions: torch.Tensor, directions: torch.Tensor | None, timesteps: torch.Tensor,
+                    windows: Windows, want_offset: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`query` (or with ``directions`` None, :meth:`density`) through :func:`fast.query_nograd`."""
+        codes = window = None
+        if self.deformation is not None:
+            c = self.config.deformation
+            codes = self.codes.deformation(timesteps)
+            window = cosine_window(windows.deformation, c.n_frequencies).repeat(3)
+        return fast.query_nograd(self, positions, directions, codes, window, self.blend_weights(timesteps, windows),
+                                 want_offset)
 
     # --- rays -------------------------------------------------------------------------------------------
 
@@ -179,8 +213,13 @@ class NeRSembleModel(nn.Module):
         values = Queried.zeros(len(samples), ray_ids.device) if full_query else None
         optical_depth = torch.zeros(n_rays, dtype=torch.float64, device=ray_ids.device)
         alive = torch.ones(n_rays, dtype=torch.bool, device=ray_ids.device)
+        first = torch.cumsum(counts, 0) - counts
+        quick = fast.requested() and ray_ids.device.type == "cpu"
         for start in range(0, int(counts.max()), slab):
-            ids = torch.nonzero((index_in_ray >= start) & (index_in_ray < start + slab) & alive[ray_ids])[:, 0]
+            if quick:  # only the slab's samples are touched, not every sample of the chunk per slab
+                ids = _slab_ids(first, counts, alive, start, slab)
+            else:
+                ids = torch.nonzero((index_in_ray >= start) & (index_in_ray < start + slab) & alive[ray_ids])[:, 0]
             if ids.numel() == 0:
                 break
             part = samples.select(ids)

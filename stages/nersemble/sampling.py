@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fast
 from ._random import rand
 
 
@@ -88,6 +89,9 @@ def march_rays(
     k_last = torch.floor((hi - t0) / step_size - 0.5)
     counts = (k_last - k_first + 1).clamp(min=0)
     counts = torch.where(torch.isfinite(counts), counts, torch.zeros_like(counts)).long()
+    if occupied is not None and fast.applies(rays_o, rays_d, t0):
+        # One C pass per ray: unoccupied samples are never materialised (this function is its twin).
+        return RaySamples(*fast.march_occupied(rays_o, rays_d, t0, k_first, counts, step_size, aabb, occupied))
     ray_indices = torch.repeat_interleave(torch.arange(n_rays, device=device), counts)
     first_sample = torch.cumsum(counts, 0) - counts
     k = k_first.long()[ray_indices] + torch.arange(ray_indices.shape[0], device=device) - first_sample[ray_indices]

@@ -1,0 +1,123 @@
+"""The fused no-grad query (deformation, hash ensemble, density and colour MLPs in one C pass) against the
+eager model, which is its torch twin: density, colour and offset, in training-time and final windows, with
+the deformation on and off; and whole renders through both paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stages.core.cameras import look_at
+from stages.nersemble import fast
+from stages.nersemble.config import preset
+from stages.nersemble.model import NeRSembleModel
+from stages.nersemble.rays import scene_box_from_cameras
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(autouse=True)
+def _kernels():
+    if fast.compiler() is None:
+        pytest.skip("no C compiler on PATH: the fast path cannot be built here")
+    if fast.library() is None:
+        pytest.fail(f"a compiler is present but the kernels did not build: {fast._state['failed']}")
+
+
+def _model(**overrides) -> NeRSembleModel:
+    torch.manual_seed(0)
+    config = preset("preview").with_overrides(**overrides)
+    box = torch.tensor([[-2.0, -2.0, -2.0], [2.0, 2.0, 2.0]])
+    model = NeRSembleModel(config, 3, box, backend="torch")
+    with torch.no_grad():  # larger weights than the init, so every term of the chain matters
+        for p in model.parameters():
+            p.mul_(30.0 if p.numel() > 100_000 else 3.0)
+    return model
+
+
+def _inputs(n: int = 400):
+    gen = torch.Generator().manual_seed(1)
+    p = torch.rand(n, 3, generator=gen) * 4.4 - 2.2  # some samples outside the box
+    d = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen), dim=-1)
+    t = torch.randint(0, 3, (n,), generator=gen)
+    return p, d, t
+
+
+def _twin(model, p, d, t, windows, monkeypatch):
+    with torch.no_grad():
+        fused = model.query(p, d, t, windows)
+        fused_density = model.density(p, t, windows)
+        monkeypatch.setenv(fast.ENV, "0")
+        twin = model.query(p, d, t, windows)
+        twin_density = model.density(p, t, windows)
+        monkeypatch.delenv(fast.ENV)
+    return fused, twin, fused_density, twin_density
+
+
+@pytest.mark.parametrize("step", [0, 1500, None])
+@pytest.mark.parametrize("deformation", [True, False])
+def test_fused_query_matches_the_eager_model(step, deformation, monkeypatch):
+    model = _model(**({} if deformation else {"deformation.enabled": False}))
+    assert fast.query_supported(model)
+    p, d, t = _inputs()
+    fused, twin, fused_density, twin_density = _twin(model, p, d, t, model.windows(step), monkeypatch)
+    for a, b, name in zip(fused, twin, ("sigma", "rgb", "offset"), strict=True):
+        # The offset is warped - x_n with x_n ~ 0.5: both paths cancel to the same float32 ulp of x_n (6e-8).
+        atol = 1e-6 if name == "offset" else 1e-5 * float(b.abs().max())
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=name)
+    torch.testing.assert_close(fused_density, twin_density, rtol=1e-4, atol=1e-5 * float(twin_density.abs().max()))
+    assert bool((fused[0] > 0).any()) and bool((fused[0] == 0).any())  # both inside and outside the box
+
+
+def test_grad_mode_keeps_the_autograd_path():
+    model = _model()
+    p, d, t = _inputs(50)
+    sigma, rgb, _ = model.query(p, d, t, model.windows(None))
+    assert sigma.requires_grad and rgb.requires_grad
+
+
+def test_render_image_matches_the_reference_render(monkeypatch):
+    model = _model(step_size=0.2)
+    K = np.array([[40.0, 0.0, 12.0], [0.0, 40.0, 16.0], [0.0, 0.0, 1.0]])
+    w2c = look_at(np.array([0.0, 0.0, 1.0]), np.zeros(3))
+    fused = model.render_image(K, w2c, 24, 32, 1)
+    monkeypatch.setenv(fast.ENV, "0")
+    twin = model.render_image(K, w2c, 24, 32, 1)
+    for key in ("rgb", "alpha", "depth"):
+        torch.testing.assert_close(fused[key], twin[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_slab_ids_equal_the_masked_selection():
+    from stages.nersemble.model import _slab_ids
+
+    gen = torch.Generator().manual_seed(2)
+    counts = torch.randint(0, 40, (60,), generator=gen)
+    alive = torch.rand(60, generator=gen) > 0.3
+    ray_ids = torch.repeat_interleave(torch.arange(60), counts)
+    first = torch.cumsum(counts, 0) - counts
+    index_in_ray = torch.arange(ray_ids.shape[0]) - first[ray_ids]
+    for start in range(0, 40, 16):
+        masked = torch.nonzero((index_in_ray >= start) & (index_in_ray < start + 16) & alive[ray_ids])[:, 0]
+        assert torch.equal(_slab_ids(first, counts, alive, start, 16), masked)
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_fused_marching_equals_the_torch_marching(stratified, monkeypatch):
+    from stages.nersemble.sampling import march_rays
+
+    gen = torch.Generator().manual_seed(4)
+    aabb = torch.tensor([[-1.0, -1.5, -1.0], [1.0, 1.0, 2.0]])
+    o = torch.randn(300, 3, generator=gen) * 0.5 + torch.tensor([0.0, 0.0, -4.0])
+    d = torch.nn.functional.normalize(torch.randn(300, 3, generator=gen) * 0.3 + torch.tensor([0.0, 0.0, 1.0]), dim=-1)
+    d[0] = torch.tensor([0.0, 0.0, 1.0])  # axis-parallel: inf/nan slabs
+    occupied = torch.rand(8, 8, 8, generator=gen) > 0.5
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv(fast.ENV, flag)
+        runs.append(march_rays(o, d, aabb, 0.05, 0.2, 100.0, occupied=occupied, stratified=stratified,
+                               generator=torch.Generator().manual_seed(5)))
+    fused, twin = runs
+    assert len(twin) > 1000
+    assert torch.equal(fused.ray_indices, twin.ray_indices)
+    assert torch.equal(fused.t_starts, twin.t_starts) and torch.equal(fused.t_ends, twin.t_ends)
