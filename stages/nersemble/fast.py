@@ -265,11 +265,21 @@ def _pack(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: AN
 
 
 def query_supported(model) -> bool:  # noqa: ANN001 - NeRSembleModel
-    """The model's shapes fit the kernel's buffers and its encoding is the plain torch backend."""
+    """The model's shapes fit the kernel's buffers and its encoding is the plain torch backend.
+
+    The kernel wires the MLPs as :class:`NeRSembleField` does: the density MLP takes the encoding's features
+    unpadded, the colour MLP ``cat((d + 1) / 2, geo)`` padded with ones to its first layer's width (32 since
+    the tcnn padding, 18 in a field built before it). Any other wiring takes the eager path.
+    """
     from .hash_encoding import TorchHashEnsemble  # noqa: PLC0415 - import cycle
 
     encoding = model.field.encoding
     if type(encoding) is not TorchHashEnsemble or encoding.table.shape[1] > MAX_WIDTH:
+        return False
+    density, color = _linear_layers(model.field.density_mlp), _linear_layers(model.field.color_mlp)
+    if not density or not color or density[0][0].in_features != encoding.out_dim:
+        return False
+    if color[0][0].in_features < 3 + density[-1][0].out_features - 1:
         return False
     widths = [m.in_features + m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = 0

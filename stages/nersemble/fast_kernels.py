@@ -190,7 +190,9 @@ static inline void cross3(const float a[3], const float b[3], float out[3]) {
 /* spec (int64): [0] deformation on, [1] n_freq, [2] include_input, [3] code_dim, [4] n_layers,
    [5] offset_units "box", [6..9] translation head w, b and rotation head w, b (offsets into params),
    [10] unused, then 5 values per deformation layer (in, out, w, b, skip), then the number of density layers
-   and 5 values each (in, out, w, b, act), then the colour layers likewise. b < 0: no bias.
+   and 5 values each (in, out, w, b, act), then the colour layers likewise. b < 0: no bias. The density
+   MLP's input is the encoding's L*F features as they are; the colour MLP's is cat((d + 1) / 2, geo) padded
+   with ones to its first layer's width (field.pad_with_ones).
    fparams: box min[3], box max[3], exp-map eps. */
 void query_forward(const float *positions, const float *directions, const float *codes, const float *blend,
                    const float *pe_window, int64_t n, const int64_t *spec, const float *params,
@@ -300,6 +302,11 @@ void query_forward(const float *positions, const float *directions, const float 
             for (int q = h_dim - 1; q >= 1; --q) h[q + 2] = h[q];  /* cat((d + 1) / 2, geo) in place */
             for (int k = 0; k < 3; ++k) h[k] = (d[k] + 1.0f) / 2.0f;
             int g_dim = h_dim + 2;
+            /* pad_with_ones: the first layer may be wider (tcnn's padding to a multiple of 16); the extra inputs
+               are constant ones, so the same weights see the same values as in the eager field */
+            const int c_in = n_col > 0 ? (int)col[1] : g_dim;
+            for (int q = g_dim; q < c_in; ++q) h[q] = 1.0f;
+            if (c_in > g_dim) g_dim = c_in;
             for (int l = 0; l < n_col; ++l) {
                 const int64_t *L = col + 1 + 5 * l;
                 dense(h, g_dim, params + L[2], L[3] >= 0 ? params + L[3] : 0, (int)L[1], (int)L[4], next);

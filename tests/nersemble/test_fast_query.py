@@ -70,6 +70,57 @@ def test_fused_query_matches_the_eager_model(step, deformation, monkeypatch):
     assert bool((fused[0] > 0).any()) and bool((fused[0] == 0).any())  # both inside and outside the box
 
 
+def _unpadded_copy(model: NeRSembleModel) -> NeRSembleModel:
+    """``model`` with the colour MLP's first layer cut to its 18 real inputs: a field from before the padding."""
+    old = _model()
+    old.load_state_dict(model.state_dict())
+    first = model.field.color_mlp[0]
+    n_real = 3 + model.config.field.geo_feat_dim
+    narrow = torch.nn.Linear(n_real, first.out_features, bias=first.bias is not None)
+    with torch.no_grad():
+        narrow.weight.copy_(first.weight[:, :n_real])
+    old.field.color_mlp[0] = narrow
+    return old
+
+
+def test_padded_colour_inputs_are_ones(monkeypatch):
+    """The preset's colour MLP takes 32 inputs, 14 of them constant ones: its first-layer bias."""
+    model = _model()
+    assert model.field.color_mlp[0].in_features == 32
+    p, d, t = _inputs()
+    windows = model.windows(None)
+    fused, twin, _, _ = _twin(model, p, d, t, windows, monkeypatch)
+    torch.testing.assert_close(fused[1], twin[1], rtol=1e-4, atol=1e-5)
+    # Without the ones the colours differ: the test above can see a kernel that drops the padding.
+    with torch.no_grad():
+        unpadded = _unpadded_copy(model).query(p, d, t, windows)[1]
+    assert float((fused[1] - unpadded).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("how", ["unpadded field", "old checkpoint loaded"])
+def test_fused_query_matches_an_unpadded_colour_mlp(how, monkeypatch):
+    """Fields from before the padding: an 18-wide first layer, or its checkpoint loaded into a padded field."""
+    old = _unpadded_copy(_model())
+    assert old.field.color_mlp[0].in_features == 18
+    if how == "old checkpoint loaded":
+        model = _model()
+        model.load_state_dict(old.state_dict())  # the field pads the 18 columns with zero weights
+        assert model.field.color_mlp[0].in_features == 32
+    else:
+        model = old
+    assert fast.query_supported(model)
+    p, d, t = _inputs()
+    windows = model.windows(None)
+    fused, twin, _, _ = _twin(model, p, d, t, windows, monkeypatch)
+    for a, b, name in zip(fused, twin, ("sigma", "rgb", "offset"), strict=True):
+        atol = 1e-6 if name == "offset" else 1e-5 * float(b.abs().max())
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=name)
+    monkeypatch.setenv(fast.ENV, "0")
+    with torch.no_grad():
+        reference = old.query(p, d, t, windows)[1]  # what the old field computed, eagerly
+    torch.testing.assert_close(fused[1], reference, rtol=1e-4, atol=1e-5)
+
+
 def test_grad_mode_keeps_the_autograd_path():
     model = _model()
     p, d, t = _inputs(50)
