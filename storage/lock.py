@@ -29,6 +29,21 @@ LOCK_NAME = ".lock"
 DEFAULT_STALE_AFTER = 24 * 3600.0
 
 
+class SequenceFolderMissingError(FileNotFoundError):
+    """The sequence folder a stage was pointed at does not exist (only ingest creates one)."""
+
+    def __init__(self, work_uri: str):
+        super().__init__(
+            errno.ENOENT,
+            f"no sequence folder at {work_uri}: check the path, or run `nersemble-pipeline ingest` first "
+            f"(it creates <work>/<PID>/<SEQ>)",
+            work_uri,
+        )
+
+    def __str__(self) -> str:  # the message already names the folder
+        return str(self.strerror)
+
+
 class SequenceLockedError(RuntimeError):
     """Another process holds this sequence's lock."""
 
@@ -93,8 +108,13 @@ def sequence_lock(
     timeout: float = 0.0,
     poll: float = 0.2,
     stale_after: float = DEFAULT_STALE_AFTER,
+    create: bool = False,
 ) -> Iterator[None]:
     """Hold the sequence's write lock for the ``with`` block.
+
+    Only a stage that makes the sequence folder (ingest) passes ``create=True``; for every other stage a
+    missing local folder is a wrong path, so :class:`SequenceFolderMissingError` names it instead of the
+    lock quietly creating ``<work>/<PID>/<SEQ>/.lock`` there.
 
     ``timeout=0`` fails at once with :class:`SequenceLockedError`; a positive ``timeout`` waits
     up to that many seconds. Not re-entrant: a second acquire in the same process behaves like
@@ -103,6 +123,8 @@ def sequence_lock(
     """
     work_uri = uris.normalize(work_uri)
     if uris.is_local(work_uri):
+        if not create and not os.path.isdir(work_uri):
+            raise SequenceFolderMissingError(work_uri)
         with _local_lock(work_uri, timeout=timeout, poll=poll):
             yield
     else:

@@ -4,6 +4,13 @@ Every camera is decoded by its own worker, which writes only that camera's chunk
 a chunk and memory stays at a few frames per worker. Everything that can be checked without decoding
 (layout, calibration, sizes) is checked before the store is touched; the stage record is written last, so
 a failed ingest never leaves a store that looks complete.
+
+Crash safety: a (re-)ingest goes through ``CaptureStore.rebuild``, which marks the store as being rebuilt
+before it deletes anything and unmarks it (``seal``) only after the record is written. A run killed at any
+point (SIGKILL mid-delete included) leaves the marker; every other stage then refuses the store with a
+message to run ingest again, and the next ingest deletes what is left and builds it anew. A store that is
+not marked but damaged (a deleted chunk, an array's metadata gone) is rebuilt too, since its record no
+longer counts as complete; a zarr group at that path that is not a capture store is never overwritten.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from stages.core.errors import CaptureLayoutError, PipelineError, VideoError
 from stages.core.raw_capture import RawSequence, discover_sequence
 from stages.core.video import VideoInfo, iter_frames, probe_video
 from stages.core.bookkeeping import finish_stage
-from storage import CaptureStore, SequenceWorkDir, config_hash, digest_of, sequence_lock
+from storage import CaptureStore, CaptureStoreError, SequenceWorkDir, config_hash, digest_of, sequence_lock
+from storage.capture_store import rewrite_interrupted
 
 STAGE = "ingest"
 VERSION = "1"
@@ -235,28 +243,45 @@ def ingest_sequence(sequence_dir: str | Path, work_root: str, config: IngestConf
     work = SequenceWorkDir.for_sequence(work_root, raw.participant, raw.sequence)
     plan = plan_ingest(raw, config)
     chash, digest = config_hash(config.result_fields()), input_digest(plan)
-    with sequence_lock(work.uri, timeout=config.lock_timeout):
-        if CaptureStore.exists(work.capture_uri):
-            existing = CaptureStore.open(work.capture_uri, mode="r+")
-            if existing.is_complete(STAGE, chash, digest):
-                return {**existing.stage_record(STAGE).report, "status": "skipped"}
-            existing.clear_stage_record(STAGE)
+    with sequence_lock(work.uri, timeout=config.lock_timeout, create=True):
+        existing = _finished_store(work.capture_uri, chash, digest)
+        if existing is not None:
+            return {**existing.stage_record(STAGE).report, "status": "skipped"}
         return _run_ingest(plan, config, work, chash, digest, progress)
+
+
+def _finished_store(uri: str, chash: str, digest: str) -> CaptureStore | None:
+    """The store if this very ingest finished there and nothing of it is missing; None means rebuild.
+
+    An interrupted rebuild, a damaged capture store or a missing chunk all mean rebuild; a zarr node that
+    is not a capture store is someone else's data, so it is refused rather than deleted.
+    """
+    if rewrite_interrupted(uri) or not CaptureStore.exists(uri):
+        return None
+    try:
+        store = CaptureStore.open(uri, mode="r")
+    except CaptureStoreError:
+        if CaptureStore.is_ours(uri):
+            return None
+        raise CaptureStoreError(f"{uri} holds zarr data that is not a capture store; ingest will not overwrite "
+                                f"it: move or delete it, then run ingest again") from None
+    return store if store.is_complete(STAGE, chash, digest) else None
 
 
 def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, chash: str, digest: str,
                 progress: ProgressCallback | None) -> dict:
     intrinsics, world_2_cam = _stored_calibration(plan, config)
     source_fps = next(iter(plan.videos.values())).fps
-    store = CaptureStore.create(
+    store = CaptureStore.rebuild(
         work.capture_uri, cameras=plan.serials, n_frames=plan.capacity, height=plan.size[1], width=plan.size[0],
         fps=source_fps / config.stride, frame_indices=[config.start + i * config.stride for i in range(plan.capacity)],
-        intrinsics=intrinsics, world_2_cam=world_2_cam, overwrite=True,
+        intrinsics=intrinsics, world_2_cam=world_2_cam,
     )
     # Where the frames came from: later stages find files that sit beside the videos (a synthetic capture's
     # ground_truth.zarr) without being told.
     store.set_attr("source_sequence_dir", str(Path(plan.raw.sequence_dir).resolve()))
     warnings = plan.warnings
+    plated = []
     for index, serial in enumerate(plan.serials):
         plate_path = plan.raw.backgrounds.get(serial)
         if plate_path is None:
@@ -266,6 +291,9 @@ def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, c
         if plate is not None:
             matrix = plan.color_matrices.get(serial)
             store.write_background(index, apply_color_correction(plate, matrix) if matrix is not None else plate)
+            plated.append(serial)
+    # Which cameras have a plate: a listed plate whose chunk goes missing is damage, not "no plate".
+    store.set_attr("background_cameras", plated)
 
     stop = threading.Event()
     workers = config.workers or min(len(plan.serials), os.cpu_count() or 1)
@@ -279,7 +307,8 @@ def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, c
     if failures:
         report = {"stage": STAGE, "status": "failed", "errors": failures, "warnings": warnings}
         work.write_report(STAGE, report)
-        raise IngestError("ingest failed; the store is not marked complete:\n  " + "\n  ".join(failures))
+        raise IngestError(f"ingest failed ({failures[0]}); the store is not marked complete"
+                          + "".join(f"\n  {failure}" for failure in failures[1:]))
 
     counts = {r.serial: r.frames for r in results}
     n_frames = min(counts.values())
@@ -318,4 +347,6 @@ def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, c
         "config": config.model_dump(),
         "config_hash": chash,
     }
-    return finish_stage(store, work, STAGE, VERSION, chash, digest, report)
+    report = finish_stage(store, work, STAGE, VERSION, chash, digest, report)
+    store.seal()  # after the record: a run killed before this line is rebuilt by the next one
+    return report

@@ -40,6 +40,12 @@ HOLDER = textwrap.dedent(
 )
 
 
+def _folder(path: Path) -> str:
+    """An existing sequence folder: only ingest's lock creates one."""
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
 @contextmanager
 def holder_process(work_uri: str, hold_seconds: float | None = None) -> Iterator[subprocess.Popen[str]]:
     args = [sys.executable, "-c", HOLDER, work_uri] + ([str(hold_seconds)] if hold_seconds is not None else [])
@@ -65,7 +71,7 @@ def _release(proc: subprocess.Popen[str]) -> None:
 
 
 def test_second_process_fails_at_once_naming_the_holder(tmp_path: Path) -> None:
-    work = str(tmp_path / "P001" / "SEQ_A+1")
+    work = _folder(tmp_path / "P001" / "SEQ_A+1")
     with holder_process(work) as proc:
         start = time.monotonic()
         with pytest.raises(SequenceLockedError) as info:
@@ -84,7 +90,7 @@ def test_second_process_fails_at_once_naming_the_holder(tmp_path: Path) -> None:
 
 
 def test_waiting_acquire_gets_the_lock_when_the_holder_releases(tmp_path: Path) -> None:
-    work = str(tmp_path / "P" / "S")
+    work = _folder(tmp_path / "P" / "S")
     with holder_process(work, hold_seconds=0.5):
         start = time.monotonic()
         with sequence_lock(work, timeout=10, poll=0.05):
@@ -93,7 +99,7 @@ def test_waiting_acquire_gets_the_lock_when_the_holder_releases(tmp_path: Path) 
 
 
 def test_waiting_acquire_gives_up_after_timeout(tmp_path: Path) -> None:
-    work = str(tmp_path / "P" / "S")
+    work = _folder(tmp_path / "P" / "S")
     with holder_process(work) as proc:
         start = time.monotonic()
         with pytest.raises(SequenceLockedError, match=f"pid {proc.pid}"):
@@ -103,7 +109,7 @@ def test_waiting_acquire_gives_up_after_timeout(tmp_path: Path) -> None:
 
 
 def test_lock_dies_with_its_holder(tmp_path: Path) -> None:
-    work = str(tmp_path / "P" / "S")
+    work = _folder(tmp_path / "P" / "S")
     with holder_process(work) as proc:
         proc.kill()
         proc.wait(timeout=10)
@@ -112,7 +118,7 @@ def test_lock_dies_with_its_holder(tmp_path: Path) -> None:
 
 
 def test_other_process_sees_our_lock(tmp_path: Path) -> None:
-    work = str(tmp_path / "P" / "S")
+    work = _folder(tmp_path / "P" / "S")
     code = textwrap.dedent(
         """
         import sys
@@ -135,7 +141,7 @@ def test_other_process_sees_our_lock(tmp_path: Path) -> None:
 
 
 def test_second_acquire_in_same_process_does_not_hang(tmp_path: Path) -> None:
-    work = str(tmp_path / "P" / "S")
+    work = _folder(tmp_path / "P" / "S")
     with sequence_lock(work):
         with pytest.raises(SequenceLockedError):
             with sequence_lock(work):
@@ -150,7 +156,7 @@ def test_second_acquire_in_same_process_does_not_hang(tmp_path: Path) -> None:
 
 
 def test_lock_is_released_when_the_body_raises(tmp_path: Path) -> None:
-    work = str(tmp_path / "P" / "S")
+    work = _folder(tmp_path / "P" / "S")
     with pytest.raises(RuntimeError, match="boom"):
         with sequence_lock(work):
             raise RuntimeError("boom")
@@ -159,7 +165,7 @@ def test_lock_is_released_when_the_body_raises(tmp_path: Path) -> None:
 
 
 def test_threads_wait_for_each_other(tmp_path: Path) -> None:
-    work = str(tmp_path / "P" / "S")
+    work = _folder(tmp_path / "P" / "S")
     inside = 0
     overlaps: list[int] = []
     guard = threading.Lock()
@@ -244,7 +250,7 @@ def test_fsspec_lock_breaks_stale_and_dead_holders() -> None:
 
 def test_exclusive_create_lock_across_processes(tmp_path: Path) -> None:
     """The object-store code path (exclusive create), run on a local filesystem by two processes."""
-    work = str(tmp_path / "P" / "S")
+    work = _folder(tmp_path / "P" / "S")
     code = textwrap.dedent(
         """
         import sys
@@ -268,3 +274,15 @@ def test_exclusive_create_lock_across_processes(tmp_path: Path) -> None:
         out = other()
         assert out.startswith("locked:") and f"pid {os.getpid()}" in out
     assert other().strip() == "acquired"
+
+
+def test_a_missing_sequence_folder_is_named_and_not_created(tmp_path: Path) -> None:
+    from storage.lock import SequenceFolderMissingError
+
+    work = tmp_path / "no-such-work" / "P" / "S"
+    with pytest.raises(SequenceFolderMissingError, match="no sequence folder at .*no-such-work/P/S"):
+        with sequence_lock(str(work)):
+            pass
+    assert not (tmp_path / "no-such-work").exists()
+    with sequence_lock(str(work), create=True):  # ingest makes the folder
+        assert (work / LOCK_NAME).exists()
