@@ -33,6 +33,9 @@ class OptimizeConfig(BaseModel):
         None, gt=0, description="stop training after this many seconds (a checkpoint is written); steps "
                                 "schedules keep their meaning")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; default: the preset's")
+    checkpoint_every_s: float | None = Field(
+        300.0, gt=0, description="also checkpoint after this many seconds of wall time (an interrupt or a crash "
+                                 "loses at most this much training)")
     resume: bool = Field(True, description="continue from the last checkpoint of the same config")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
     seed: int | None = Field(None, description="random seed; default: the preset's")
@@ -52,5 +55,5 @@ class OptimizeConfig(BaseModel):
 
     def result_fields(self) -> dict:
         """The fields that decide the trained model (execution knobs excluded), for the config hash."""
-        return self.model_dump(exclude={"device", "encoding", "time_budget_s", "checkpoint_every", "resume",
+        return self.model_dump(exclude={"device", "encoding", "time_budget_s", "checkpoint_every", "checkpoint_every_s", "resume",
                                         "threads", "lock_timeout"})
