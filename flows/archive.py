@@ -59,15 +59,20 @@ def _row(participant: str, sequence: str, status: str, seconds: float | None = N
             "flow_run": flow_run}
 
 
+def _one_line(text: str) -> str:
+    """A multi-line message as one summary-row line: every non-empty line kept (the camera and file too)."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
 def _error_text(state) -> str:  # noqa: ANN001 - a prefect State
-    """The exception behind a failed local run ("Type: message"), else the state's message."""
+    """The exception behind a failed local run ("Type: message"), else the state's message, on one line."""
     try:
         error = state.result(raise_on_failure=False)
     except Exception as raised:  # noqa: BLE001 - a crashed run may not even have a result
         error = raised
     if isinstance(error, BaseException):
-        return f"{type(error).__name__}: {error}"
-    return state.message or state.name
+        return _one_line(f"{type(error).__name__}: {error}")
+    return _one_line(state.message or state.name)
 
 
 def _psnr_of(work: SequenceWorkDir) -> float | None:

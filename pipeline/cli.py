@@ -7,6 +7,7 @@ Bad input exits with status 1 and one message that names the file, camera or val
 from __future__ import annotations
 
 import json
+import os
 import sys
 from functools import wraps
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
+from pipeline.os_errors import os_error_message
 from stages.core.errors import PipelineError
 
 app = typer.Typer(
@@ -25,24 +27,35 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", envvar="NERSEMBLE_DEBUG",
+                                        help="show the traceback of errors (also NERSEMBLE_DEBUG=1)")] = False,
+) -> None:
+    """Multi-view head captures (NeRSemble v2 layout) -> capture store -> NeRSemble radiance field -> videos."""
+    if debug:
+        os.environ["NERSEMBLE_DEBUG"] = "1"
+
+
 def _is_user_error(error: Exception) -> bool:
-    """Bad input, a missing store or a held lock: worth one line, not a traceback."""
+    """Bad input, a missing store, a held lock or an OS refusal (permission, disk full): one line, not a traceback."""
     from_storage = type(error).__module__.startswith("storage.")  # its errors sit below pipeline's
-    return isinstance(error, (PipelineError, FileNotFoundError, FileExistsError)) or from_storage
+    return (isinstance(error, (PipelineError, FileNotFoundError, FileExistsError)) or from_storage
+            or os_error_message(error) is not None)
 
 
 def _user_errors(command: Callable) -> Callable:
-    """Turn pipeline errors into one readable line and exit status 1."""
+    """Turn pipeline and OS errors into one readable line and exit status 1 (an interrupt: 128 + signal)."""
 
     @wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except Exception as error:
-            if not _is_user_error(error):
+            if not _is_user_error(error) or os.environ.get("NERSEMBLE_DEBUG", "") not in ("", "0"):
                 raise
-            typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(1) from None
+            typer.secho(f"error: {os_error_message(error) or error}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(getattr(error, "exit_code", 1)) from None
 
     return wrapper
 
@@ -313,7 +326,7 @@ def optimize(
     finally:
         bar.close()
     typer.echo(f"optimize {report['status']}: {sequence_work_dir / 'nersemble'}")
-    _print_report(report, ("preset", "steps", "stopped_by", "train_seconds", "psnr_train", "device", "encoding",
+    _print_report(report, ("preset", "resumed", "steps", "stopped_by", "train_seconds", "psnr_train", "device", "encoding",
                            "holdout_cameras", "checkpoint"))
 
 
