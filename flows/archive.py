@@ -30,6 +30,7 @@ from stages.ingest.config import IngestConfig
 from stages.matte.config import MatteConfig
 from stages.optimize.config import OptimizeConfig
 from stages.core.errors import PipelineError
+from stages.core.interrupts import forward_stop_signals
 from stages.core.raw_capture import list_archive
 from storage import SequenceWorkDir
 
@@ -186,7 +187,9 @@ def process_archive(
     logger.info("%d sequence(s) to run, %d finished earlier, %d unreadable or not found", len(todo),
                 sum(row["status"] == "skipped" for row in rows), sum(row["status"] == "failed" for row in rows))
 
-    with ThreadPoolTaskRunner(max_workers=max_concurrent) as runner:
+    # Sequences train in worker threads, where no signal handler can be installed: a cancel (SIGTERM) or Ctrl-C
+    # reaching this main thread asks their training to checkpoint and stop, then goes on to Prefect's handler.
+    with forward_stop_signals(), ThreadPoolTaskRunner(max_workers=max_concurrent) as runner:
         futures = [runner.submit(run_sequence, {
             "participant": raw.participant, "sequence": raw.sequence, "raw_sequence_dir": str(raw.sequence_dir),
             "work_root": work_root, "parameters": parameters, "sequence_deployment": sequence_deployment})

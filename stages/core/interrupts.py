@@ -7,10 +7,11 @@ would drop everything trained since the last checkpoint. :func:`stop_on_signals`
 the stage raises :class:`TrainingInterrupted` (exit status 128 + signal, the shell's convention).
 
 Signal handlers can only be installed from the main thread. Where training runs in a worker thread (a Prefect
-task runner), the main thread keeps its own handler (Prefect's raises in the main thread, which ends the flow
-run); the request then also counts as set once the main thread has finished, since an interpreter that is
-shutting down would otherwise wait for the whole training to end. The previous handlers come back when the
-``with`` block ends, so the stop request never outlives the training it guards.
+task runner), whoever runs the main thread wraps its fan-out in :func:`forward_stop_signals`: its handler sets a
+process-wide stop request that every worker's :class:`StopRequest` sees, then calls the handler it replaced
+(Prefect's, which ends the flow run; its thread pool then waits for the worker, which checkpoints and returns).
+As a last resort a worker's request also counts as set once the main thread has finished. The previous
+handlers come back when each ``with`` block ends, so a stop request never outlives the work it guards.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class TrainingInterrupted(PipelineError):
         return type(self), (str(self), self.signum)
 
 
+_PROCESS_STOP: dict[str, int] = {}  # "signum" once a forwarded signal asked every worker to stop
+
+
 class StopRequest:
     """True once a stop was asked for: by a signal, by :meth:`set`, or by the end of the main thread."""
 
@@ -52,8 +56,10 @@ class StopRequest:
         self._event.set()
 
     def __call__(self) -> bool:
+        if not self._event.is_set() and "signum" in _PROCESS_STOP:
+            self.set(_PROCESS_STOP["signum"])  # the main thread received a signal and forwarded it
         if not self._event.is_set() and self._in_worker and not self._main.is_alive():
-            self.set(signal.SIGTERM)  # the process is ending around us (e.g. Prefect handled the signal)
+            self.set(signal.SIGTERM)  # the process is ending around us
         return self._event.is_set()
 
     @property
@@ -84,3 +90,32 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopReq
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)  # type: ignore[arg-type]
+
+
+@contextmanager
+def forward_stop_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """In the main thread: on SIGINT/SIGTERM ask every worker thread's training to stop, then run the old handler.
+
+    Wrap a fan-out of work to threads (a Prefect task runner) in it; outside the main thread it does nothing.
+    """
+    previous: dict[int, object] = {}
+
+    def handler(signum: int, frame: object) -> None:
+        _PROCESS_STOP.setdefault("signum", int(signum))
+        old = previous.get(signum)
+        if callable(old):
+            old(signum, frame)
+        elif old == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in signals:
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)  # type: ignore[arg-type]
+        if previous:
+            _PROCESS_STOP.clear()
