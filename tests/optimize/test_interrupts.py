@@ -204,3 +204,48 @@ def test_training_in_a_worker_thread_checkpoints_on_a_forwarded_signal(prepared,
     assert proc.returncode == 128 + signal.SIGTERM  # the main thread's own handler still ran
     report = json.loads(Path(work.path("reports/optimize.json")).read_text())
     assert report["stopped_by"] == "interrupted" and checkpoint_steps(work)[-1] == report["steps"]
+
+
+PREFECT_FLOW = textwrap.dedent("""
+    import faulthandler, signal, sys
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a stack dump if the test finds it stuck
+    from flows.optimize import optimize_sequence
+    from stages.optimize.config import OptimizeConfig
+
+    optimize_sequence(sys.argv[1], OptimizeConfig.model_validate_json(sys.argv[2]))
+""")
+
+
+def test_sigterm_to_a_prefect_flow_run_checkpoints_and_the_next_run_resumes(prepared, work, tmp_path):
+    """Prefect cancels a run by sending its process SIGTERM; the flow runs in-process here, on a private API.
+
+    The run gets a process group of its own, so the temporary API server it starts goes with it at the end.
+    """
+    capture, _ = prepared
+    config = _config(capture, steps=100_000, threads=1)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    log = tmp_path / "flow.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", PREFECT_FLOW, work.uri, config.model_dump_json()], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        _wait_for_training(work, proc, timeout=240)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            pytest.fail(f"the flow run did not end after SIGTERM:\n{log.read_text()[-6000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the temporary API server, if it outlived the run
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+    assert proc.returncode != 0, log.read_text()[-3000:]
+    report = json.loads(Path(work.path("reports/optimize.json")).read_text())
+    assert report["stopped_by"] == "interrupted" and checkpoint_steps(work)[-1] == report["steps"]
+    resumed = optimize_sequence(work.uri, config.model_copy(update={"time_budget_s": 0.5}))
+    assert resumed["resumed_from_step"] == report["steps"]
