@@ -21,7 +21,12 @@ from stages.matte.config import MatteConfig
 from stages.matte.stage import matte_sequence
 from stages.nersemble.trainer import CheckpointError, TrainingProgress, load_checkpoint
 from stages.optimize.config import OptimizeConfig
-from stages.optimize.stage import checkpoint_path, checkpoint_steps, load_trained_model, optimize_sequence
+from stages.optimize.stage import (
+    checkpoint_path,
+    checkpoint_steps,
+    load_trained_model,
+    optimize_sequence,
+)
 from storage import CaptureStore, SequenceWorkDir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,7 +138,7 @@ def test_a_signal_checkpoints_reports_and_the_next_run_resumes(prepared, work, s
     try:
         _wait_for_training(work, proc)
         proc.send_signal(signum)
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
