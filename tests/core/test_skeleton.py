@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stages.core.errors import CalibrationError, StageOrderError
@@ -225,11 +226,17 @@ def test_records_written_before_the_skeleton_still_skip(ingested):
     assert _skipped(calibrate_sequence(work.uri, calibrate))
 
     matte = MatteConfig(method="plate")  # every camera has a plate: no model, so no model in the digest
+    for c in range(store.n_cameras):  # the mattes an old run wrote (a record over missing chunks is not complete)
+        for t in range(store.n_frames):
+            store.write_alpha(c, t, np.full((store.height, store.width), 255, np.uint8))
     _old_record(store, "matte", config_hash(matte.result_fields()),
                 upstream_digest(store, "ingest", extra=digest_of(None, [])))
     assert _skipped(matte_sequence(work.uri, matte))
 
     depth = DepthConfig(method="sweep", device="cpu")
+    for c in range(store.n_cameras):  # and the maps an old depth run wrote
+        for t in range(store.n_frames):
+            store.write_depth(c, t, np.full((store.height, store.width), 1.0, np.float32))
     _old_record(store, "depth", config_hash({**depth.result_fields(), "method": "sweep"}),
                 upstream_digest(store, "ingest", "calibrate", "matte"))
     assert _skipped(depth_sequence(work.uri, depth))
