@@ -5,7 +5,8 @@ long sequence never sits in memory. Checkpoints land in ``nersemble/checkpoints/
 ``checkpoint_every`` steps and every ``checkpoint_every_s`` seconds; a killed run picks up its newest
 checkpoint when it is started again with the same config and the same upstream results (anything else starts
 over). The two newest checkpoints are kept: each carries a content hash, and a resume skips a damaged newest
-one for the one before it (with a warning in the report), while export and evaluate refuse it by name.
+one for the one before it (with a warning in the report), while export and evaluate refuse it by name. A
+checkpoint from before content hashes is used as it is, with a "not verified" warning in the report.
 SIGINT and SIGTERM finish the step in flight, write a checkpoint and the report (``stopped_by``
 "interrupted"), then raise :class:`TrainingInterrupted`. The record is written last, after the final
 checkpoint, so downstream stages only ever see a finished model.
@@ -19,7 +20,7 @@ import os
 import re
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,7 @@ class TrainedModel:
     train_cameras: list[str]
     holdout_cameras: list[str]
     n_timesteps: int
+    warnings: list[str] = field(default_factory=list)  # e.g. a checkpoint from before checksums, not verified
 
 
 # --- choices made before anything is written --------------------------------------------------------------
@@ -206,18 +208,19 @@ def checkpoint_path(step: int) -> str:
 
 
 def latest_checkpoint(work: SequenceWorkDir, map_location: str | torch.device = "cpu",
-                      skipped: list[str] | None = None) -> dict | None:
+                      skipped: list[str] | None = None, warnings: list[str] | None = None) -> dict | None:
     """The newest checkpoint, verified; None if there is none.
 
     With ``skipped`` (a resume), a damaged checkpoint is passed over for the next older one and its problem
     appended there; without it (export, evaluate) a damaged newest checkpoint is a PipelineError naming it.
+    A checkpoint from before content hashes loads unverified, with a line in ``warnings`` saying so.
     """
     for step in reversed(checkpoint_steps(work)):
         data = work.read_bytes(checkpoint_path(step))
         if data is None:
             continue
         try:
-            return load_checkpoint(data, map_location, name=work.path(checkpoint_path(step)))
+            return load_checkpoint(data, map_location, name=work.path(checkpoint_path(step)), warnings=warnings)
         except CheckpointError as error:
             if skipped is None:
                 raise PipelineError(f"{error}; run `{PRODUCED_BY['optimize']}` again (it resumes from the "
@@ -245,14 +248,16 @@ def load_trained_model(sequence_work_dir: str | os.PathLike[str], device: str = 
     """
     work = SequenceWorkDir(sequence_work_dir)
     target = resolve_device(device, "render")
-    checkpoint = latest_checkpoint(work, "cpu")
+    warnings: list[str] = []
+    checkpoint = latest_checkpoint(work, "cpu", warnings=warnings)
     if checkpoint is None:
         raise StageOrderError(f"{work.uri}: no trained model in nersemble/{CHECKPOINTS}/: run "
                               f"`{PRODUCED_BY['optimize']}` first")
     model = model_from_checkpoint(checkpoint, target, resolve_backend(encoding, target), eval_substeps)
     return TrainedModel(model=model, config=model.config, step=int(checkpoint["step"]),
                         train_cameras=list(checkpoint["train_cameras"]),
-                        holdout_cameras=list(checkpoint["holdout_cameras"]), n_timesteps=model.n_timesteps)
+                        holdout_cameras=list(checkpoint["holdout_cameras"]), n_timesteps=model.n_timesteps,
+                        warnings=warnings)
 
 
 # --- the stage --------------------------------------------------------------------------------------------
@@ -350,7 +355,7 @@ def _train(run: StageRun, config: OptimizeConfig, plan: TrainPlan, progress: Pro
     train, holdout, use_depth = plan.train, plan.holdout, plan.use_depth
     run_id = f"{run.config_hash}:{run.input_digest}"
     warnings: list[str] = []
-    resumed = latest_checkpoint(work, skipped=warnings) if config.resume else None
+    resumed = latest_checkpoint(work, skipped=warnings, warnings=warnings) if config.resume else None
     if resumed is not None and resumed.get("run_id") != run_id:
         resumed = None  # another config or other upstream results: start over
     trainer, box_source = build_trainer(store, train, cfg, device, backend, use_depth, config.scene_box, resumed)

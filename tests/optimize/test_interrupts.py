@@ -254,3 +254,61 @@ def test_sigterm_to_a_prefect_flow_run_checkpoints_and_the_next_run_resumes(prep
     assert report["stopped_by"] == "interrupted" and checkpoint_steps(work)[-1] == report["steps"]
     resumed = optimize_sequence(work.uri, config.model_copy(update={"time_budget_s": 0.5}))
     assert resumed["resumed_from_step"] == report["steps"]
+
+
+def _as_before_checksums(path: Path) -> None:
+    """Rewrite a checkpoint the way the trainer wrote it before content hashes: torch's file alone."""
+    import torch
+
+    checkpoint = load_checkpoint(path.read_bytes())  # verified, and without the key that says it had a hash
+    with open(path, "wb") as f:
+        torch.save(checkpoint, f)
+
+
+def test_a_checkpoint_from_before_checksums_loads_with_a_warning_and_a_cut_one_is_skipped(prepared, work):
+    """Old models keep working (resume, export, evaluate), each saying the file was not verified; a damaged file
+    (a hash that does not match, or cut short) is still refused, and a resume falls back past it."""
+    from stages.evaluate.config import EvaluateConfig
+    from stages.evaluate.stage import evaluate_sequence
+    from stages.export.config import ExportConfig
+    from stages.export.stage import export_sequence
+
+    capture, _ = prepared
+
+    def kill(p: TrainingProgress) -> None:
+        if p.step >= 25:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        optimize_sequence(work.uri, _config(capture, checkpoint_every=10), progress=kill)
+    older, newest = (Path(work.path(checkpoint_path(step))) for step in (10, 20))
+    _as_before_checksums(older)
+    assert older.read_bytes()[-48:-32] != b"NERSEMBLE-SHA256"
+    newest.write_bytes(newest.read_bytes()[: len(newest.read_bytes()) // 2])  # cut short mid-file
+
+    report = optimize_sequence(work.uri, _config(capture, checkpoint_every=10))
+    assert report["status"] == "completed" and report["resumed_from_step"] == 10 and report["steps"] == 40
+    assert any(str(newest) in w and "not a complete checkpoint" in w and "skipped" in w for w in report["warnings"])
+    assert f"{older}: written before checksums; not verified (loaded as it is)" in report["warnings"]
+
+    final = Path(work.path(report["checkpoint"]))
+    _as_before_checksums(final)
+    trained = load_trained_model(work.uri, device="cpu")
+    assert trained.step == 40 and trained.warnings == [f"{final}: written before checksums; not verified (loaded as it is)"]
+    exported = export_sequence(work.uri, ExportConfig(holdout=False, seconds=0.25, fps=4, device="cpu"))
+    assert exported["status"] == "completed" and trained.warnings[0] in exported["warnings"]
+    evaluated = evaluate_sequence(work.uri, EvaluateConfig(timesteps=1, lpips=False, device="cpu"))
+    assert evaluated["status"] == "completed" and trained.warnings[0] in evaluated["warnings"]
+
+    # A file that was written with a hash and lost it, or whose hash does not match, is an error, never a warning.
+    data = final.read_bytes()
+    stripped = Path(work.path(checkpoint_path(30)))
+    assert stripped.exists() and stripped.read_bytes()[-48:-32] == b"NERSEMBLE-SHA256"
+    with pytest.raises(CheckpointError, match="written with a content hash that is gone: cut short"):
+        load_checkpoint(stripped.read_bytes()[:-48], name=str(stripped))
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        load_checkpoint(data[:-100], name=str(final))  # an old checkpoint cut short
+    flipped = bytearray(stripped.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF
+    with pytest.raises(CheckpointError, match="corrupt checkpoint"):
+        load_checkpoint(bytes(flipped), name=str(stripped))
