@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import zarr
 import zarr.storage
-from zarr.core.sync import sync
 from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.core.sync import sync
 
 from storage import uri as uris
 from storage.errors import CaptureStoreError, MissingChunkError, UnknownCameraError

@@ -35,7 +35,7 @@ class MissingChunkError(CaptureStoreError):
             f"in its place: run the {writer} stage again to rewrite it"
         )
 
-    def __reduce__(self):  # noqa: ANN204 - a failed task's result is pickled: keep the fields, not the message
+    def __reduce__(self) -> tuple:  # a failed task's exception is pickled: rebuild it from its fields
         return type(self), (self.uri, self.array, self.camera, self.frame, self.key, self.writer)
 
 

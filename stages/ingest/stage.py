@@ -33,7 +33,7 @@ from stages.ingest.config import IngestConfig
 from stages.core.errors import CaptureLayoutError, PipelineError, VideoError
 from stages.core.raw_capture import RawSequence, discover_sequence
 from stages.core.video import VideoInfo, iter_frames, probe_video
-from stages.core.skeleton import StageRun, skipped_report
+from stages.core.skeleton import StageRun, rerun_note, skipped_report
 from stages.core.status import Status
 from storage import CaptureStore, CaptureStoreError, SequenceWorkDir, config_hash, digest_of, sequence_lock
 from storage.capture_store import rewrite_interrupted
@@ -249,28 +249,36 @@ def ingest_sequence(sequence_dir: str | Path, work_root: str, config: IngestConf
     plan = plan_ingest(raw, config)
     chash, digest = config_hash(config.result_fields()), input_digest(plan)
     with sequence_lock(work.uri, timeout=config.lock_timeout, create=True):  # ingest makes the folder
-        skipped = _skipped(work.capture_uri, chash, digest)
+        skipped = _skipped(work.capture_uri, chash, digest, plan.warnings)
         if skipped is not None:
             return skipped
         return _run_ingest(plan, config, work, chash, digest, progress)
 
 
-def _skipped(uri: str, chash: str, digest: str) -> dict | None:
+def _skipped(uri: str, chash: str, digest: str, warnings: list[str]) -> dict | None:
     """The skipped report if this very ingest finished there and nothing of it is missing; None means rebuild.
 
-    An interrupted rebuild, a damaged capture store or a missing chunk all mean rebuild; a zarr node that
-    is not a capture store is someone else's data, so it is refused rather than deleted.
+    An interrupted rebuild, a damaged capture store or a missing chunk all mean rebuild (said in ``warnings``);
+    a zarr node that is not a capture store is someone else's data, so it is refused rather than deleted.
     """
-    if rewrite_interrupted(uri) or not CaptureStore.exists(uri):
+    if rewrite_interrupted(uri):
+        warnings.append(f"{uri}: the last ingest of this store did not finish; rebuilt")
+        return None
+    if not CaptureStore.exists(uri):
         return None
     try:
         store = CaptureStore.open(uri, mode="r")
-    except CaptureStoreError:
+    except CaptureStoreError as error:
         if CaptureStore.is_ours(uri):
+            warnings.append(f"rebuilt a damaged store ({error})")
             return None
         raise CaptureStoreError(f"{uri} holds zarr data that is not a capture store; ingest will not overwrite "
                                 f"it: move or delete it, then run ingest again") from None
-    return skipped_report(store, STAGE, chash, digest)
+    skipped = skipped_report(store, STAGE, chash, digest)
+    note = rerun_note(store, STAGE, chash, digest) if skipped is None else None
+    if note:
+        warnings.append(note)
+    return skipped
 
 
 def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, chash: str, digest: str,

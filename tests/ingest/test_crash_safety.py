@@ -13,11 +13,12 @@ import pytest
 from pipeline.synthetic import synthesize_capture
 from stages.calibrate.config import CalibrateConfig
 from stages.calibrate.stage import calibrate_sequence
+from stages.core.errors import StageOrderError
 from stages.core.video import iter_frames
 from stages.ingest.config import IngestConfig
 from stages.ingest.stage import ingest_sequence
 from stages.matte.config import MatteConfig
-from stages.matte.stage import MattingError, matte_sequence
+from stages.matte.stage import matte_sequence
 from storage import CaptureStore, CaptureStoreError, SequenceWorkDir
 from storage.errors import MissingChunkError
 
@@ -109,8 +110,12 @@ def test_a_missing_frame_chunk_is_named_never_matted_and_reingest_repairs_it(cap
     serial = store.cameras[1]
     (Path(work.capture_uri) / "frames" / "c" / "1" / "2" / "0" / "0" / "0").unlink()
 
-    with pytest.raises(MattingError, match=rf"frames chunk of camera {serial} \(index 1\), frame 2 is missing"):
+    # refused before any frame is matted, naming the chunk and the command that rewrites it
+    with pytest.raises(StageOrderError, match=rf"missing \(frames: camera {serial}, frame 2\): run `nersemble-pipeline "
+                                              rf"ingest"):
         matte_sequence(work.uri, MatteConfig(method="plate", workers=1))
+    with pytest.raises(MissingChunkError, match=rf"frames chunk of camera {serial} \(index 1\), frame 2 is missing"):
+        store.read_frame(1, 2)  # and a read names it too
     assert CaptureStore.open(work.capture_uri).stage_record("matte") is None  # never marked complete
 
     assert store.damaged_outputs("ingest") == [f"frames: camera {serial}, frame 2"]

@@ -13,7 +13,6 @@ import zarr
 import storage
 from pipeline.cli import _is_user_error
 from stages.core import errors as stage_errors
-from storage.lock import SequenceFolderMissingError
 from storage import (
     CaptureStore,
     CaptureStoreError,
@@ -24,6 +23,7 @@ from storage import (
     UnknownCameraError,
     sequence_lock,
 )
+from storage.lock import SequenceFolderMissingError
 
 # Each storage error and the built-in bases it had before StorageError existed (callers may catch those).
 BUILT_IN_BASES = {CaptureStoreError: (ValueError,), UnknownCameraError: (KeyError,), SequenceLockedError: (RuntimeError,),

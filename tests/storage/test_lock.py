@@ -34,7 +34,12 @@ import pytest
 
 from storage import SequenceLockedError, SequenceWorkDir, StorageError, sequence_lock
 from storage import uri as uris
-from storage.lock import DEFAULT_STALE_AFTER, LOCK_NAME, SequenceFolderMissingError, _fsspec_lock
+from storage.lock import (
+    DEFAULT_STALE_AFTER,
+    LOCK_NAME,
+    SequenceFolderMissingError,
+    _fsspec_lock,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
