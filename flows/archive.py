@@ -24,6 +24,7 @@ from flows.ledger import SEQUENCE_REPORT, finished_sequence
 from flows.sequence import check_stages, process_sequence
 from stages.config import PipelineConfig
 from stages.core.errors import PipelineError
+from stages.core.interrupts import forward_stop_signals
 from stages.core.raw_capture import list_archive
 from storage import SequenceWorkDir
 
@@ -53,15 +54,20 @@ def _row(participant: str, sequence: str, status: str, seconds: float | None = N
             "flow_run": flow_run}
 
 
+def _one_line(text: str) -> str:
+    """A multi-line message as one summary-row line: every non-empty line kept (the camera and file too)."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
 def _error_text(state) -> str:  # noqa: ANN001 - a prefect State
-    """The exception behind a failed local run ("Type: message"), else the state's message."""
+    """The exception behind a failed local run ("Type: message"), else the state's message, on one line."""
     try:
         error = state.result(raise_on_failure=False)
     except Exception as raised:  # noqa: BLE001 - a crashed run may not even have a result
         error = raised
     if isinstance(error, BaseException):
-        return f"{type(error).__name__}: {error}"
-    return state.message or state.name
+        return _one_line(f"{type(error).__name__}: {error}")
+    return _one_line(state.message or state.name)
 
 
 def _psnr_of(work: SequenceWorkDir) -> float | None:
@@ -181,7 +187,9 @@ def process_archive(
     logger.info("%d sequence(s) to run, %d finished earlier, %d unreadable or not found", len(todo),
                 sum(row["status"] == "skipped" for row in rows), sum(row["status"] == "failed" for row in rows))
 
-    with ThreadPoolTaskRunner(max_workers=max_concurrent) as runner:
+    # Sequences train in worker threads, where no signal handler can be installed: a cancel (SIGTERM) or Ctrl-C
+    # reaching this main thread asks their training to checkpoint and stop, then goes on to Prefect's handler.
+    with forward_stop_signals(), ThreadPoolTaskRunner(max_workers=max_concurrent) as runner:
         futures = [runner.submit(run_sequence, {
             "participant": raw.participant, "sequence": raw.sequence, "raw_sequence_dir": str(raw.sequence_dir),
             "work_root": work_root, "parameters": parameters, "sequence_deployment": sequence_deployment})

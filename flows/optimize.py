@@ -4,11 +4,19 @@
 given ``optimize_deployment``. Either way the training sits inside a global concurrency limit (``gpu`` by
 default, one slot), so one GPU trains one model at a time while the CPU stages of other sequences go on.
 On a host with several GPUs, give each worker its own limit (``NERSEMBLE_GPU_LIMIT=gpu:<host>-<index>``).
+
+Cancellation: Prefect cancels a run by sending SIGTERM to its process. While training, the stage holds that
+signal (in the main thread), finishes the step, writes a checkpoint and raises ``TrainingInterrupted``; the flow
+then hands the same signal back to Prefect's own handler, so the run ends as Prefect would have ended it, and
+the next run resumes from the checkpoint. In a worker thread the stage cannot hold signals; it stops (with a
+checkpoint) when the main thread, which received the signal, ends.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 from prefect import flow, get_run_logger
 from prefect.concurrency.sync import concurrency
@@ -17,6 +25,7 @@ from prefect.runtime import flow_run
 from flows.artifacts import publish_stage_report
 from flows.progress import TrainingProgressArtifacts
 from flows.tasks import optimize_task
+from stages.core.interrupts import TrainingInterrupted
 from stages.optimize.config import OptimizeConfig
 from storage import SequenceWorkDir
 
@@ -83,7 +92,13 @@ def optimize_sequence(
     # The slot is a lease the client renews while training runs; a killed run's slot frees within a minute.
     with concurrency(limit, occupy=1, lease_duration=60):
         logger.info("training %s/%s (%s preset)", work.participant, work.sequence, config.preset)
-        report = optimize_task(work.uri, config, progress=progress)
+        try:
+            report = optimize_task(work.uri, config, progress=progress)
+        except TrainingInterrupted as stopped:
+            logger.warning("%s", stopped)
+            if threading.current_thread() is threading.main_thread():
+                signal.raise_signal(stopped.signum)  # now Prefect's handler (cancel/crash), or the default one
+            raise
     progress.finish(report)
     publish_stage_report("optimize", work.participant, work.sequence, report)
     logger.info("optimize %s: %s steps, train PSNR %s", report.get("status"), report.get("steps"),

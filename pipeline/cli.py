@@ -9,6 +9,7 @@ Bad input exits with status 1 and one message that names the file, camera, value
 from __future__ import annotations
 
 import json
+import os
 import sys
 from functools import wraps
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from pipeline.options import Alias, split_values, with_config_options
+from pipeline.os_errors import os_error_message
 from stages.calibrate.config import CalibrateConfig
 from stages.config import PipelineConfig
 from stages.core.errors import PipelineError
@@ -36,25 +38,36 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", envvar="NERSEMBLE_DEBUG",
+                                        help="show the traceback of errors (also NERSEMBLE_DEBUG=1)")] = False,
+) -> None:
+    """Multi-view head captures (NeRSemble v2 layout) -> capture store -> NeRSemble radiance field -> videos."""
+    if debug:
+        os.environ["NERSEMBLE_DEBUG"] = "1"
+
+
 def _is_user_error(error: Exception) -> bool:
-    """Bad input, a missing store or a held lock: worth one line, not a traceback."""
+    """Bad input, a missing store, a held lock or an OS refusal (permission, disk full): one line, not a traceback."""
     from storage.errors import StorageError  # light: no zarr
 
-    return isinstance(error, (PipelineError, StorageError, FileNotFoundError, FileExistsError))
+    return (isinstance(error, (PipelineError, StorageError, FileNotFoundError, FileExistsError))
+            or os_error_message(error) is not None)
 
 
 def _user_errors(command: Callable) -> Callable:
-    """Turn pipeline errors into one readable line and exit status 1."""
+    """Turn pipeline and OS errors into one readable line and exit status 1 (an interrupt: 128 + signal)."""
 
     @wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except Exception as error:
-            if not _is_user_error(error):
+            if not _is_user_error(error) or os.environ.get("NERSEMBLE_DEBUG", "") not in ("", "0"):
                 raise
-            typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(1) from None
+            typer.secho(f"error: {os_error_message(error) or error}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(getattr(error, "exit_code", 1)) from None
 
     return wrapper
 
@@ -215,7 +228,7 @@ def optimize(
     finally:
         bar.close()
     typer.echo(f"optimize {report['status']}: {sequence_work_dir / 'nersemble'}")
-    _print_report(report, ("preset", "steps", "stopped_by", "train_seconds", "psnr_train", "device", "encoding",
+    _print_report(report, ("preset", "resumed", "steps", "stopped_by", "train_seconds", "psnr_train", "device", "encoding",
                            "holdout_cameras", "checkpoint"))
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from storage.capture_store import ARRAY_NAMES, CaptureStore
-    from storage.errors import CaptureStoreError, StorageError, UnknownCameraError
+    from storage.errors import CaptureStoreError, MissingChunkError, StorageError, UnknownCameraError
     from storage.lock import SequenceLockedError, sequence_lock
     from storage.records import StageRecord, config_hash, digest_of
     from storage.work_dir import SequenceWorkDir
@@ -21,6 +21,7 @@ _EXPORTS = {
     "ARRAY_NAMES": "storage.capture_store",
     "CaptureStore": "storage.capture_store",
     "CaptureStoreError": "storage.errors",
+    "MissingChunkError": "storage.errors",
     "StorageError": "storage.errors",
     "UnknownCameraError": "storage.errors",
     "SequenceLockedError": "storage.lock",

@@ -3,25 +3,48 @@
 Layout: one chunk per (camera, frame), so a camera's frames are written by exactly one writer
 (parallel per-camera writers never share a chunk) and a random-pixel training batch from one
 (camera, t) decodes exactly one chunk. Stage bookkeeping lives in ``attrs["stages"]``.
+
+Nothing silently wrong: zarr answers a read of a chunk that is not on disk with the fill value, so a
+deleted chunk would read as a black frame or an empty matte. Every array is therefore handed out as a
+:class:`CheckedArray`, whose reads verify that each chunk they touched exists, and every chunk is written
+even when it equals the fill value (an empty matte is data, not absence). A missing chunk raises
+:class:`MissingChunkError` naming the array, camera and frame.
+
+Crash-safe rebuilds: :meth:`CaptureStore.rebuild` first writes a marker file beside the store
+(``capture.zarr.incomplete``), then deletes and re-creates the store; :meth:`CaptureStore.seal` removes
+the marker once the writer has recorded its stage. A writer killed in between (even mid-delete, with
+``zarr.json`` files gone and orphan chunks left) leaves the marker, so :meth:`CaptureStore.open` refuses
+the store with a message that says to run ingest again, and ingest rebuilds it from nothing. Marking
+and rebuilding in place (rather than building beside and swapping) needs no rename of a folder, which
+object stores cannot do atomically, and no second copy of the frames on disk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import zarr
 import zarr.storage
 from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.core.sync import sync
 
 from storage import uri as uris
-from storage.errors import CaptureStoreError, UnknownCameraError
+from storage.errors import CaptureStoreError, MissingChunkError, UnknownCameraError
 from storage.records import StageRecord
 
 ARRAY_NAMES = ("frames", "alpha", "depth", "backgrounds")
-_NEVER_EMPTY = ("frames", "backgrounds")
+REWRITE_MARKER_SUFFIX = ".incomplete"  # capture.zarr.incomplete: a rebuild has started and not finished
+# The stage that writes each array: a missing chunk is repaired by running it again.
+ARRAY_WRITERS = {"frames": "ingest", "backgrounds": "ingest", "alpha": "matte", "depth": "depth"}
+# The arrays a stage's record vouches for; a record over missing chunks is not complete.
+STAGE_ARRAYS = {"ingest": ("frames",), "matte": ("alpha",), "depth": ("depth",)}
 FORMAT_NAME = "nersemble-pipeline/capture"
 FORMAT_VERSION = 1
 
@@ -73,6 +96,135 @@ def _matrices(name: str, value: Any, cameras: list[str], shape: tuple[int, int])
             raise ValueError(f"{name}[{cam!r}] has non-finite values")
         out[cam] = m.tolist()
     return out
+
+
+def _touched_chunks(selection: Any, shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[list[int]]:
+    """Per dimension, the chunk indices a (basic or integer-array) selection reads."""
+    sel = selection if isinstance(selection, tuple) else (selection,)
+    if any(s is Ellipsis for s in sel):
+        at = next(i for i, s in enumerate(sel) if s is Ellipsis)
+        sel = sel[:at] + (slice(None),) * (len(shape) - len(sel) + 1) + sel[at + 1:]
+    out = []
+    for dim, (size, chunk) in enumerate(zip(shape, chunks)):
+        s = sel[dim] if dim < len(sel) else slice(None)
+        if isinstance(s, (int, np.integer)):
+            out.append([(int(s) % size) // chunk] if size else [])
+        elif isinstance(s, slice):
+            r = range(*s.indices(size))
+            if not len(r):
+                out.append([])
+            elif r.step == 1:
+                out.append(list(range(r.start // chunk, (r[-1]) // chunk + 1)))
+            else:
+                out.append(sorted({i // chunk for i in r}))
+        else:
+            idx = np.asarray(s)
+            idx = np.flatnonzero(idx) if idx.dtype == np.bool_ else idx.ravel().astype(np.int64) % max(size, 1)
+            out.append(sorted({int(i) // chunk for i in idx}))
+    return out
+
+
+class CheckedArray:
+    """A capture-store array whose reads fail on missing chunks instead of returning the fill value.
+
+    Everything else (shape, dtype, chunks, resize, writes) is the zarr array's own.
+    """
+
+    def __init__(self, array: zarr.Array, uri: str, camera_name: Callable[[int], str], local_root: str | None):
+        self._zarr, self._uri, self._camera_name, self._local_root = array, uri, camera_name, local_root
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._zarr, name)
+
+    def __repr__(self) -> str:
+        return f"CheckedArray({self._zarr!r})"
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        data = self[...]
+        return data if dtype is None else data.astype(dtype)
+
+    def __getitem__(self, selection: Any) -> Any:
+        data = self._zarr[selection]
+        self.require_chunks(selection)
+        return data
+
+    def __setitem__(self, selection: Any, value: Any) -> None:
+        with _naming_os_errors(f"{self._uri}/{self._zarr.path}"):
+            self._zarr[selection] = value
+
+    def chunk_key(self, coords: tuple[int, ...]) -> str:
+        """The chunk's key relative to the store root (``frames/c/1/2/0/0/0``)."""
+        return f"{self._zarr.path}/{self._zarr.metadata.encode_chunk_key(coords)}"
+
+    def _exists(self, key: str) -> bool:
+        if self._local_root is not None:
+            return os.path.isfile(os.path.join(self._local_root, key))
+        return bool(sync(self._zarr.store.exists(key)))
+
+    def require_chunks(self, selection: Any) -> None:
+        """Raise :class:`MissingChunkError` for the first chunk the selection touches that is not stored."""
+        for coords in itertools.product(*_touched_chunks(selection, self._zarr.shape, self._zarr.chunks)):
+            key = self.chunk_key(coords)
+            if not self._exists(key):
+                name = self._zarr.path.rsplit("/", 1)[-1]
+                frame = int(coords[1]) if name != "backgrounds" else None
+                raise MissingChunkError(self._uri, name, self._camera_name(int(coords[0])), frame, key,
+                                        ARRAY_WRITERS.get(name, "ingest"))
+
+    def stored_chunks(self) -> set[tuple[int, int]]:
+        """(camera, frame) of every stored chunk (camera, 0 for backgrounds), from one listing."""
+        prefix = f"{self._zarr.path}/c/"
+
+        async def collect() -> list[str]:
+            return [key async for key in self._zarr.store.list_prefix(prefix)]
+
+        per_frame = not self._zarr.path.endswith("backgrounds")
+        found = set()
+        for key in sync(collect()):
+            parts = key[len(prefix):].split("/")
+            if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+                found.add((int(parts[0]), int(parts[1]) if per_frame else 0))
+        return found
+
+
+@contextlib.contextmanager
+def _naming_os_errors(path: str) -> Iterator[None]:
+    """OS errors raised mid-write (disk full) carry no file name; give them the array's, for the message."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise type(error)(error.errno, error.strerror or str(error), path) from error
+        raise
+
+
+def rewrite_marker(uri: str) -> str:
+    """URI of the marker that says a rebuild of the store at ``uri`` started and has not finished."""
+    return uris.normalize(uri) + REWRITE_MARKER_SUFFIX
+
+
+def rewrite_interrupted(uri: str) -> bool:
+    """True while a rebuild of the store at ``uri`` is unfinished (or was killed)."""
+    marker = rewrite_marker(uri)
+    if uris.is_local(marker):
+        return os.path.exists(marker)
+    fs, path = uris.filesystem(marker)
+    return bool(fs.exists(path))
+
+
+def _root_format(uri: str) -> str | None:
+    """The ``format`` attr of the group's own zarr.json, read without zarr (works on a half-deleted store)."""
+    try:
+        if uris.is_local(uri):
+            with open(os.path.join(uri, "zarr.json"), encoding="utf-8") as f:
+                meta = json.load(f)
+        else:
+            fs, path = uris.filesystem(uri)
+            meta = json.loads(fs.cat_file(f"{path.rstrip('/')}/zarr.json"))
+    except (OSError, ValueError):
+        return None
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    return attrs.get("format") if isinstance(attrs, dict) else None
 
 
 class CaptureStore:
@@ -164,6 +316,11 @@ class CaptureStore:
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r} (use CaptureStore.create to make one)")
         uri = uris.normalize(uri)
+        if rewrite_interrupted(uri):
+            raise CaptureStoreError(
+                f"{uri}: an ingest that was rebuilding this store did not finish (marker {rewrite_marker(uri)}); "
+                f"run the ingest stage again to rebuild it"
+            )
         if not cls.exists(uri):
             raise FileNotFoundError(f"no capture store at {uri} (no zarr.json there); run the ingest stage first")
         store = _open_zarr_store(uri, read_only=(mode == "r"))
@@ -179,6 +336,7 @@ class CaptureStore:
             raise CaptureStoreError(
                 f"{uri} is a zarr group but not a capture store: missing attrs {missing_attrs}, "
                 f"missing arrays {missing_arrays}"
+                + ("; it is damaged: run the ingest stage again to rebuild it" if cls.is_ours(uri) else "")
             )
         return cls(uri, group, store)
 
@@ -191,40 +349,114 @@ class CaptureStore:
         fs, path = uris.filesystem(uri)
         return bool(fs.exists(f"{path.rstrip('/')}/zarr.json"))
 
+    @staticmethod
+    def is_ours(uri: str) -> bool:
+        """True if the group at ``uri`` says it is a capture store (even when its arrays are damaged)."""
+        return _root_format(uris.normalize(uri)) == FORMAT_NAME
+
+    @staticmethod
+    def remove(uri: str) -> None:
+        """Delete everything at ``uri`` (a whole store, or what a killed writer left of one)."""
+        uri = uris.normalize(uri)
+        if uris.is_local(uri):
+            if os.path.isdir(uri):
+                shutil.rmtree(uri)
+            elif os.path.exists(uri):
+                os.unlink(uri)
+            return
+        fs, path = uris.filesystem(uri)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+    @classmethod
+    def rebuild(cls, uri: str, **create_args: Any) -> CaptureStore:
+        """Mark the store as being rebuilt, delete whatever is at ``uri`` and create it anew (see the module doc).
+
+        The marker stays until :meth:`seal`: until then every :meth:`open` refuses the store, so a rebuild
+        killed at any point is never mistaken for a store, and the next rebuild starts from nothing.
+        """
+        uri = uris.normalize(uri)
+        marker = rewrite_marker(uri)
+        if uris.is_local(marker):
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            with open(marker, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"pid": os.getpid()}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            fs, path = uris.filesystem(marker)
+            fs.pipe_file(path, b"{}\n")
+        cls.remove(uri)
+        return cls.create(uri, **create_args)
+
+    def seal(self) -> None:
+        """Remove the rebuild marker: call it after the writer's stage record (the store is whole again)."""
+        marker = rewrite_marker(self.uri)
+        if uris.is_local(marker):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(marker)
+            return
+        fs, path = uris.filesystem(marker)
+        if fs.exists(path):
+            fs.rm_file(path)
+
     def refresh(self) -> None:
         """Re-read the group's attrs (another process may have written calibration or records)."""
         self.group = zarr.open_group(self._store, mode="r" if self._store.read_only else "r+")
 
     # ------------------------------------------------------------------ arrays and attrs
 
-    def _array(self, name: str) -> zarr.Array:
+    def _array(self, name: str) -> CheckedArray:
         if name not in ARRAY_NAMES:
             raise KeyError(f"unknown array {name!r}; a capture store has {list(ARRAY_NAMES)}")
         if name not in self._arrays:
             arr = self.group[name]
             assert isinstance(arr, zarr.Array)
-            if name in _NEVER_EMPTY:
-                # zarr compares every chunk with the fill value before writing it, which costs as much as
-                # compressing it; camera images are never all zero, so skip that check for them.
-                arr = arr.with_config({"write_empty_chunks": True})
-            self._arrays[name] = arr
+            # Every chunk is written, even one equal to the fill value (an empty matte, a depth map with no
+            # valid pixel): then "no chunk" always means "never written or lost", which reads refuse. It also
+            # spares zarr comparing each chunk with the fill value, which costs as much as compressing it.
+            arr = arr.with_config({"write_empty_chunks": True})
+            self._arrays[name] = CheckedArray(arr, self.uri, self._camera_name,
+                                              self.uri if uris.is_local(self.uri) else None)
         return self._arrays[name]
 
+    def _camera_name(self, index: int) -> str:
+        cams = self.cameras
+        return f"{cams[index]} (index {index})" if 0 <= index < len(cams) else f"index {index}"
+
     @property
-    def frames(self) -> zarr.Array:
+    def frames(self) -> CheckedArray:
         return self._array("frames")
 
     @property
-    def alpha(self) -> zarr.Array:
+    def alpha(self) -> CheckedArray:
         return self._array("alpha")
 
     @property
-    def depth(self) -> zarr.Array:
+    def depth(self) -> CheckedArray:
         return self._array("depth")
 
     @property
-    def backgrounds(self) -> zarr.Array:
+    def backgrounds(self) -> CheckedArray:
         return self._array("backgrounds")
+
+    def missing_chunks(self, name: str, *, skip_unwritten_cameras: bool = False) -> list[tuple[int, int]]:
+        """(camera, frame) of every chunk of ``name`` that is not stored (frame 0 for backgrounds).
+
+        ``skip_unwritten_cameras``: a camera with no chunk at all counts as one the writer chose to leave out.
+        For ``backgrounds`` only the cameras listed in ``attrs["background_cameras"]`` are expected.
+        """
+        arr = self._array(name)
+        stored = arr.stored_chunks()
+        if name == "backgrounds":
+            listed = self.group.attrs.get("background_cameras") or []
+            expected = [(self.camera_index(s), 0) for s in listed if s in self.cameras]
+        else:
+            cameras = range(arr.shape[0])
+            if skip_unwritten_cameras:
+                cameras = sorted({c for c, _ in stored})
+            expected = [(c, t) for c in cameras for t in range(arr.shape[1])]
+        return [key for key in expected if key not in stored]
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -380,8 +612,18 @@ class CaptureStore:
         return np.asarray(self.depth[self._cam(camera), self._t(t)])
 
     def read_background(self, camera: CameraKey) -> np.ndarray:
-        """(H, W, 3) uint8 background plate (zeros if none was written)."""
-        return np.asarray(self.backgrounds[self._cam(camera)])
+        """(H, W, 3) uint8 background plate (zeros if none was written).
+
+        Stores that list their plates (``attrs["background_cameras"]``, written by ingest) refuse a listed
+        plate whose chunk is missing; an unlisted camera has no plate and reads as zeros.
+        """
+        c = self._cam(camera)
+        listed = self.group.attrs.get("background_cameras")
+        if listed is not None and self.cameras[c] not in listed:
+            return np.zeros((self.height, self.width, 3), np.uint8)
+        if listed is None:  # a store from before plates were listed: absence cannot be told from loss
+            return np.asarray(self.backgrounds._zarr[c])
+        return np.asarray(self.backgrounds[c])
 
     def read_frames(self, camera: CameraKey, t_start: int = 0, t_stop: int | None = None) -> np.ndarray:
         """(T', H, W, 3) uint8 for a run of frames of one camera (sequential readers: export, matting)."""
@@ -489,7 +731,25 @@ class CaptureStore:
     ) -> bool:
         """True if the stage finished with this config hash (and input digest / version, when given)."""
         record = self.stage_record(stage)
-        return record is not None and record.matches(config_hash, input_digest, version)
+        if record is None or not record.matches(config_hash, input_digest, version):
+            return False
+        return not self.damaged_outputs(stage)
+
+    def damaged_outputs(self, stage: str) -> list[str]:
+        """What is missing from the arrays a finished stage wrote ("frames: camera 2, frame 5", ...).
+
+        A record over missing chunks does not count as complete: the stage runs again and rewrites them.
+        Depth may leave whole cameras out (those it does not compute), so only partly written cameras count there.
+        """
+        problems = []
+        names = STAGE_ARRAYS.get(stage, ())
+        if stage == "ingest":
+            names = (*names, "backgrounds")
+        for name in names:
+            missing = self.missing_chunks(name, skip_unwritten_cameras=(name == "depth"))
+            problems += [f"{name}: camera {self.cameras[c]}" + ("" if name == "backgrounds" else f", frame {t}")
+                         for c, t in missing]
+        return problems
 
     def write_stage_record(self, record: StageRecord) -> None:
         """Mark a stage finished; call this LAST, after all its outputs are written."""

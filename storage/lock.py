@@ -30,6 +30,21 @@ LOCK_NAME = ".lock"
 DEFAULT_STALE_AFTER = 24 * 3600.0
 
 
+class SequenceFolderMissingError(StorageError, FileNotFoundError):
+    """The sequence folder a stage was pointed at does not exist (only ingest creates one)."""
+
+    def __init__(self, work_uri: str):
+        super().__init__(
+            errno.ENOENT,
+            f"no sequence folder at {work_uri}: check the path, or run `nersemble-pipeline ingest` first "
+            f"(it creates <work>/<PID>/<SEQ>)",
+            work_uri,
+        )
+
+    def __str__(self) -> str:  # the message already names the folder
+        return str(self.strerror)
+
+
 class SequenceLockedError(StorageError, RuntimeError):
     """Another process holds this sequence's lock."""
 
@@ -94,8 +109,14 @@ def sequence_lock(
     timeout: float = 0.0,
     poll: float = 0.2,
     stale_after: float = DEFAULT_STALE_AFTER,
+    create: bool = False,
 ) -> Iterator[None]:
     """Hold the sequence's write lock for the ``with`` block.
+
+    Only a stage that makes the sequence folder (ingest) passes ``create=True``; for every other stage a
+    missing folder is a wrong path, so :class:`SequenceFolderMissingError` names it instead of the lock
+    quietly creating ``<work>/<PID>/<SEQ>/.lock`` there (on every backend: an object store's "folder" is the
+    prefix its objects share, so a sequence folder with nothing in it is missing there too).
 
     ``timeout=0`` fails at once with :class:`SequenceLockedError`; a positive ``timeout`` waits
     up to that many seconds. Not re-entrant: a second acquire in the same process behaves like
@@ -104,18 +125,21 @@ def sequence_lock(
     """
     work_uri = uris.normalize(work_uri)
     if uris.is_local(work_uri):
-        with _local_lock(work_uri, timeout=timeout, poll=poll):
+        with _local_lock(work_uri, timeout=timeout, poll=poll, create=create):
             yield
     else:
-        with _fsspec_lock(work_uri, timeout=timeout, poll=poll, stale_after=stale_after):
+        with _fsspec_lock(work_uri, timeout=timeout, poll=poll, stale_after=stale_after, create=create):
             yield
 
 
 @contextmanager
-def _local_lock(work_uri: str, *, timeout: float, poll: float) -> Iterator[None]:
+def _local_lock(work_uri: str, *, timeout: float, poll: float, create: bool = False) -> Iterator[None]:
     import fcntl
 
-    os.makedirs(work_uri, exist_ok=True)
+    if create:
+        os.makedirs(work_uri, exist_ok=True)
+    elif not os.path.isdir(work_uri):
+        raise SequenceFolderMissingError(work_uri)
     path = os.path.join(work_uri, LOCK_NAME)
     fh: IO[str] = open(path, "a+", encoding="utf-8")
     start = time.monotonic()
@@ -149,9 +173,13 @@ def _local_lock(work_uri: str, *, timeout: float, poll: float) -> Iterator[None]
 
 
 @contextmanager
-def _fsspec_lock(work_uri: str, *, timeout: float, poll: float, stale_after: float) -> Iterator[None]:
+def _fsspec_lock(work_uri: str, *, timeout: float, poll: float, stale_after: float,
+                 create: bool = False) -> Iterator[None]:
     fs, base = uris.filesystem(work_uri)
-    fs.makedirs(base, exist_ok=True)
+    if create:
+        fs.makedirs(base, exist_ok=True)
+    elif not fs.isdir(base):
+        raise SequenceFolderMissingError(work_uri)
     path = f"{base.rstrip('/')}/{LOCK_NAME}"
     token = uuid.uuid4().hex
     payload = json.dumps(_holder_info(token)).encode()

@@ -86,9 +86,9 @@ class SequenceWorkDir:
     def _fs_path(self, *parts: str) -> str:
         return uris.join(self._root, *parts)
 
-    def lock(self, *, timeout: float = 0.0, poll: float = 0.2):  # noqa: ANN201 - a context manager
-        """``sequence_lock`` on this folder."""
-        return sequence_lock(self.uri, timeout=timeout, poll=poll)
+    def lock(self, *, timeout: float = 0.0, poll: float = 0.2, create: bool = False):  # noqa: ANN201
+        """``sequence_lock`` on this folder (``create``: make the folder if it does not exist yet)."""
+        return sequence_lock(self.uri, timeout=timeout, poll=poll, create=create)
 
     def makedirs(self, *parts: str) -> str:
         """Create a folder inside (and its parents); returns its URI."""
@@ -108,8 +108,9 @@ class SequenceWorkDir:
     def write_bytes(self, rel_path: str, data: bytes) -> str:
         """Write a file inside, atomically where the filesystem allows; returns its URI.
 
-        Local disks: write a temp file beside it and ``os.replace`` it, so a reader never sees
-        half a file even if the writer is killed. Object stores: one PUT is already atomic.
+        Local disks: write a temp file beside it, fsync it and ``os.replace`` it, so a reader never
+        sees half a file even if the writer (or the machine) dies. Object stores: one PUT is already
+        atomic. An OS error that carries no file name (a full disk mid-write) is given this one.
         """
         parts = rel_path.strip("/").split("/")
         target = self._fs_path(*parts)
@@ -120,7 +121,15 @@ class SequenceWorkDir:
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
                 os.replace(tmp, target)
+            except OSError as error:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                if error.filename is None and error.errno is not None:
+                    raise type(error)(error.errno, error.strerror or str(error), target) from error
+                raise
             except BaseException:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
@@ -135,6 +144,22 @@ class SequenceWorkDir:
                     self._fs.rm_file(tmp)
                 self._fs.pipe_file(target, data)
         return self.path(*parts)
+
+    def append_text(self, rel_path: str, text: str) -> str:
+        """Append to a text file inside (a log), creating it; returns its URI.
+
+        Local disks append in place and flush, so the lines survive a killed writer; object stores
+        have no append, so the file is read and written back whole.
+        """
+        parts = rel_path.strip("/").split("/")
+        target = self._fs_path(*parts)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "a", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+            return self.path(*parts)
+        return self.write_text(rel_path, (self.read_text(rel_path) or "") + text)
 
     def read_bytes(self, rel_path: str) -> bytes | None:
         """Contents of a file inside, or None if it does not exist."""

@@ -49,7 +49,7 @@ from stages.calibrate.geometry import (
     pose_differences,
     summarize,
 )
-from storage import CaptureStore, SequenceWorkDir
+from storage import CaptureStore, SequenceWorkDir, StorageError
 
 if TYPE_CHECKING:
     import pycolmap
@@ -414,7 +414,7 @@ def _estimate(store: CaptureStore, mode: str, provided: Calibration | None, conf
     with tempfile.TemporaryDirectory(prefix="calibrate-") as folder, colmap.quiet_colmap():
         try:
             return solver(store, provided, config, Path(folder), threads, timer, warnings)
-        except PipelineError:  # our own (a CalibrationError is also a ValueError): the user's to see
+        except (PipelineError, StorageError):  # ours (a CalibrationError, a missing chunk are ValueErrors too)
             raise
         except (ValueError, RuntimeError) as error:  # pycolmap reports failed checks as these
             reason = f"COLMAP failed: {error}"

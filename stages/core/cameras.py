@@ -209,8 +209,13 @@ def _as_matrix(value: object, shape: tuple[int, int], what: str, path: Path) -> 
         matrix = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as error:
         raise CalibrationError(f"{path}: {what} is not a numeric matrix ({error})") from None
-    if matrix.shape != shape or not np.all(np.isfinite(matrix)):
+    if matrix.shape != shape:
         raise CalibrationError(f"{path}: {what} must be a finite {shape[0]}x{shape[1]} matrix, got shape {matrix.shape}")
+    if not np.all(np.isfinite(matrix)):
+        bad = sorted({"NaN" if np.isnan(v) else "infinity" for v in matrix.ravel() if not np.isfinite(v)})
+        rows, cols = np.nonzero(~np.isfinite(matrix))
+        raise CalibrationError(f"{path}: {what} has {' and '.join(bad)} at row {rows[0]}, column {cols[0]}; "
+                               f"it must be a finite {shape[0]}x{shape[1]} matrix")
     return matrix
 
 

@@ -4,6 +4,11 @@ A stage entry point hands :func:`run_stage` two functions: ``decide`` (plan from
 say what the outputs depend on) and ``run`` (do the work, end with :meth:`StageRun.finish`). Everything around
 them -- the sequence lock, the upstream records the stage table asks for, the config hash and input digest,
 the skip decision, clearing the stale record -- lives here once, so every stage skips and resumes alike.
+
+Damaged outputs: a record over missing chunks does not count (``CaptureStore.damaged_outputs``), so the stage
+runs again and its report says why. Stores written before every chunk was stored lack their all-zero alpha and
+depth chunks and meet this once. A stage that must run refuses, before it reads anything, inputs whose writer's
+outputs are damaged, naming the command that rewrites them, rather than failing on a missing chunk half-way.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from stages.core.bookkeeping import finish_stage, open_store_for, require_stage, upstream_digest
+from stages.core.bookkeeping import PRODUCED_BY, finish_stage, open_store_for, require_stage, upstream_digest
+from stages.core.errors import StageOrderError
 from stages.core.status import Status
 from stages.table import stage as table_row
 from storage import CaptureStore, SequenceWorkDir, config_hash, sequence_lock
@@ -51,9 +57,12 @@ class StageRun:
     work: SequenceWorkDir
     config_hash: str
     input_digest: str
+    notes: tuple[str, ...] = ()  # why a stage whose record matched ran again; added to the report's warnings
 
     def finish(self, report: dict) -> dict:
         """Write the report, then the record: the record is the last thing a stage writes."""
+        if self.notes:
+            report = {**report, "warnings": [*self.notes, *report.get("warnings", [])]}
         return finish_stage(self.store, self.work, self.stage, self.version, self.config_hash, self.input_digest,
                             report)
 
@@ -65,6 +74,37 @@ def skipped_report(store: CaptureStore, stage: str, config_hash: str, input_dige
     return {**store.stage_record(stage).report, "status": Status.SKIPPED}
 
 
+def _listed(problems: list[str], limit: int = 3) -> str:
+    more = f", and {len(problems) - limit} more" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more
+
+
+def rerun_note(store: CaptureStore, stage: str, config_hash: str, input_digest: str) -> str | None:
+    """Why a stage whose record matches runs anyway (its outputs have missing chunks); None when it does not."""
+    record = store.stage_record(stage)
+    if record is None or not record.matches(config_hash, input_digest):
+        return None
+    damaged = store.damaged_outputs(stage)
+    if not damaged:
+        return None
+    return (f"{stage} ran again: its record matched, but {len(damaged)} chunk(s) of its outputs were missing "
+            f"({_listed(damaged)}); stores written before every chunk was stored lack their all-zero mattes and "
+            f"depth maps, otherwise the store lost data. This run rewrote them")
+
+
+def require_whole_inputs(store: CaptureStore, stage: str, inputs: tuple[str, ...]) -> None:
+    """Refuse to run on inputs whose writer's outputs have missing chunks, naming the command that rewrites them."""
+    for upstream in inputs:
+        if store.stage_record(upstream) is None:
+            continue  # an optional input that did not run (depth for optimize)
+        damaged = store.damaged_outputs(upstream)
+        if damaged:
+            raise StageOrderError(
+                f"{store.uri}: the {stage} stage reads the {upstream} stage's outputs, and {len(damaged)} chunk(s) "
+                f"of them are missing ({_listed(damaged)}): run `{PRODUCED_BY[upstream]}` (it rewrites them), then "
+                f"{stage} again")
+
+
 def run_stage(work: SequenceWorkDir, stage: str, version: str, lock_timeout: float,
               decide: Callable[[CaptureStore], Decision[PlanT]], run: Callable[[StageRun, ReadyT], dict], *,
               prepare: Callable[[CaptureStore, PlanT], ReadyT] | None = None,
@@ -74,7 +114,8 @@ def run_stage(work: SequenceWorkDir, stage: str, version: str, lock_timeout: flo
     In order: the store and the ingest record are checked before the lock (a missing store must not leave an
     empty work folder behind) and again under it with every record the table ``requires``; ``decide(store)``
     plans the run; a record matching the plan's config hash and input digest returns the stored report marked
-    skipped (after the decision's ``record_choice``). Otherwise ``prepare(store, plan)`` loads what only a real
+    skipped (after the decision's ``record_choice``). Otherwise inputs with missing chunks are refused
+    (:func:`require_whole_inputs`), ``prepare(store, plan)`` loads what only a real
     run needs (it may still refuse, leaving the old record), the old record is cleared so a crash mid-run reruns
     the stage, the decision's ``record_choice`` is written, ``clear_outputs(work)`` removes outputs a new run
     would not overwrite, and ``run`` does the work, ending with ``StageRun.finish``.
@@ -94,10 +135,12 @@ def run_stage(work: SequenceWorkDir, stage: str, version: str, lock_timeout: flo
             if decision.record_choice is not None:
                 decision.record_choice(store)
             return skipped
+        require_whole_inputs(store, stage, inputs)
+        note = rerun_note(store, stage, chash, digest)
         ready = decision.plan if prepare is None else prepare(store, decision.plan)
         store.clear_stage_record(stage)
         if decision.record_choice is not None:
             decision.record_choice(store)
         if clear_outputs is not None:
             clear_outputs(work)
-        return run(StageRun(stage, version, store, work, chash, digest), ready)
+        return run(StageRun(stage, version, store, work, chash, digest, (note,) if note else ()), ready)

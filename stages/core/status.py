@@ -17,6 +17,7 @@ class Status(StrEnum):
     SKIPPED = "skipped"  # its record matched: nothing to do
     FALLBACK = "fallback"  # calibrate: the estimate failed its checks, the provided calibration was written
     FAILED = "failed"  # wrote a report naming what failed, and no record
+    INTERRUPTED = "interrupted"  # optimize: stopped on a signal after a checkpoint and a report, no record (resumes)
 
     @classmethod
     def of(cls, value: object) -> Status | None:

@@ -135,6 +135,7 @@ def evaluate_sequence(sequence_work_dir: str | os.PathLike[str], config: Evaluat
         trained = load_model(work, plan.device, STAGE, config.eval_substeps)
         check_model_fits(trained, store, STAGE)
         check_model_protocol(store, trained.holdout_cameras, STAGE, PRODUCED_BY["optimize"])
+        plan.warnings.extend(trained.warnings)  # a checkpoint from before checksums: loaded, not verified
         return plan, trained
 
     def evaluate(run: StageRun, ready: tuple[EvaluatePlan, Any]) -> dict:

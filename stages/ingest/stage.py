@@ -4,6 +4,13 @@ Every camera is decoded by its own worker, which writes only that camera's chunk
 a chunk and memory stays at a few frames per worker. Everything that can be checked without decoding
 (layout, calibration, sizes) is checked before the store is touched; the stage record is written last, so
 a failed ingest never leaves a store that looks complete.
+
+Crash safety: a (re-)ingest goes through ``CaptureStore.rebuild``, which marks the store as being rebuilt
+before it deletes anything and unmarks it (``seal``) only after the record is written. A run killed at any
+point (SIGKILL mid-delete included) leaves the marker; every other stage then refuses the store with a
+message to run ingest again, and the next ingest deletes what is left and builds it anew. A store that is
+not marked but damaged (a deleted chunk, an array's metadata gone) is rebuilt too, since its record no
+longer counts as complete; a zarr group at that path that is not a capture store is never overwritten.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from stages.ingest.config import IngestConfig
 from stages.core.errors import CaptureLayoutError, PipelineError, VideoError
 from stages.core.raw_capture import RawSequence, discover_sequence
 from stages.core.video import VideoInfo, iter_frames, probe_video
-from stages.core.skeleton import StageRun, skipped_report
+from stages.core.skeleton import StageRun, rerun_note, skipped_report
 from stages.core.status import Status
-from storage import CaptureStore, SequenceWorkDir, config_hash, digest_of, sequence_lock
+from storage import CaptureStore, CaptureStoreError, SequenceWorkDir, config_hash, digest_of, sequence_lock
+from storage.capture_store import rewrite_interrupted
 
 STAGE = "ingest"
 VERSION = "1"
@@ -240,14 +248,37 @@ def ingest_sequence(sequence_dir: str | Path, work_root: str, config: IngestConf
     work = SequenceWorkDir.for_sequence(work_root, raw.participant, raw.sequence)
     plan = plan_ingest(raw, config)
     chash, digest = config_hash(config.result_fields()), input_digest(plan)
-    with sequence_lock(work.uri, timeout=config.lock_timeout):
-        if CaptureStore.exists(work.capture_uri):
-            existing = CaptureStore.open(work.capture_uri, mode="r+")
-            skipped = skipped_report(existing, STAGE, chash, digest)
-            if skipped is not None:
-                return skipped
-            existing.clear_stage_record(STAGE)
+    with sequence_lock(work.uri, timeout=config.lock_timeout, create=True):  # ingest makes the folder
+        skipped = _skipped(work.capture_uri, chash, digest, plan.warnings)
+        if skipped is not None:
+            return skipped
         return _run_ingest(plan, config, work, chash, digest, progress)
+
+
+def _skipped(uri: str, chash: str, digest: str, warnings: list[str]) -> dict | None:
+    """The skipped report if this very ingest finished there and nothing of it is missing; None means rebuild.
+
+    An interrupted rebuild, a damaged capture store or a missing chunk all mean rebuild (said in ``warnings``);
+    a zarr node that is not a capture store is someone else's data, so it is refused rather than deleted.
+    """
+    if rewrite_interrupted(uri):
+        warnings.append(f"{uri}: the last ingest of this store did not finish; rebuilt")
+        return None
+    if not CaptureStore.exists(uri):
+        return None
+    try:
+        store = CaptureStore.open(uri, mode="r")
+    except CaptureStoreError as error:
+        if CaptureStore.is_ours(uri):
+            warnings.append(f"rebuilt a damaged store ({error})")
+            return None
+        raise CaptureStoreError(f"{uri} holds zarr data that is not a capture store; ingest will not overwrite "
+                                f"it: move or delete it, then run ingest again") from None
+    skipped = skipped_report(store, STAGE, chash, digest)
+    note = rerun_note(store, STAGE, chash, digest) if skipped is None else None
+    if note:
+        warnings.append(note)
+    return skipped
 
 
 def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, chash: str, digest: str,
@@ -260,21 +291,24 @@ def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, c
     wall = time.perf_counter() - started
     counts = _common_length(store, plan, config, work, results)
     report = _report(store, plan, config, work, counts, wall, workers, chash)
-    return StageRun(STAGE, VERSION, store, work, chash, digest).finish(report)
+    report = StageRun(STAGE, VERSION, store, work, chash, digest).finish(report)
+    store.seal()  # after the record: a run killed before this line is rebuilt by the next one
+    return report
 
 
 def _create_store(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir) -> CaptureStore:
     """A fresh store sized for the plan, with its calibration and colour-corrected background plates."""
     intrinsics, world_2_cam = _stored_calibration(plan, config)
     source_fps = next(iter(plan.videos.values())).fps
-    store = CaptureStore.create(
+    store = CaptureStore.rebuild(
         work.capture_uri, cameras=plan.serials, n_frames=plan.capacity, height=plan.size[1], width=plan.size[0],
         fps=source_fps / config.stride, frame_indices=[config.start + i * config.stride for i in range(plan.capacity)],
-        intrinsics=intrinsics, world_2_cam=world_2_cam, overwrite=True,
+        intrinsics=intrinsics, world_2_cam=world_2_cam,
     )
     # Where the frames came from: later stages find files that sit beside the videos (a synthetic capture's
     # ground_truth.zarr) without being told.
     store.set_attr("source_sequence_dir", str(Path(plan.raw.sequence_dir).resolve()))
+    plated = []
     for index, serial in enumerate(plan.serials):
         plate_path = plan.raw.backgrounds.get(serial)
         if plate_path is None:
@@ -284,6 +318,9 @@ def _create_store(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir)
         if plate is not None:
             matrix = plan.color_matrices.get(serial)
             store.write_background(index, apply_color_correction(plate, matrix) if matrix is not None else plate)
+            plated.append(serial)
+    # Which cameras have a plate: a listed plate whose chunk goes missing is damage, not "no plate".
+    store.set_attr("background_cameras", plated)
     return store
 
 
@@ -303,7 +340,8 @@ def _common_length(store: CaptureStore, plan: IngestPlan, config: IngestConfig, 
     if failures:
         report = {"stage": STAGE, "status": Status.FAILED, "errors": failures, "warnings": plan.warnings}
         work.write_report(STAGE, report)
-        raise IngestError("ingest failed; the store is not marked complete:\n  " + "\n  ".join(failures))
+        raise IngestError(f"ingest failed ({failures[0]}); the store is not marked complete"
+                          + "".join(f"\n  {failure}" for failure in failures[1:]))
 
     counts = {r.serial: r.frames for r in results}
     n_frames = min(counts.values())

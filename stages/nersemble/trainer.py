@@ -6,10 +6,19 @@ cached datamanager), rays are drawn uniformly from ``train.images_per_batch`` im
 ``train.repeat_images + 1`` steps, so memory holds a few images, never the sequence.
 
 Checkpoints hold plain tensors, numbers and strings only, so they load with ``torch.load(weights_only=True)``.
+Each file ends with a SHA-256 of everything before it, written last: a file cut short or with flipped bytes
+(tensor data or header) fails :func:`load_checkpoint` with :class:`CheckpointError` naming the file, before torch
+reads a byte of it, so a damaged checkpoint is never trained on or rendered from.
+
+Checkpoints written before the hash existed end without it. Such a file still loads when torch reads it whole
+(a file cut short does not: the zip directory torch needs sits at its end), with a warning that it was not
+verified: refusing it would force retraining every existing model. A file whose own contents say it was written
+with a hash (``content_hash`` in the dict) but that has lost its trailer is cut short, and refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import time
@@ -26,6 +35,13 @@ from .model import NeRSembleModel
 from .optim import build_lr_scheduler, build_optimizer
 
 CHECKPOINT_FORMAT = 1
+_HASH_TAG = b"NERSEMBLE-SHA256"  # then 32 bytes of SHA-256 over everything before the tag
+_HASHED_KEY = "content_hash"  # True in every checkpoint written with the trailer
+UNVERIFIED = "written before checksums; not verified (loaded as it is)"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is cut short, corrupt or not a checkpoint; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -234,17 +250,21 @@ class Trainer:
 
     def train(self, until_step: int | None = None, time_budget_s: float | None = None,
               progress: ProgressCallback | None = None, progress_every: int = 10,
-              checkpoint: Callable[[], None] | None = None, checkpoint_every: int | None = None) -> str:
-        """Train until ``until_step`` steps are done or the time budget is spent.
+              checkpoint: Callable[[], None] | None = None, checkpoint_every: int | None = None,
+              checkpoint_every_s: float | None = None, should_stop: Callable[[], bool] | None = None) -> str:
+        """Train until ``until_step`` steps are done, the time budget is spent or ``should_stop()`` is true.
 
-        Returns why it stopped: ``"steps"`` or ``"time budget"``. ``checkpoint`` is called every
-        ``checkpoint_every`` steps and at the end; its time does not count as training time.
+        Returns why it stopped: ``"steps"``, ``"time budget"`` or ``"interrupted"`` (``should_stop`` is checked
+        after every step, so the step in flight always finishes). ``checkpoint`` is called every
+        ``checkpoint_every`` steps, every ``checkpoint_every_s`` seconds of wall time, and at the end; its time
+        does not count as training time.
         """
         total = until_step if until_step is not None else self.config.train.steps
         start_elapsed, window_rows = self.state.elapsed_s, []
         session_start = time.perf_counter()
         excluded = 0.0  # checkpoint time this session
         reason = "steps"
+        last_checkpoint = time.perf_counter()
 
         def elapsed() -> float:
             return start_elapsed + time.perf_counter() - session_start - excluded
@@ -255,7 +275,8 @@ class Trainer:
             step = self.state.step
             done = step >= total
             over_budget = time_budget_s is not None and elapsed() - start_elapsed >= time_budget_s
-            if step % progress_every == 0 or done or over_budget:
+            stopping = should_stop is not None and should_stop()
+            if step % progress_every == 0 or done or over_budget or stopping:
                 now = elapsed()
                 rate = (step - window_step) / max(now - window_start, 1e-9)
                 row = {k: float(np.mean([r[k] for r in window_rows if k in r])) for k in window_rows[-1]}
@@ -269,11 +290,17 @@ class Trainer:
                         eta_s=(total - step) / rate if rate > 0 else None, samples_per_ray=row["samples"],
                         rays_per_step=row["rays"]))
                 window_rows, window_start, window_step = [], now, step
-            if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and not done:
+            due = (checkpoint_every and step % checkpoint_every == 0) or (
+                checkpoint_every_s is not None and time.perf_counter() - last_checkpoint >= checkpoint_every_s)
+            if checkpoint is not None and due and not (done or stopping or over_budget):
                 t0 = time.perf_counter()
                 self.state.elapsed_s = elapsed()
                 checkpoint()
-                excluded += time.perf_counter() - t0
+                last_checkpoint = time.perf_counter()
+                excluded += last_checkpoint - t0
+            if stopping and not done:
+                reason = "interrupted"
+                break
             if over_budget and not done:
                 reason = "time budget"
                 break
@@ -320,14 +347,53 @@ class Trainer:
 
 
 def save_checkpoint(checkpoint: dict[str, Any]) -> bytes:
+    """The checkpoint's bytes: torch's file, then the tag and the SHA-256 of that file (written last)."""
     buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    return buffer.getvalue()
+    torch.save({**checkpoint, _HASHED_KEY: True}, buffer)
+    payload = buffer.getvalue()
+    return payload + _HASH_TAG + hashlib.sha256(payload).digest()
 
 
-def load_checkpoint(data: bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint from bytes, with weights-only loading (no pickled code runs)."""
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+def verify_checkpoint(data: bytes, name: str = "checkpoint") -> tuple[bytes, bool]:
+    """(torch payload, verified): verified when the content hash matches; False when there is no hash at all.
+
+    A hash that does not match is a :class:`CheckpointError`; a file without one is only a candidate (an old
+    checkpoint, or one cut short) that :func:`load_checkpoint` tells apart by reading it.
+    """
+    tail = len(_HASH_TAG) + 32
+    if len(data) < tail or data[-tail:-32] != _HASH_TAG:
+        return data, False
+    payload = data[:-tail]
+    if hashlib.sha256(payload).digest() != data[-32:]:
+        raise CheckpointError(f"{name}: corrupt checkpoint (its content hash does not match: bytes changed on disk)")
+    return payload, True
+
+
+def load_checkpoint(data: bytes, map_location: str | torch.device = "cpu", name: str = "checkpoint",
+                    warnings: list[str] | None = None) -> dict[str, Any]:
+    """A verified checkpoint from bytes, with weights-only loading (no pickled code runs).
+
+    ``name`` (the file) goes into the :class:`CheckpointError` of a damaged or unreadable checkpoint. A checkpoint
+    from before content hashes loads unverified, and says so in ``warnings`` (see the module doc).
+    """
+    payload, verified = verify_checkpoint(data, name)
+    try:
+        checkpoint = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - unreadable: say which file, not torch's advice
+        if not verified:
+            raise CheckpointError(f"{name}: not a complete checkpoint (no content hash at its end and unreadable: "
+                                  f"cut short, or not written by this pipeline)") from None
+        raise CheckpointError(f"{name}: cannot be read as a checkpoint ({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{name}: not a checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
+    if not verified:
+        if checkpoint.get(_HASHED_KEY):
+            raise CheckpointError(f"{name}: not a complete checkpoint (written with a content hash that is gone: "
+                                  f"cut short)")
+        if warnings is not None:
+            warnings.append(f"{name}: {UNVERIFIED}")
+    checkpoint.pop(_HASHED_KEY, None)
+    return checkpoint
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu",

@@ -38,6 +38,9 @@ class OptimizeConfig(StageConfig):
         None, gt=0, description="stop training after this many seconds (a checkpoint is written); steps "
                                 "schedules keep their meaning")
     checkpoint_every: int | None = knob(None, ge=1, description="steps between checkpoints; default: the preset's")
+    checkpoint_every_s: float | None = knob(
+        300.0, gt=0, description="also checkpoint after this many seconds of wall time (an interrupt or a crash "
+                                 "loses at most this much training)")
     resume: bool = knob(True, description="continue from the last checkpoint of the same config")
     threads: Threads = 0
     seed: int | None = Field(None, description="random seed; default: the preset's")

@@ -2,9 +2,14 @@
 
 The store feeds the trainer through :class:`StoreImageSource`, one (camera, timestep) chunk at a time, so a
 long sequence never sits in memory. Checkpoints land in ``nersemble/checkpoints/`` every
-``checkpoint_every`` steps; a killed run picks up its newest checkpoint when it is started again with the
-same config and the same upstream results (anything else starts over). The record is written last, after
-the final checkpoint, so downstream stages only ever see a finished model.
+``checkpoint_every`` steps and every ``checkpoint_every_s`` seconds; a killed run picks up its newest
+checkpoint when it is started again with the same config and the same upstream results (anything else starts
+over). The two newest checkpoints are kept: each carries a content hash, and a resume skips a damaged newest
+one for the one before it (with a warning in the report), while export and evaluate refuse it by name. A
+checkpoint from before content hashes is used as it is, with a "not verified" warning in the report.
+SIGINT and SIGTERM finish the step in flight, write a checkpoint and the report (``stopped_by``
+"interrupted"), then raise :class:`TrainingInterrupted`. The record is written last, after the final
+checkpoint, so downstream stages only ever see a finished model.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import cv2  # noqa: F401 - before anything that may import pycolmap (their zlib 
 
 import os
 import re
+import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +36,7 @@ from stages.geometry.hull import visual_hull
 from stages.geometry.holdout import (HoldoutSet, check_depth_protocol, choose_holdout, digest_part, record_holdout,
                                      resolve_holdout)
 from stages.core.devices import resolve_device, torch_threads
+from stages.core.interrupts import StopRequest, TrainingInterrupted, stop_on_signals
 from stages.nersemble import NeRSembleConfig, NeRSembleModel, preset, scene_box_from_cameras
 from stages.nersemble.hash_encoding import auto_backend, tcnn_available, triton_importable
 from stages.nersemble.trainer import (
@@ -38,6 +45,7 @@ from stages.nersemble.trainer import (
     TrainImage,
     TrainingProgress,
     TrainView,
+    CheckpointError,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
@@ -51,6 +59,7 @@ CHECKPOINTS = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
 HULL_TIMESTEPS = 6  # frames whose matte hulls bound the scene box and the occupancy grid
 HULL_PADDING_M = 0.03  # margin around the hull: hair and matte edges the hull may have shaved
+KEEP_CHECKPOINTS = 2  # the newest and the one before it: a damaged newest one never costs the whole run
 
 
 class StoreImageSource:
@@ -79,6 +88,7 @@ class TrainedModel:
     train_cameras: list[str]
     holdout_cameras: list[str]
     n_timesteps: int
+    warnings: list[str] = field(default_factory=list)  # e.g. a checkpoint from before checksums, not verified
 
 
 # --- choices made before anything is written --------------------------------------------------------------
@@ -197,20 +207,36 @@ def checkpoint_path(step: int) -> str:
     return f"nersemble/{CHECKPOINTS}/step-{step:07d}.pt"
 
 
-def latest_checkpoint(work: SequenceWorkDir, map_location: str | torch.device = "cpu") -> dict | None:
-    steps = checkpoint_steps(work)
-    if not steps:
-        return None
-    data = work.read_bytes(checkpoint_path(steps[-1]))
-    return None if data is None else load_checkpoint(data, map_location)
+def latest_checkpoint(work: SequenceWorkDir, map_location: str | torch.device = "cpu",
+                      skipped: list[str] | None = None, warnings: list[str] | None = None) -> dict | None:
+    """The newest checkpoint, verified; None if there is none.
+
+    With ``skipped`` (a resume), a damaged checkpoint is passed over for the next older one and its problem
+    appended there; without it (export, evaluate) a damaged newest checkpoint is a PipelineError naming it.
+    A checkpoint from before content hashes loads unverified, with a line in ``warnings`` saying so.
+    """
+    for step in reversed(checkpoint_steps(work)):
+        data = work.read_bytes(checkpoint_path(step))
+        if data is None:
+            continue
+        try:
+            return load_checkpoint(data, map_location, name=work.path(checkpoint_path(step)), warnings=warnings)
+        except CheckpointError as error:
+            if skipped is None:
+                raise PipelineError(f"{error}; run `{PRODUCED_BY['optimize']}` again (it resumes from the "
+                                    f"previous checkpoint) or delete the file") from None
+            skipped.append(f"{error}; skipped")
+    return None
 
 
 def _remove_checkpoints(work: SequenceWorkDir, keep: int | None = None) -> None:
-    """Delete checkpoint files (all, or all but step ``keep``): only the newest one is ever resumed from."""
+    """Delete checkpoint files: all of them, or all but the ``KEEP_CHECKPOINTS`` newest up to step ``keep``."""
     if not work.is_local:
         return
-    for step in checkpoint_steps(work):
-        if step != keep:
+    steps = checkpoint_steps(work)
+    kept = [] if keep is None else [s for s in steps if s <= keep][-KEEP_CHECKPOINTS:]
+    for step in steps:
+        if step not in kept:
             Path(work.path(checkpoint_path(step))).unlink(missing_ok=True)
 
 
@@ -222,14 +248,16 @@ def load_trained_model(sequence_work_dir: str | os.PathLike[str], device: str = 
     """
     work = SequenceWorkDir(sequence_work_dir)
     target = resolve_device(device, "render")
-    checkpoint = latest_checkpoint(work, "cpu")
+    warnings: list[str] = []
+    checkpoint = latest_checkpoint(work, "cpu", warnings=warnings)
     if checkpoint is None:
         raise StageOrderError(f"{work.uri}: no trained model in nersemble/{CHECKPOINTS}/: run "
                               f"`{PRODUCED_BY['optimize']}` first")
     model = model_from_checkpoint(checkpoint, target, resolve_backend(encoding, target), eval_substeps)
     return TrainedModel(model=model, config=model.config, step=int(checkpoint["step"]),
                         train_cameras=list(checkpoint["train_cameras"]),
-                        holdout_cameras=list(checkpoint["holdout_cameras"]), n_timesteps=model.n_timesteps)
+                        holdout_cameras=list(checkpoint["holdout_cameras"]), n_timesteps=model.n_timesteps,
+                        warnings=warnings)
 
 
 # --- the stage --------------------------------------------------------------------------------------------
@@ -252,8 +280,8 @@ def optimize_sequence(sequence_work_dir: str | os.PathLike[str], config: Optimiz
                         extra=digest_part(plan.holdout), record_choice=lambda store: record_holdout(store, plan.held))
 
     def train(run: StageRun, plan: TrainPlan) -> dict:
-        with torch_threads(config.threads):
-            return _train(run, config, plan, progress)
+        with torch_threads(config.threads), stop_on_signals() as stop:
+            return _train(run, config, plan, progress, stop)
 
     return run_stage(SequenceWorkDir(sequence_work_dir), STAGE, VERSION, config.lock_timeout, decide, train)
 
@@ -321,20 +349,25 @@ def _out_of_memory_message(cfg: NeRSembleConfig) -> str:
             f"({cfg.hash.n_grids}) with --override{smaller_preset}")
 
 
-def _train(run: StageRun, config: OptimizeConfig, plan: TrainPlan, progress: ProgressCallback | None) -> dict:
+def _train(run: StageRun, config: OptimizeConfig, plan: TrainPlan, progress: ProgressCallback | None,
+           stop: StopRequest | None = None) -> dict:
     store, work, cfg, device, backend = run.store, run.work, plan.model, plan.device, plan.backend
     train, holdout, use_depth = plan.train, plan.holdout, plan.use_depth
     run_id = f"{run.config_hash}:{run.input_digest}"
-    resumed = latest_checkpoint(work) if config.resume else None
+    warnings: list[str] = []
+    resumed = latest_checkpoint(work, skipped=warnings, warnings=warnings) if config.resume else None
     if resumed is not None and resumed.get("run_id") != run_id:
         resumed = None  # another config or other upstream results: start over
     trainer, box_source = build_trainer(store, train, cfg, device, backend, use_depth, config.scene_box, resumed)
     model, box = trainer.model, trainer.model.scene_box.cpu()
     if resumed is None:
         _remove_checkpoints(work)
+        work.write_text("nersemble/train.log", "")
     start_step = trainer.state.step
+    resumed_note = f"resumed from step {start_step}" if resumed is not None else None
+    if resumed_note:
+        work.append_text("nersemble/train.log", f"{resumed_note}\n")
     extra = {"run_id": run_id, "train_cameras": train, "holdout_cameras": holdout}
-    log_lines: list[str] = []
 
     def write_checkpoint() -> None:
         step = trainer.state.step
@@ -343,9 +376,11 @@ def _train(run: StageRun, config: OptimizeConfig, plan: TrainPlan, progress: Pro
 
     def report_progress(p: TrainingProgress) -> None:
         terms = " ".join(f"{k}={v:.4g}" for k, v in p.losses.items())
-        log_lines.append(f"step {p.step}/{p.total_steps} psnr={p.psnr:.2f} {terms} rays/s={p.rays_per_s:.0f} "
+        # Appended as it comes, so a killed run's log keeps every line up to the kill.
+        work.append_text("nersemble/train.log",
+                         f"step {p.step}/{p.total_steps} psnr={p.psnr:.2f} {terms} rays/s={p.rays_per_s:.0f} "
                          f"samples/ray={p.samples_per_ray:.1f} rays/step={p.rays_per_step:.0f} "
-                         f"elapsed={p.elapsed_s:.1f}s")
+                         f"elapsed={p.elapsed_s:.1f}s\n")
         if progress is not None:
             progress(p)
 
@@ -356,21 +391,21 @@ def _train(run: StageRun, config: OptimizeConfig, plan: TrainPlan, progress: Pro
     try:
         stopped_by = trainer.train(time_budget_s=config.time_budget_s, progress=report_progress,
                                    progress_every=max(1, min(cfg.train.eval_every_batch, 25)),
-                                   checkpoint=write_checkpoint, checkpoint_every=cfg.train.checkpoint_every)
+                                   checkpoint=write_checkpoint, checkpoint_every=cfg.train.checkpoint_every,
+                                   checkpoint_every_s=config.checkpoint_every_s, should_stop=stop)
     except torch.cuda.OutOfMemoryError:
         raise PipelineError(_out_of_memory_message(cfg)) from None
     history = trainer.state.history
     work.write_bytes("nersemble/training_curves.png", training_curves_png(history))
-    previous_log = work.read_text("nersemble/train.log") if resumed is not None else None
-    work.write_text("nersemble/train.log", (previous_log or "") + "\n".join(log_lines) + "\n")
     last = history[-1] if history else {}
     report = {
-        "status": Status.COMPLETED,
+        "status": Status.INTERRUPTED if stopped_by == "interrupted" else Status.COMPLETED,
         "preset": cfg.name,
         "steps": trainer.state.step,
         "steps_planned": cfg.train.steps,
         "stopped_by": stopped_by,
         "resumed_from_step": start_step if resumed is not None else None,
+        "resumed": resumed_note,
         "train_seconds": round(trainer.state.elapsed_s, 1),
         "psnr_train": round(last.get("psnr", float("nan")), 2),
         "loss": round(last.get("total", float("nan")), 6),
@@ -386,6 +421,14 @@ def _train(run: StageRun, config: OptimizeConfig, plan: TrainPlan, progress: Pro
         "scene_box_m": (box / cfg.scene.world_scale).tolist(),
         "scene_box_from": box_source,
         "checkpoint": checkpoint_path(trainer.state.step),
+        "warnings": warnings,
         "config": config.model_dump(),
     }
+    if stopped_by == "interrupted":  # a report, and no record: the next run resumes from the checkpoint
+        work.write_report(STAGE, report)
+        signum = stop.signum if stop is not None and stop.signum is not None else signal.SIGTERM
+        raise TrainingInterrupted(
+            f"optimize interrupted by {stop.signal_name if stop else 'a stop request'} at step "
+            f"{trainer.state.step}/{cfg.train.steps}; checkpoint {work.path(report['checkpoint'])} written: run "
+            f"the same command again to resume", signum)
     return run.finish(report)

@@ -1,7 +1,8 @@
 """The trained model and the store's cameras, as export and evaluate need them.
 
 Export and evaluate only read the optimize stage's outputs through ``stages.optimize.stage.load_trained_model``
-(model, config, step, train/hold-out cameras, timesteps), so the checkpoint format stays the trainer's business.
+(model, config, step, train/hold-out cameras, timesteps, warnings), so the checkpoint format stays the trainer's
+business.
 """
 
 from __future__ import annotations

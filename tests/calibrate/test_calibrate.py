@@ -277,6 +277,7 @@ def test_exported_masks_are_eroded_and_named_the_colmap_way(capture, tmp_path):
     alpha = np.zeros((store.height, store.width), np.uint8)
     alpha[100:200, 50:150] = 255
     store.write_alpha(0, 1, alpha)
+    store.write_alpha(1, 1, np.zeros_like(alpha))  # every exported view needs its matte (missing ones are refused)
     workspace = colmap.Workspace(tmp_path / "ws", store.cameras, [1], use_masks=True)
     colmap.export_frames(store, workspace, erode_px=3)
     serial = store.cameras[0]

@@ -117,3 +117,12 @@ def test_bad_camera_params_name_the_file(tmp_path, content, message):
 def test_missing_camera_params_names_the_file(tmp_path):
     with pytest.raises(CalibrationError, match="not found"):
         cameras.read_camera_params(tmp_path / "nope.json")
+
+
+def test_nan_in_world_2_cam_names_the_camera_and_the_nan(tmp_path):
+    pose = np.eye(4).tolist()
+    pose[1][3] = float("nan")
+    path = tmp_path / "camera_params.json"
+    path.write_text(json.dumps({"world_2_cam": {"222200037": pose}, "intrinsics": np.eye(3).tolist()}))
+    with pytest.raises(CalibrationError, match=r"world_2_cam of camera 222200037 has NaN at row 1, column 3"):
+        cameras.read_camera_params(path)

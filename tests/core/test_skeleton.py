@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stages.core.errors import CalibrationError, StageOrderError
@@ -33,6 +34,10 @@ def _work_with_store(tmp_path: Path, upstream: tuple[str, ...] = ("ingest", "cal
     work = SequenceWorkDir.for_sequence(str(tmp_path / "work"), "001", "EXP-1")
     store = CaptureStore.create(work.capture_uri, cameras=["a", "b"], n_frames=2, height=8, width=8, fps=30.0,
                                 frame_indices=[0, 1], intrinsics=None, world_2_cam=None)
+    for c in range(2):  # what the upstream stages wrote: a record over missing chunks does not count
+        for t in range(2):
+            store.write_frame(c, t, np.full((8, 8, 3), 100, np.uint8))
+            store.write_alpha(c, t, np.zeros((8, 8), np.uint8))
     for name in upstream:
         store.write_stage_record(StageRecord(stage=name, version="1", config_hash=f"{name}-hash"))
     return work
@@ -225,11 +230,17 @@ def test_records_written_before_the_skeleton_still_skip(ingested):
     assert _skipped(calibrate_sequence(work.uri, calibrate))
 
     matte = MatteConfig(method="plate")  # every camera has a plate: no model, so no model in the digest
+    for c in range(store.n_cameras):  # the mattes an old run wrote (a record over missing chunks is not complete)
+        for t in range(store.n_frames):
+            store.write_alpha(c, t, np.full((store.height, store.width), 255, np.uint8))
     _old_record(store, "matte", config_hash(matte.result_fields()),
                 upstream_digest(store, "ingest", extra=digest_of(None, [])))
     assert _skipped(matte_sequence(work.uri, matte))
 
     depth = DepthConfig(method="sweep", device="cpu")
+    for c in range(store.n_cameras):  # and the maps an old depth run wrote
+        for t in range(store.n_frames):
+            store.write_depth(c, t, np.full((store.height, store.width), 1.0, np.float32))
     _old_record(store, "depth", config_hash({**depth.result_fields(), "method": "sweep"}),
                 upstream_digest(store, "ingest", "calibrate", "matte"))
     assert _skipped(depth_sequence(work.uri, depth))
@@ -291,3 +302,36 @@ def test_a_calibration_error_inside_the_estimate_reaches_the_user(ingested, tmp_
     with pytest.raises(CalibrationError, match="--focal fixed needs a provided calibration"):
         calibrate_sequence(work.uri, CalibrateConfig(mode="colmap", focal="fixed"))
     assert store.stage_record("calibrate") is None
+
+
+def _drop_chunk(store: CaptureStore, array: str, camera: int, t: int) -> None:
+    """Delete one chunk file, as a lost file or an older writer that skipped all-zero chunks leaves the store."""
+    arr = getattr(store, array)
+    (Path(store.uri) / arr.chunk_key((camera, t, 0, 0))).unlink()
+
+
+def test_a_record_over_missing_chunks_reruns_and_the_report_says_why(tmp_path):
+    work = _work_with_store(tmp_path)
+    assert Recorder(work)()["status"] == "completed"
+    store = CaptureStore.open(work.capture_uri, mode="r+")
+    for c in range(2):
+        for t in range(2):
+            store.write_depth(c, t, np.ones((8, 8), np.float32))
+    _drop_chunk(store, "depth", 0, 1)
+    again = Recorder(work)
+    report = again()
+    assert again.ran == 1 and report["status"] == "completed"
+    assert report["warnings"][0].startswith("depth ran again: its record matched, but 1 chunk(s) of its outputs were "
+                                            "missing (depth: camera a, frame 1)")
+    assert CaptureStore.open(work.capture_uri).stage_record(STAGE).report["warnings"] == report["warnings"]
+
+
+def test_inputs_with_missing_chunks_are_refused_before_the_stage_reads_them(tmp_path):
+    work = _work_with_store(tmp_path)
+    _drop_chunk(CaptureStore.open(work.capture_uri), "alpha", 1, 0)
+    recorder = Recorder(work)
+    with pytest.raises(StageOrderError, match=r"reads the matte stage's outputs, and 1 chunk\(s\) of them are missing "
+                                              r"\(alpha: camera b, frame 0\): run `nersemble-pipeline matte"):
+        recorder()
+    assert recorder.decided == 1 and recorder.ran == 0
+    assert CaptureStore.open(work.capture_uri).stage_record(STAGE) is None

@@ -72,7 +72,7 @@ def _trained(store: CaptureStore, holdout: list[str]) -> SimpleNamespace:
     model = NeRSembleModel(cfg, store.n_frames, box, backend="torch").eval()
     train = [s for s in store.cameras if s not in holdout]
     return SimpleNamespace(model=model, config=cfg, step=0, train_cameras=train, holdout_cameras=holdout,
-                           n_timesteps=store.n_frames)
+                           n_timesteps=store.n_frames, warnings=[])
 
 
 @pytest.fixture(scope="module")

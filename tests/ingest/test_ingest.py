@@ -17,7 +17,7 @@ from stages.core.errors import CaptureLayoutError
 from pipeline.synthetic import synthesize_capture
 from stages.core.video import encode_video, iter_frames
 from stages.ingest.stage import IngestError, ingest_sequence
-from storage import CaptureStore, SequenceWorkDir
+from storage import CaptureStore, CaptureStoreError, SequenceWorkDir
 
 CAMERAS, FRAMES, WIDTH, HEIGHT = 4, 6, 64, 96
 
@@ -134,8 +134,10 @@ def test_truncated_video_fails_naming_camera_and_leaves_store_incomplete(capture
     with pytest.raises(IngestError) as error:
         ingest_sequence(capture_copy, str(tmp_path), IngestConfig())
     assert video.name[4:-4] in str(error.value) and str(video) in str(error.value)
-    store = CaptureStore.open(SequenceWorkDir.for_sequence(str(tmp_path), "001", capture_copy.name).capture_uri)
-    assert store.stage_record("ingest") is None
+    assert str(video) in str(error.value).splitlines()[0]  # one-line summaries keep camera and file
+    # The store stays marked as unfinished: other stages refuse it and say to run ingest again.
+    with pytest.raises(CaptureStoreError, match="did not finish.*run the ingest stage again"):
+        CaptureStore.open(SequenceWorkDir.for_sequence(str(tmp_path), "001", capture_copy.name).capture_uri)
     report = json.loads((tmp_path / "001" / capture_copy.name / "reports" / "ingest.json").read_text())
     assert report["status"] == "failed"
 

@@ -95,7 +95,7 @@ def test_outputs_report_and_weights_only_checkpoint(trained, capture):
     for name in ("nersemble/config.json", "nersemble/training_curves.png", "nersemble/train.log",
                  "reports/optimize.json"):
         assert (root / name).stat().st_size > 0, name
-    assert checkpoint_steps(work) == [STEPS]  # older checkpoints are pruned
+    assert checkpoint_steps(work) == [100, STEPS]  # older checkpoints are pruned; the previous one stays
     checkpoint = load_checkpoint((root / report["checkpoint"]).read_bytes())  # weights_only=True inside
     assert checkpoint["step"] == STEPS and checkpoint["holdout_cameras"] == [capture.cameras[2]]
     assert capture.cameras[2] not in report["train_cameras"] and report["use_depth"] is False

@@ -43,8 +43,8 @@ NON_DEFAULT = [
      "d77117ddff31a1f6"),
     (OptimizeConfig(preset="paper", steps=10, overrides={"hash.n_grids": 8, "rays_per_batch": 2048},
                     holdout_cameras=["222200040"], use_depth=False, scene_box=((-1, -1, -1), (1, 1, 1)), device="cpu",
-                    encoding="torch", time_budget_s=5, checkpoint_every=3, resume=False, threads=2, seed=7,
-                    lock_timeout=2),
+                    encoding="torch", time_budget_s=5, checkpoint_every=3, checkpoint_every_s=60, resume=False, threads=2,
+                    seed=7, lock_timeout=2),
      "7f052f0c816b7428"),
     (ExportConfig(turntable=False, holdout=True, path_cameras=["a", "b"], benchmark=True, benchmark_size=(550, 802),
                   radius_m=1.5, elevation_deg=10, arc_deg=90, background="transparent", eval_substeps=2, device="cpu",
@@ -88,13 +88,14 @@ def test_ledger_digest_is_unchanged() -> None:
     assert digest_of(list(STAGES), {name: c.result_fields() for name, c in configs.items()}) == "416fd142283148fc"
 
 
-# The hand-kept exclude lists the knob flags replaced.
+# The hand-kept exclude lists the knob flags replaced (and knobs added since: optimize's checkpoint_every_s).
 KNOBS = {
     IngestConfig: {"workers", "decoder_threads", "lock_timeout"},
     CalibrateConfig: {"threads", "lock_timeout"},
     MatteConfig: {"workers", "onnx_threads", "preview_cameras", "preview_frames", "lock_timeout"},
     DepthConfig: {"device", "workers", "volume_mb", "preview_cameras", "lock_timeout"},
-    OptimizeConfig: {"device", "encoding", "time_budget_s", "checkpoint_every", "resume", "threads", "lock_timeout"},
+    OptimizeConfig: {"device", "encoding", "time_budget_s", "checkpoint_every", "checkpoint_every_s", "resume", "threads",
+                     "lock_timeout"},
     ExportConfig: {"device", "chunk", "threads", "lock_timeout"},
     EvaluateConfig: {"device", "chunk", "threads", "lock_timeout"},
 }

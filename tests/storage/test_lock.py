@@ -9,6 +9,9 @@ second process, for the backends a second process can see. The subclasses at the
 - ``TestLockFileOnLocalDisk``: the lock-file mechanism that object stores use, on a local folder so that real
   processes can share it (a ``memory://`` filesystem lives in one process);
 - ``TestMemoryLock``: ``memory://``, the fsspec path end to end through ``sequence_lock``.
+
+Every work folder exists before it is locked: only ingest, which makes the sequence folder, locks with
+``create=True``; on every backend a missing folder is refused by name and never created.
 """
 
 from __future__ import annotations
@@ -29,9 +32,14 @@ from typing import Any, ClassVar
 
 import pytest
 
-from storage import SequenceLockedError, SequenceWorkDir, sequence_lock
+from storage import SequenceLockedError, SequenceWorkDir, StorageError, sequence_lock
 from storage import uri as uris
-from storage.lock import DEFAULT_STALE_AFTER, LOCK_NAME, _fsspec_lock
+from storage.lock import (
+    DEFAULT_STALE_AFTER,
+    LOCK_NAME,
+    SequenceFolderMissingError,
+    _fsspec_lock,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,6 +100,18 @@ def lock_file_exists(work: str) -> bool:
     return bool(fs.exists(f"{path.rstrip('/')}/{LOCK_NAME}"))
 
 
+def existing_folder(work: str) -> str:
+    """``work``, made to exist: a sequence folder is only ever locked once ingest has made it."""
+    fs, path = uris.filesystem(uris.normalize(work))
+    fs.makedirs(path, exist_ok=True)
+    return work
+
+
+def folder_exists(work: str) -> bool:
+    fs, path = uris.filesystem(uris.normalize(work))
+    return bool(fs.exists(path))
+
+
 @contextmanager
 def held_by_thread(acquire: Any, work: str, release_after: float | None = None) -> Iterator[threading.Event]:
     """Hold the lock in another thread until the yielded event is set (or ``release_after`` seconds pass)."""
@@ -117,17 +137,33 @@ def held_by_thread(acquire: Any, work: str, release_after: float | None = None) 
 class LockContract:
     """What every backend honours. Subclasses say where the work folder is and how the lock is taken."""
 
-    def make_work(self, tmp_path: Path) -> str:
-        """A fresh work folder (a sequence's ``<work>/<PID>/<SEQ>``) on this backend."""
+    def work_uri(self, tmp_path: Path) -> str:
+        """Where a fresh work folder (a sequence's ``<work>/<PID>/<SEQ>``) goes on this backend."""
         raise NotImplementedError
 
     def acquire(self, work: str, *, timeout: float = 0.0, poll: float = 0.2,
-                stale_after: float = DEFAULT_STALE_AFTER) -> AbstractContextManager[None]:
-        return sequence_lock(work, timeout=timeout, poll=poll, stale_after=stale_after)
+                stale_after: float = DEFAULT_STALE_AFTER, create: bool = False) -> AbstractContextManager[None]:
+        return sequence_lock(work, timeout=timeout, poll=poll, stale_after=stale_after, create=create)
 
     @pytest.fixture
     def work(self, tmp_path: Path) -> str:
-        return self.make_work(tmp_path)
+        """An existing work folder."""
+        return existing_folder(self.work_uri(tmp_path))
+
+    def test_a_missing_sequence_folder_is_named_and_not_created(self, tmp_path: Path) -> None:
+        work = self.work_uri(tmp_path / "no-such-work")
+        with pytest.raises(SequenceFolderMissingError, match="no sequence folder at .*no-such-work/P001/SEQ_A"):
+            with self.acquire(work):
+                pytest.fail("locked a folder that does not exist")
+        assert not folder_exists(work) and not lock_file_exists(work)
+        with self.acquire(work, create=True):  # ingest makes the folder
+            assert lock_file_exists(work)
+
+    def test_a_missing_folder_is_a_storage_error_and_a_file_not_found_error(self, tmp_path: Path) -> None:
+        with pytest.raises(StorageError) as info:
+            with self.acquire(self.work_uri(tmp_path / "gone")):
+                pass
+        assert isinstance(info.value, FileNotFoundError) and "run `nersemble-pipeline ingest` first" in str(info.value)
 
     def test_holder_is_recorded_while_held_and_cleared_on_release(self, work: str) -> None:
         with self.acquire(work):
@@ -328,7 +364,7 @@ class TestLocalLock(CrossProcessLockContract):
 
     backend = "flock"
 
-    def make_work(self, tmp_path: Path) -> str:
+    def work_uri(self, tmp_path: Path) -> str:
         return str(tmp_path / "P001" / "SEQ_A+1")
 
     def test_lock_file_stays_and_is_emptied_on_release(self, work: str) -> None:
@@ -355,19 +391,19 @@ class TestLockFileOnLocalDisk(CrossProcessLockContract, LockFileContract):
 
     backend = "lock-file"
 
-    def make_work(self, tmp_path: Path) -> str:
+    def work_uri(self, tmp_path: Path) -> str:
         return str(tmp_path / "P001" / "SEQ_A+1")
 
     def acquire(self, work: str, *, timeout: float = 0.0, poll: float = 0.2,
-                stale_after: float = DEFAULT_STALE_AFTER) -> AbstractContextManager[None]:
-        return _fsspec_lock(work, timeout=timeout, poll=poll, stale_after=stale_after)
+                stale_after: float = DEFAULT_STALE_AFTER, create: bool = False) -> AbstractContextManager[None]:
+        return _fsspec_lock(work, timeout=timeout, poll=poll, stale_after=stale_after, create=create)
 
 
 class TestMemoryLock(LockContract, LockFileContract):
     """``memory://``: the fsspec path through ``sequence_lock``, in one process."""
 
-    def make_work(self, tmp_path: Path) -> str:
-        return f"memory://test-lock-{uuid.uuid4().hex}/P001/SEQ_A+1"
+    def work_uri(self, tmp_path: Path) -> str:
+        return f"memory://test-lock-{uuid.uuid4().hex}/{tmp_path.name}/P001/SEQ_A+1"
 
     def test_message_names_the_file_to_delete_if_the_holder_is_dead(self, work: str) -> None:
         with self.acquire(work):

@@ -14,6 +14,7 @@ import zarr
 import zarr.storage
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from storage.errors import MissingChunkError
 from storage import (
     CaptureStore,
     CaptureStoreError,
@@ -84,9 +85,12 @@ def test_create_open_round_trip(store_uri: str) -> None:
     assert E is not None and E["000123"].shape == (4, 4)
     np.testing.assert_array_equal(E["000123"], _w2c(3.0))
     assert store.group.attrs["stages"] == {}
-    # unwritten chunks read as the fill value
-    assert not store.read_frame(0, 0).any()
-    assert not store.read_depth("000123", T - 1).any()
+    # an unwritten chunk is never read as the fill value: the error names array, camera and frame
+    with pytest.raises(MissingChunkError, match=r"frames chunk of camera 222200037 \(index 0\), frame 0 is missing"):
+        store.read_frame(0, 0)
+    with pytest.raises(MissingChunkError, match="depth chunk of camera 000123 .*frame 3.*run the depth stage"):
+        store.read_depth("000123", T - 1)
+    assert not store.read_background(0).any()  # a store that does not list its plates: no plate reads as zeros
 
 
 def test_attrs_are_plain_json_with_string_serials(store_uri: str) -> None:
@@ -149,7 +153,7 @@ def test_create_refuses_to_overwrite(store_uri: str) -> None:
     np.testing.assert_array_equal(CaptureStore.open(store_uri).read_frame(0, 0), _image(1))
     replaced = _create(store_uri, overwrite=True, fps=30.0)
     assert replaced.fps == 30.0
-    assert not replaced.read_frame(0, 0).any()
+    assert replaced.missing_chunks("frames")[0] == (0, 0)  # the old chunk went with the old store
 
 
 def test_open_missing_store_names_the_uri(tmp_path: Any) -> None:
@@ -220,7 +224,8 @@ def test_set_frame_count_trims_the_time_axis(store_uri: str) -> None:
         store.set_frame_count(5)
     store.set_frame_count(3, [0, 3, 6])
     assert CaptureStore.open(store_uri).frame_indices == [0, 3, 6]
-    assert not CaptureStore.open(store_uri).read_frame(0, 2).any()
+    with pytest.raises(MissingChunkError, match="frame 2"):  # grown frames hold nothing until written
+        CaptureStore.open(store_uri).read_frame(0, 2)
 
 
 def test_camera_index_error_names_serial_and_known_cameras(store_uri: str) -> None:
@@ -311,6 +316,10 @@ def test_reads_never_decode_other_chunks(store_uri: str) -> None:
 
 def test_stage_records_and_is_complete(store_uri: str) -> None:
     store = _create(store_uri)
+    _fill_every_chunk(store)  # an ingest record vouches for every frame chunk
+    for c in range(store.n_cameras):  # and a matte record for every alpha chunk
+        for t in range(T):
+            store.write_alpha(c, t, np.zeros((H, W), np.uint8))  # all-zero mattes are chunks too
     h = config_hash({"stride": 2, "scale": 0.5})
     assert store.stage_record("ingest") is None
     assert not store.is_complete("ingest", h)
