@@ -73,19 +73,29 @@ def synth(
     out_root: Annotated[Path, typer.Argument(help="archive root to write <PID>/... into")],
     participant: Annotated[str, typer.Option(help="participant ID (folder name)")] = "001",
     sequence: Annotated[str, typer.Option(help="sequence name")] = "EXP-1-head",
-    cameras: Annotated[int, typer.Option(help="number of rig cameras (1-16)")] = 16,
+    cameras: Annotated[int, typer.Option(help="number of rig cameras (1-64; the NeRSemble serials up to 16)")] = 16,
     frames: Annotated[int, typer.Option(help="frames per camera")] = 24,
     width: Annotated[int, typer.Option(help="frame width in pixels")] = 220,
     height: Annotated[int, typer.Option(help="frame height in pixels")] = 320,
     fps: Annotated[float, typer.Option(help="video frame rate")] = 73.0,
     seed: Annotated[int, typer.Option(help="the same seed gives the same capture")] = 0,
+    layout: Annotated[str, typer.Option(help="nersemble: the frontal arc; ring: 360 degrees around the head")]
+    = "nersemble",
+    rows: Annotated[Optional[int], typer.Option(help="camera rows (default: 2 on the arc, 3 rings)")] = None,
+    serial_format: Annotated[Optional[str], typer.Option(help="serials from this format of 0, 1, ... (e.g. "
+                                                              "'{:02d}'); default: the NeRSemble serials")] = None,
+    plates: Annotated[bool, typer.Option(help="write background plates")] = True,
 ) -> None:
-    """Write a synthetic NeRSemble-style capture (16-camera rig, moving head, exact ground truth)."""
+    """Write a synthetic capture (the 16-camera NeRSemble rig or another rig, moving head, exact ground truth)."""
     from pipeline.synthetic import synthesize_capture
 
-    capture = synthesize_capture(out_root, participant=participant, sequence=sequence, cameras=cameras,
-                                 frames=frames, width=width, height=height, fps=fps, seed=seed)
-    typer.echo(f"synthetic capture written: {capture.sequence_dir}")
+    try:
+        capture = synthesize_capture(out_root, participant=participant, sequence=sequence, cameras=cameras,
+                                     frames=frames, width=width, height=height, fps=fps, seed=seed, layout=layout,
+                                     rows=rows, serial_format=serial_format, plates=plates)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    typer.echo(f"synthetic capture written: {capture.sequence_dir} ({len(capture.cameras)} cameras)")
 
 
 @app.command()
