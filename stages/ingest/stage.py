@@ -275,10 +275,13 @@ def _create_store(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir)
     # Where the frames came from: later stages find files that sit beside the videos (a synthetic capture's
     # ground_truth.zarr) without being told.
     store.set_attr("source_sequence_dir", str(Path(plan.raw.sequence_dir).resolve()))
+    without = [serial for serial in plan.serials if serial not in plan.raw.backgrounds]
+    if without:  # one line for the rig; the report lists the cameras
+        plan.warnings.append(f"no background plates for {len(without)}/{len(plan.serials)} cameras "
+                             "(sequences/BACKGROUND/image_<SERIAL>.jpg): matting will use rembg for them")
     for index, serial in enumerate(plan.serials):
         plate_path = plan.raw.backgrounds.get(serial)
         if plate_path is None:
-            plan.warnings.append(f"camera {serial}: no background plate (sequences/BACKGROUND/image_{serial}.jpg)")
             continue
         plate = _read_plate(plate_path, plan.size, plan.source_size, serial, plan.warnings)
         if plate is not None:
@@ -338,6 +341,7 @@ def _report(store: CaptureStore, plan: IngestPlan, config: IngestConfig, work: S
         "calibrated": plan.calibration is not None,
         "color_corrected": bool(plan.color_matrices),
         "background_plates": sum(1 for s in plan.serials if s in plan.raw.backgrounds),
+        "cameras_without_plate": [s for s in plan.serials if s not in plan.raw.backgrounds],
         "decode_seconds": round(wall, 3),
         "frames_per_second": round(decoded / wall, 2) if wall else None,
         "megabytes_per_second": round(megabytes / wall, 2) if wall else None,

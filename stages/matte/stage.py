@@ -112,15 +112,22 @@ def _user_plate(config: MatteConfig, store: CaptureStore, serial: str, warnings:
     return path
 
 
-def _choose_method(requested: str, plate_source: str | None, serial: str, warnings: list[str]) -> str:
-    """auto: fused with a plate, rembg without; plate/fused without a plate fall back to rembg, with a warning."""
+def _choose_method(requested: str, plate_source: str | None) -> str:
+    """auto: fused with a plate, rembg without; plate/fused without a plate fall back to rembg."""
     if requested == "rembg":
         return "rembg"
     if plate_source is not None:
         return "fused" if requested in ("auto", "fused") else "plate"
-    warnings.append(f"camera {serial}: no background plate, so it is matted with rembg"
-                    + ("" if requested == "auto" else f" instead of {requested}"))
     return "rembg"
+
+
+def plate_summary(requested: str, without: list[str], total: int) -> str | None:
+    """One line for every camera that falls back to rembg for want of a plate (the report names each camera)."""
+    if requested == "rembg" or not without:
+        return None
+    shown = "" if len(without) == total else f" ({', '.join(without[:8])}{', ...' if len(without) > 8 else ''})"
+    return (f"no background plates for {len(without)}/{total} cameras{shown}: matting with rembg"
+            + ("" if requested == "auto" else f" instead of {requested}"))
 
 
 def plan_matte(store: CaptureStore, config: MatteConfig) -> MattePlan:
@@ -132,8 +139,10 @@ def plan_matte(store: CaptureStore, config: MatteConfig) -> MattePlan:
     for index, serial in enumerate(store.cameras):
         plate_file = _user_plate(config, store, serial, warnings)
         source = "file" if plate_file else ("store" if has_plate(store.read_background(index)) else None)
-        method = _choose_method(config.method, source, serial, warnings)
+        method = _choose_method(config.method, source)
         cameras.append(CameraPlan(index, serial, method, plate_file, source if method != "rembg" else None))
+    summary = plate_summary(config.method, [c.serial for c in cameras if c.plate_source is None], len(cameras))
+    warnings += [summary] if summary else []
     return MattePlan(cameras=cameras, model=_model_for(cameras, config), warnings=warnings)
 
 
