@@ -181,19 +181,63 @@ def depth(
     _print_report(report, ("method", "device", "coverage", "seconds", "seconds_per_view", "preview"))
 
 
-class _Progress:
-    """A progress bar for ``progress(done, total)`` callbacks, created once the total is known."""
+def _duration(seconds: float) -> str:
+    """4m55s, 1h02m, 17s: short enough for a log line."""
+    seconds = max(0, round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
-    def __init__(self, label: str) -> None:
-        self.label, self.bar, self.shown = label, None, 0
+
+class _Progress:
+    """Progress of ``progress(done, total)`` callbacks: a bar on a terminal, plain periodic lines in a log.
+
+    A log (output piped to a file, a CI job) gets a line at the start, every ``every_s`` seconds and at the end,
+    each with done/total, the rate and the time left, since a bar's carriage returns are unreadable there.
+    ``detail`` (set by the caller, e.g. "psnr 23.1") is appended to each line.
+    """
+
+    def __init__(self, label: str, noun: str = "frame", every_s: float = 10.0, stream=None) -> None:  # noqa: ANN001
+        self.label, self.noun, self.every_s = label, noun, every_s
+        self.stream = stream or sys.stderr
+        self.bar, self.shown, self.detail = None, 0, ""
+        self.started: tuple[float, int] | None = None  # (time, done) of the first call: the rate's origin
+        self.last_line = float("-inf")
+        isatty = getattr(self.stream, "isatty", None)
+        self.terminal = bool(isatty and isatty())
 
     def __call__(self, done: int, total: int) -> None:
+        if self.terminal:
+            self._bar(done, total)
+        else:
+            self._line(done, total)
+
+    def _bar(self, done: int, total: int) -> None:
         if self.bar is None:
-            self.bar = typer.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar = typer.progressbar(length=total, label=self.label, file=self.stream)
             self.bar.__enter__()
-        self.bar.label = self.label  # a caller may change the label to show live figures
+        self.bar.label = f"{self.label} ({self.detail})" if self.detail else self.label
         self.bar.update(done - self.shown)
         self.shown = done
+
+    def _line(self, done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if self.started is None:
+            self.started = (now, done)
+        if done < total and now - self.last_line < self.every_s:
+            return
+        self.last_line = now
+        parts = [f"{self.label} {self.noun} {done}/{total} ({100 * done // max(total, 1)}%)"]
+        elapsed, progressed = now - self.started[0], done - self.started[1]
+        if elapsed > 0 and progressed > 0:
+            rate = progressed / elapsed
+            parts.append(f"{rate:.0f} {self.noun}s/s" if rate >= 100 else f"{rate:.3g} {self.noun}s/s")
+            parts.append(f"ETA {_duration((total - done) / rate)}" if done < total else f"took {_duration(elapsed)}")
+        if self.detail:
+            parts.append(self.detail)
+        print(", ".join(parts), file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -212,10 +256,11 @@ def optimize(
     """Train NeRSemble on a sequence; resumes from its last checkpoint, skipped when done."""
     from stages.optimize.stage import optimize_sequence
 
-    bar = _Progress("training")
+    bar = _Progress("training", noun="step")
 
     def show(p) -> None:  # noqa: ANN001 - a TrainingProgress
-        bar.label = f"training (psnr {p.psnr:.1f} dB, {p.rays_per_s:.0f} rays/s)"
+        psnr = "" if p.psnr is None else f"psnr {p.psnr:.1f} dB, "
+        bar.detail = f"{psnr}{p.rays_per_s:.0f} rays/s"
         bar(p.step, p.total_steps)
 
     try:
