@@ -44,6 +44,23 @@ def _depth_codec() -> ZstdCodec:
     return ZstdCodec(level=3)
 
 
+CODECS = ("zstd", "lz4", "none")  # all lossless: the codec changes the bytes on disk and the speed, never a value
+
+
+def _codecs(codec: str) -> dict[str, Any]:
+    """Compressor per array for a codec name; "zstd" is the tuned default set above."""
+    if codec == "zstd":
+        return {"frames": _frame_codec(), "alpha": _mask_codec(), "depth": _depth_codec(),
+                "backgrounds": _frame_codec()}
+    if codec == "lz4":  # faster than zstd at both ends, larger files: for fast local disks
+        frames = BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")
+        return {"frames": frames, "alpha": BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+                "depth": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), "backgrounds": frames}
+    if codec == "none":
+        return dict.fromkeys(ARRAY_NAMES)
+    raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}")
+
+
 def _open_zarr_store(uri: str, *, read_only: bool) -> zarr.abc.store.Store:
     if uris.is_local(uri):
         return zarr.storage.LocalStore(uri, read_only=read_only)
@@ -107,12 +124,15 @@ class CaptureStore:
         intrinsics: Mapping[str, Any] | None,
         world_2_cam: Mapping[str, Any] | None,
         overwrite: bool = False,
+        codec: str = "zstd",
     ) -> CaptureStore:
         """Allocate the group and all arrays before any writer fans out.
 
         ``intrinsics`` is K for the *stored* frame size. Refuses to replace an existing store
         unless ``overwrite=True``, because a store holds hours of matting/depth work.
+        ``codec`` (one of :data:`CODECS`) compresses every array; it is recorded in ``attrs["codec"]``.
         """
+        compressors = _codecs(codec)
         uri = uris.normalize(uri)
         cams = [str(c) for c in cameras]
         if not cams:
@@ -136,6 +156,7 @@ class CaptureStore:
             "intrinsics": _matrices("intrinsics", intrinsics, cams, (3, 3)),
             "world_2_cam": _matrices("world_2_cam", world_2_cam, cams, (4, 4)),
             "stages": {},
+            "codec": codec,
         }
         if cls.exists(uri):
             if not overwrite:
@@ -146,10 +167,10 @@ class CaptureStore:
         group = zarr.create_group(store, overwrite=overwrite, attributes=attrs)
         c, t, h, w = len(cams), n_frames, height, width
         specs = {
-            "frames": ((c, t, h, w, 3), (1, 1, h, w, 3), "uint8", _frame_codec()),
-            "alpha": ((c, t, h, w), (1, 1, h, w), "uint8", _mask_codec()),
-            "depth": ((c, t, h, w), (1, 1, h, w), "float32", _depth_codec()),
-            "backgrounds": ((c, h, w, 3), (1, h, w, 3), "uint8", _frame_codec()),
+            "frames": ((c, t, h, w, 3), (1, 1, h, w, 3), "uint8", compressors["frames"]),
+            "alpha": ((c, t, h, w), (1, 1, h, w), "uint8", compressors["alpha"]),
+            "depth": ((c, t, h, w), (1, 1, h, w), "float32", compressors["depth"]),
+            "backgrounds": ((c, h, w, 3), (1, h, w, 3), "uint8", compressors["backgrounds"]),
         }
         for name, (shape, chunks, dtype, codec) in specs.items():
             group.create_array(

@@ -270,7 +270,7 @@ def _create_store(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir)
     store = CaptureStore.create(
         work.capture_uri, cameras=plan.serials, n_frames=plan.capacity, height=plan.size[1], width=plan.size[0],
         fps=source_fps / config.stride, frame_indices=[config.start + i * config.stride for i in range(plan.capacity)],
-        intrinsics=intrinsics, world_2_cam=world_2_cam, overwrite=True,
+        intrinsics=intrinsics, world_2_cam=world_2_cam, overwrite=True, codec=config.codec,
     )
     # Where the frames came from: later stages find files that sit beside the videos (a synthetic capture's
     # ground_truth.zarr) without being told.
@@ -346,6 +346,7 @@ def _report(store: CaptureStore, plan: IngestPlan, config: IngestConfig, work: S
         "frames_per_second": round(decoded / wall, 2) if wall else None,
         "megabytes_per_second": round(megabytes / wall, 2) if wall else None,
         "workers": workers,
+        "codec": config.codec,
         "warnings": plan.warnings,
         "config": config.model_dump(),
         "config_hash": chash,
