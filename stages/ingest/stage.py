@@ -22,6 +22,7 @@ import numpy as np
 
 from stages.core.cameras import CameraParams, intrinsics_for_size, read_camera_params
 from stages.core.color import apply_color_correction, read_color_calibration
+from stages.ingest.checks import check_cameras_see_subject, check_frame_memory, check_principal_points
 from stages.ingest.config import IngestConfig
 from stages.core.errors import CaptureLayoutError, PipelineError, VideoError
 from stages.core.raw_capture import RawSequence, discover_sequence
@@ -110,6 +111,12 @@ def plan_ingest(raw: RawSequence, config: IngestConfig) -> IngestPlan:
         )
     source_size = sizes.pop()
     calibration = _check_calibration(raw, serials, warnings)
+    calibrated_for = config.calibration_size or source_size
+    if calibration is not None:
+        check_principal_points(calibration, serials, calibrated_for, raw.calibration)
+    check_cameras_see_subject(calibration, serials, calibrated_for, warnings)
+    check_frame_memory(serials[0], source_size, _stored_size(source_size, config.downscale),
+                       config.workers or min(len(serials), os.cpu_count() or 1))
     color_matrices: dict[str, np.ndarray] = {}
     if config.color_correction:
         if raw.color_calibration is None:
@@ -150,14 +157,6 @@ def _stored_calibration(plan: IngestPlan, config: IngestConfig) -> tuple[dict | 
         return None, None
     calibrated_for = config.calibration_size or plan.source_size
     intrinsics = {s: intrinsics_for_size(plan.calibration.intrinsics[s], calibrated_for, plan.size) for s in plan.serials}
-    for serial in plan.serials:
-        cx, cy = plan.calibration.intrinsics[serial][:2, 2]
-        if not (0 <= cx <= calibrated_for[0] and 0 <= cy <= calibrated_for[1]):
-            plan.warnings.append(
-                f"{plan.raw.calibration}: principal point ({cx:.0f}, {cy:.0f}) of camera {serial} lies outside "
-                f"{calibrated_for[0]}x{calibrated_for[1]} frames; pass --calibration-size W H if K is for another size"
-            )
-            break
     world_2_cam = {s: plan.calibration.world_2_cam[s] for s in plan.serials}
     return intrinsics, world_2_cam
 
