@@ -27,7 +27,8 @@ from stages.core.errors import PipelineError
 from stages.core.skeleton import Decision, StageRun, run_stage
 from stages.core.status import Status
 from stages.matte.methods import MAX_PLATE_NOISE, FrameMatte, matte_fused, matte_plate, matte_saliency
-from stages.matte.model import ModelMissingError, ModelSpec, load_session, locate_model, saliency
+from stages.matte.model import (ModelMissingError, ModelSpec, load_session, locate_model, saliency,
+                                session_providers)
 from stages.matte.plate import has_plate, to_float
 from stages.matte.preview import contact_sheet, encode_png, spread
 from stages.matte.refine import sliding_window, temporal_filter
@@ -311,7 +312,7 @@ def _run_matte(run: StageRun, plan: MattePlan, config: MatteConfig, progress: Pr
     store, work = run.store, run.work
     workers = _worker_count(config, len(plan.cameras))
     threads = config.onnx_threads or max(1, (os.cpu_count() or 1) // workers)
-    session = load_session(plan.model, threads) if plan.model else None
+    session = load_session(plan.model, threads, config.device) if plan.model else None
     stop = threading.Event()
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="matte") as pool:
@@ -328,6 +329,7 @@ def _run_matte(run: StageRun, plan: MattePlan, config: MatteConfig, progress: Pr
 
     preview = _write_preview(store, work, config)
     report = _report(store, work, plan, config, results, wall, workers, preview, run.config_hash)
+    report["onnx_providers"] = session_providers(session) if session is not None else []
     return run.finish(report)
 
 
