@@ -461,6 +461,8 @@ def archive_command(
     = None,
     optimize_deployment: _OPT_DEPLOY = None,
     rerun: Annotated[bool, typer.Option(help="also run sequences that finished with these settings before")] = False,
+    drop_arrays: Annotated[bool, typer.Option(help="after a sequence's export succeeded, delete its frames, alpha "
+                                                   "and depth (re-ingest brings them back)")] = False,
     config: PipelineConfig = None,
 ) -> None:
     """Run the process-archive flow: every sequence under ARCHIVE_ROOT, finished ones skipped, failures isolated."""
@@ -475,14 +477,15 @@ def archive_command(
                                 sequences=split_values(sequences), config=config, stages=wanted,
                                 max_concurrent=concurrency,
                                 sequence_deployment=deployment, optimize_deployment=optimize_deployment,
-                                rerun_finished=rerun, return_state=True)
+                                rerun_finished=rerun, drop_arrays=drop_arrays, return_state=True)
         page = flow_run_page(state.state_details.flow_run_id, api_url)
         outcome = state.result(raise_on_failure=False)
     rows = outcome if isinstance(outcome, list) else getattr(outcome, "rows", [])
     for row in rows:
         psnr = "" if row.get("psnr") is None else f"PSNR {row['psnr']:.2f}"
         seconds = "" if row.get("seconds") is None else f"{row['seconds']:.0f} s"
-        typer.echo(f"  {row['participant']:>6}  {row['sequence']:<32} {row['status']:<10} {seconds:>7}  {psnr}")
+        stored = "" if row.get("store_bytes") is None else f"  {row['store_bytes'] / 1e6:.1f} MB"
+        typer.echo(f"  {row['participant']:>6}  {row['sequence']:<32} {row['status']:<10} {seconds:>7}  {psnr}{stored}")
         if row.get("error"):
             typer.secho(f"          {row['error'].splitlines()[0]}", fg=typer.colors.RED)
     typer.echo(f"flow run: {page}" + ("" if api_url else "  (start `nersemble-pipeline ui` to open it)"))

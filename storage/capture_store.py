@@ -17,7 +17,7 @@ import zarr.storage
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from storage import uri as uris
-from storage.errors import CaptureStoreError, UnknownCameraError
+from storage.errors import ArraysDroppedError, CaptureStoreError, UnknownCameraError
 from storage.records import StageRecord
 
 ARRAY_NAMES = ("frames", "alpha", "depth", "backgrounds")
@@ -218,9 +218,11 @@ class CaptureStore:
 
     # ------------------------------------------------------------------ arrays and attrs
 
-    def _array(self, name: str) -> zarr.Array:
+    def _array(self, name: str, *, data: bool = True) -> zarr.Array:
         if name not in ARRAY_NAMES:
             raise KeyError(f"unknown array {name!r}; a capture store has {list(ARRAY_NAMES)}")
+        if data:
+            self._check_not_dropped(name)
         if name not in self._arrays:
             arr = self.group[name]
             assert isinstance(arr, zarr.Array)
@@ -230,6 +232,16 @@ class CaptureStore:
                 arr = arr.with_config({"write_empty_chunks": True})
             self._arrays[name] = arr
         return self._arrays[name]
+
+    def _check_not_dropped(self, name: str) -> None:
+        """A dropped array (storage.lifecycle) must not read as zeros: say what happened and how to undo it."""
+        dropped = self.group.attrs.get("dropped_arrays") or {}
+        if name in (dropped.get("arrays") or ()):
+            raise ArraysDroppedError(
+                f"capture store {self.uri}: its {', '.join(dropped['arrays'])} arrays were dropped on "
+                f"{dropped.get('at', '?')} ({dropped.get('reason', 'to save space')}); ingest the sequence again "
+                "to get them back (`nersemble-pipeline ingest` or `run` re-ingests a store whose arrays were "
+                "dropped, and the stages after it follow)")
 
     @property
     def frames(self) -> zarr.Array:
@@ -266,19 +278,19 @@ class CaptureStore:
 
     @property
     def n_cameras(self) -> int:
-        return int(self.frames.shape[0])
+        return int(self._array("frames", data=False).shape[0])
 
     @property
     def n_frames(self) -> int:
-        return int(self.frames.shape[1])
+        return int(self._array("frames", data=False).shape[1])
 
     @property
     def height(self) -> int:
-        return int(self.frames.shape[2])
+        return int(self._array("frames", data=False).shape[2])
 
     @property
     def width(self) -> int:
-        return int(self.frames.shape[3])
+        return int(self._array("frames", data=False).shape[3])
 
     @property
     def intrinsics(self) -> dict[str, np.ndarray] | None:

@@ -243,7 +243,7 @@ def ingest_sequence(sequence_dir: str | Path, work_root: str, config: IngestConf
         if CaptureStore.exists(work.capture_uri):
             existing = CaptureStore.open(work.capture_uri, mode="r+")
             skipped = skipped_report(existing, STAGE, chash, digest)
-            if skipped is not None:
+            if skipped is not None and not existing.attrs.get("dropped_arrays"):  # dropped: ingest again
                 return skipped
             existing.clear_stage_record(STAGE)
         return _run_ingest(plan, config, work, chash, digest, progress)
