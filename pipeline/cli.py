@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -201,6 +202,7 @@ class _Progress:
         self.label, self.noun, self.every_s = label, noun, every_s
         self.stream = stream or sys.stderr
         self.bar, self.shown, self.detail = None, 0, ""
+        self.created = time.monotonic()  # the rate's origin until a second call gives a better one
         self.started: tuple[float, int] | None = None  # (time, done) of the first call: the rate's origin
         self.last_line = float("-inf")
         isatty = getattr(self.stream, "isatty", None)
@@ -221,8 +223,6 @@ class _Progress:
         self.shown = done
 
     def _line(self, done: int, total: int) -> None:
-        import time
-
         now = time.monotonic()
         if self.started is None:
             self.started = (now, done)
@@ -230,7 +230,8 @@ class _Progress:
             return
         self.last_line = now
         parts = [f"{self.label} {self.noun} {done}/{total} ({100 * done // max(total, 1)}%)"]
-        elapsed, progressed = now - self.started[0], done - self.started[1]
+        origin = self.started if done > self.started[1] else (self.created, 0)  # one call only: since creation
+        elapsed, progressed = now - origin[0], done - origin[1]
         if elapsed > 0 and progressed > 0:
             rate = progressed / elapsed
             parts.append(f"{rate:.0f} {self.noun}s/s" if rate >= 100 else f"{rate:.3g} {self.noun}s/s")
