@@ -41,16 +41,17 @@ def drop_arrays(store: CaptureStore, reason: str, arrays: tuple[str, ...] = DROP
     unknown = [name for name in arrays if name not in DROPPABLE]
     if unknown:
         raise ValueError(f"only {', '.join(DROPPABLE)} can be dropped, not {', '.join(unknown)}")
-    before = tree_bytes(store.uri)
+    previous = store.attrs.get(DROPPED_ATTR) or {}
     names = sorted(set(dropped_arrays(store)) | set(arrays))
-    store.set_attr(DROPPED_ATTR, {"arrays": names, "reason": reason,
-                                  "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    info = {"arrays": names, "reason": reason, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "bytes_freed": int(previous.get("bytes_freed", 0))}
+    store.set_attr(DROPPED_ATTR, info)
     fs, path = uris.filesystem(store.uri)
+    freed = 0
     for name in arrays:
-        chunks = f"{path.rstrip('/')}/{name}/c"
+        chunks = f"{path.rstrip('/')}/{name}/c"  # zarr v3's chunk key prefix: the array's metadata stays
         if fs.exists(chunks):
+            freed += int(fs.du(chunks, total=True))
             fs.rm(chunks, recursive=True)
-    freed = before - tree_bytes(store.uri)
-    info = dict(store.attrs.get(DROPPED_ATTR) or {})
-    store.set_attr(DROPPED_ATTR, {**info, "bytes_freed": int(info.get("bytes_freed", 0)) + max(0, freed)})
-    return max(0, freed)
+    store.set_attr(DROPPED_ATTR, {**info, "bytes_freed": info["bytes_freed"] + freed})
+    return freed
