@@ -230,10 +230,10 @@ def measure(sequence_dir: Path, height: int, width: int, cameras: int, frames: i
     images = cameras * frames
     rows = []
 
-    def stage_row(stage: str, spec: dict, output_frames: int, outputs: tuple[str, ...]) -> dict:
+    def stage_row(stage: str, spec: dict, output_frames: int, outputs: tuple[str, ...], into: Path = work) -> dict:
         print(f"  {size} x {frames} frames: {stage} ...", flush=True)
-        result = run_child({**spec, "work": str(work)})
-        store = sum(bytes_under(work / part) for part in outputs) if outputs else None
+        result = run_child({**spec, "work": str(into)})
+        store = sum(bytes_under(into / part) for part in outputs) if outputs else None
         rows.append(row(size, frames, cameras, stage, result, output_frames, store))
         shown = rows[-1]
         print(f"    {shown['seconds']} s, {shown['frames_per_s']} frames/s, {shown['peak_rss_mb']} MB peak"
@@ -246,10 +246,14 @@ def measure(sequence_dir: Path, height: int, width: int, cameras: int, frames: i
                                                    "frames": frames, "codec": codec, "workers": workers},
                       images, ())
             rows[-1]["store_bytes"] = rows[-1].pop("compressed_bytes", None)
-        for codec in [c for c in codecs if c != "zstd"] + ["zstd"]:  # zstd last: the store the later stages use
+        for codec in codecs:  # each into a fresh folder: the codec is a knob, so an existing store would skip
+            root = work_root if codec == "zstd" else work_root.with_name(f"{work_root.name}-{codec}")
             stage_row("ingest" if codec == "zstd" else f"ingest:{codec}",
-                      {"kind": "ingest", "sequence_dir": str(sequence_dir), "work_root": str(work_root),
-                       "frames": frames, "codec": codec}, images, STAGE_OUTPUTS["ingest"])
+                      {"kind": "ingest", "sequence_dir": str(sequence_dir), "work_root": str(root),
+                       "frames": frames, "codec": codec}, images, STAGE_OUTPUTS["ingest"],
+                      into=root / "001" / "EXP-1-head")
+            if root != work_root:
+                subprocess.run(["rm", "-rf", str(root)], check=True)
     if "calibrate" in stages:
         stage_row("calibrate:colmap", {"kind": "calibrate", "mode": "colmap"}, images, STAGE_OUTPUTS["calibrate"])
         stage_row("calibrate:provided", {"kind": "calibrate", "mode": "provided"}, images,
@@ -276,22 +280,35 @@ def pixels(row_: dict) -> float:
     return float(count * height * width)
 
 
+def images(row_: dict) -> float:
+    return float(EXPORT_FRAMES if row_["stage"] == "export" else row_["cameras"] * row_["frames"])
+
+
 def fit(rows: list[dict]) -> dict[str, dict]:
-    """Per stage: seconds = fixed + per_megapixel * Mpx (least squares), the log-log exponent, bytes per pixel."""
+    """Per stage, least squares: seconds = fixed + per_image * images + per_megapixel * Mpx, as far as the rows
+    tell these apart (a per-image term matters where a model works at its own resolution, as rembg does), the
+    log-log exponent of seconds over pixels, and stored bytes per pixel."""
     fits = {}
     for stage in sorted({r["stage"] for r in rows}):
         good = [r for r in rows if r["stage"] == stage and r.get("seconds")]
         if not good:
             continue
         mpx = np.array([pixels(r) / 1e6 for r in good])
+        count = np.array([images(r) for r in good])
         seconds = np.array([r["seconds"] for r in good])
-        if len(set(mpx)) >= 2:
-            per_mpx, fixed = np.polyfit(mpx, seconds, 1)
-            exponent = float(np.polyfit(np.log(mpx), np.log(seconds), 1)[0])
+        sizes = {r["size"] for r in good}
+        if len(sizes) >= 2 and len(set(count)) >= 2 and len(good) >= 3:
+            design, basis = np.stack([np.ones_like(mpx), count, mpx], 1), "fixed + per image + per pixel"
+        elif len(set(mpx)) >= 2:
+            design, basis = np.stack([np.ones_like(mpx), np.zeros_like(mpx), mpx], 1), "fixed + per pixel"
         else:
-            per_mpx, fixed, exponent = float(seconds.mean() / mpx.mean()), 0.0, None
+            design, basis = np.stack([np.zeros_like(mpx), np.zeros_like(mpx), mpx], 1), \
+                "one size and count measured: proportional to pixels"
+        coef = np.linalg.lstsq(design, seconds, rcond=None)[0]
+        exponent = float(np.polyfit(np.log(mpx), np.log(seconds), 1)[0]) if len(set(mpx)) >= 2 else None
         stored = [r["store_bytes"] / pixels(r) for r in good if r.get("store_bytes")]
-        fits[stage] = {"seconds_per_megapixel": float(per_mpx), "fixed_seconds": float(fixed),
+        fits[stage] = {"fixed_seconds": float(coef[0]), "seconds_per_image": float(coef[1]),
+                       "seconds_per_megapixel": float(coef[2]), "basis": basis,
                        "exponent": None if exponent is None else round(exponent, 3), "points": len(good),
                        "bytes_per_pixel": float(np.mean(stored)) if stored else None,
                        "peak_rss_mb": max(r["peak_rss_mb"] or 0 for r in good)}
@@ -322,8 +339,9 @@ def extrapolate(fits: dict[str, dict], rows: list[dict]) -> dict:
             stored = None
         else:
             mpx = export_mpx if stage == "export" else sequence_mpx
-            seconds = max(0.0, f["fixed_seconds"]) + f["seconds_per_megapixel"] * mpx
-            note = "fitted line" if f["exponent"] is not None else "one size measured: proportional"
+            count = 96 if stage == "export" else TYPICAL["cameras"] * TYPICAL["frames"]
+            seconds = max(0.0, f["fixed_seconds"] + f["seconds_per_image"] * count + f["seconds_per_megapixel"] * mpx)
+            note = f["basis"]
             stored = None if f["bytes_per_pixel"] is None else f["bytes_per_pixel"] * mpx * 1e6
         table[stage] = {"sequence_hours": seconds / 3600, "archive_hours": seconds * ARCHIVE_SEQUENCES / 3600,
                         "sequence_bytes": stored,
@@ -351,7 +369,7 @@ def ingest_ratio(rows: list[dict]) -> tuple[float | None, dict]:
 
 
 def _hours(value: float) -> str:
-    return f"{value:.2f} h" if value >= 0.1 else f"{value * 60:.1f} min"
+    return f"{value:,.0f} h" if value >= 100 else f"{value:.2f} h" if value >= 0.1 else f"{value * 60:.1f} min"
 
 
 def _bytes(value: float | None) -> str:
@@ -376,12 +394,13 @@ def markdown(result: dict) -> str:
                      + (f" error: {r['error']}" if r.get("error") else ""))
     lines += ["", f"Ingest / decode+compress (zstd, same workers): **{result['ingest_vs_decode_compress']}** "
                   f"(per run: {result['ingest_vs_decode_compress_by_run']})", "",
-              "## Fitted cost", "", "| stage | s per Mpx | fixed s | exponent | bytes per px | peak RSS MB |",
-              "| --- | --- | --- | --- | --- | --- |"]
+              "## Fitted cost", "",
+              "| stage | s per Mpx | s per image | fixed s | exponent | bytes per px | peak RSS MB | basis |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for stage, f in result["fits"].items():
         bpp = "" if f["bytes_per_pixel"] is None else f"{f['bytes_per_pixel']:.3f}"
-        lines.append(f"| {stage} | {f['seconds_per_megapixel']:.4f} | {f['fixed_seconds']:.2f} | {f['exponent']} | "
-                     f"{bpp} | {f['peak_rss_mb']} |")
+        lines.append(f"| {stage} | {f['seconds_per_megapixel']:.4f} | {f['seconds_per_image']:.4f} | "
+                     f"{f['fixed_seconds']:.2f} | {f['exponent']} | {bpp} | {f['peak_rss_mb']} | {f['basis']} |")
     typical = TYPICAL
     lines += ["", f"## Extrapolated: one sequence ({typical['cameras']} x {typical['frames']} frames at "
                   f"{typical['height']}x{typical['width']}) and the archive ({ARCHIVE_SEQUENCES} sequences)", "",
