@@ -14,6 +14,7 @@ import storage
 from pipeline.cli import _is_user_error
 from stages.core import errors as stage_errors
 from storage import (
+    ArraysDroppedError,
     CaptureStore,
     CaptureStoreError,
     SequenceLockedError,
@@ -24,7 +25,8 @@ from storage import (
 )
 
 # Each storage error and the built-in bases it had before StorageError existed (callers may catch those).
-BUILT_IN_BASES = {CaptureStoreError: (ValueError,), UnknownCameraError: (KeyError,), SequenceLockedError: (RuntimeError,)}
+BUILT_IN_BASES = {CaptureStoreError: (ValueError,), UnknownCameraError: (KeyError,), SequenceLockedError: (RuntimeError,),
+                  ArraysDroppedError: (FileNotFoundError,)}
 
 
 def _storage_error_classes() -> set[type]:
