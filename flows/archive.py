@@ -28,7 +28,8 @@ from stages.core.interrupts import forward_stop_signals
 from stages.core.raw_capture import list_archive
 from storage import SequenceWorkDir
 
-SUMMARY_COLUMNS = ("participant", "sequence", "status", "seconds", "psnr", "error", "flow_run")
+SUMMARY_COLUMNS = ("participant", "sequence", "status", "seconds", "psnr", "error", "flow_run", "store_bytes",
+                   "dropped_bytes")
 
 
 class ArchiveFailures(PipelineError):
@@ -73,6 +74,29 @@ def _error_text(state) -> str:  # noqa: ANN001 - a prefect State
 def _psnr_of(work: SequenceWorkDir) -> float | None:
     summary = work.read_report(SEQUENCE_REPORT) or {}
     return summary.get("psnr")
+
+
+def _storage(work_root: str, row: dict, drop_arrays: bool) -> dict:
+    """The row with its store's bytes, after dropping its arrays when asked and its export has succeeded.
+
+    A sequence another run holds the lock of is left as it is; it is dropped by a later archive run.
+    """
+    from storage import CaptureStore, SequenceLockedError, sequence_lock
+    from storage.lifecycle import drop_arrays as drop, dropped_arrays, tree_bytes
+
+    work = SequenceWorkDir.for_sequence(work_root, row["participant"], row["sequence"])
+    if "*" in (row["participant"], row["sequence"]) or not CaptureStore.exists(work.capture_uri):
+        return {**row, "store_bytes": None, "dropped_bytes": None}
+    freed = None
+    if drop_arrays and row["status"] != "failed":
+        try:
+            with sequence_lock(work.uri):
+                store = CaptureStore.open(work.capture_uri, mode="r+")
+                if "export" in store.stage_records() and not dropped_arrays(store):
+                    freed = drop(store, reason="dropped by process-archive after a successful export")
+        except SequenceLockedError as error:
+            get_run_logger().warning("%s/%s: arrays not dropped: %s", row["participant"], row["sequence"], error)
+    return {**row, "store_bytes": tree_bytes(work.capture_uri), "dropped_bytes": freed}
 
 
 @task(name="sequence", task_run_name="{participant}/{sequence}", cache_policy=NO_CACHE)
@@ -139,6 +163,7 @@ def process_archive(
     sequence_deployment: str | None = None,
     optimize_deployment: str | None = None,
     rerun_finished: bool = False,
+    drop_arrays: bool = False,
 ) -> list[dict]:
     """Process every sequence under ``archive_root`` (``<PID>/sequences/<SEQ>``) into ``work_root``.
 
@@ -159,6 +184,8 @@ def process_archive(
         optimize_deployment: train through this deployment (e.g. `optimize-sequence/optimize-sequence`) on a
             gpu worker.
         rerun_finished: also run sequences whose last run finished with these stages and settings.
+        drop_arrays: once a sequence's export has succeeded, delete its frames, alpha and depth arrays
+            (calibration, model, exports and reports stay; the sequence still counts as finished).
     """
     logger = get_run_logger()
     if max_concurrent < 1:
@@ -201,6 +228,7 @@ def process_archive(
                 f": {row['error']}" if row["error"] else "")
             rows.append(row)
 
+    rows = [_storage(work_root, row, drop_arrays) for row in rows]
     rows.sort(key=lambda row: (row["participant"], row["sequence"]))
     publish_archive_summary(rows, str(root))
     failures = [row for row in rows if row["status"] == "failed"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -86,19 +87,29 @@ def synth(
     out_root: Annotated[Path, typer.Argument(help="archive root to write <PID>/... into")],
     participant: Annotated[str, typer.Option(help="participant ID (folder name)")] = "001",
     sequence: Annotated[str, typer.Option(help="sequence name")] = "EXP-1-head",
-    cameras: Annotated[int, typer.Option(help="number of rig cameras (1-16)")] = 16,
+    cameras: Annotated[int, typer.Option(help="number of rig cameras (1-64; the NeRSemble serials up to 16)")] = 16,
     frames: Annotated[int, typer.Option(help="frames per camera")] = 24,
     width: Annotated[int, typer.Option(help="frame width in pixels")] = 220,
     height: Annotated[int, typer.Option(help="frame height in pixels")] = 320,
     fps: Annotated[float, typer.Option(help="video frame rate")] = 73.0,
     seed: Annotated[int, typer.Option(help="the same seed gives the same capture")] = 0,
+    layout: Annotated[str, typer.Option(help="nersemble: the frontal arc; ring: 360 degrees around the head")]
+    = "nersemble",
+    rows: Annotated[Optional[int], typer.Option(help="camera rows (default: 2 on the arc, 3 rings)")] = None,
+    serial_format: Annotated[Optional[str], typer.Option(help="serials from this format of 0, 1, ... (e.g. "
+                                                              "'{:02d}'); default: the NeRSemble serials")] = None,
+    plates: Annotated[bool, typer.Option(help="write background plates")] = True,
 ) -> None:
-    """Write a synthetic NeRSemble-style capture (16-camera rig, moving head, exact ground truth)."""
+    """Write a synthetic capture (the 16-camera NeRSemble rig or another rig, moving head, exact ground truth)."""
     from pipeline.synthetic import synthesize_capture
 
-    capture = synthesize_capture(out_root, participant=participant, sequence=sequence, cameras=cameras,
-                                 frames=frames, width=width, height=height, fps=fps, seed=seed)
-    typer.echo(f"synthetic capture written: {capture.sequence_dir}")
+    try:
+        capture = synthesize_capture(out_root, participant=participant, sequence=sequence, cameras=cameras,
+                                     frames=frames, width=width, height=height, fps=fps, seed=seed, layout=layout,
+                                     rows=rows, serial_format=serial_format, plates=plates)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    typer.echo(f"synthetic capture written: {capture.sequence_dir} ({len(capture.cameras)} cameras)")
 
 
 @app.command()
@@ -184,19 +195,63 @@ def depth(
     _print_report(report, ("method", "device", "coverage", "seconds", "seconds_per_view", "preview"))
 
 
-class _Progress:
-    """A progress bar for ``progress(done, total)`` callbacks, created once the total is known."""
+def _duration(seconds: float) -> str:
+    """4m55s, 1h02m, 17s: short enough for a log line."""
+    seconds = max(0, round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
-    def __init__(self, label: str) -> None:
-        self.label, self.bar, self.shown = label, None, 0
+
+class _Progress:
+    """Progress of ``progress(done, total)`` callbacks: a bar on a terminal, plain periodic lines in a log.
+
+    A log (output piped to a file, a CI job) gets a line at the start, every ``every_s`` seconds and at the end,
+    each with done/total, the rate and the time left, since a bar's carriage returns are unreadable there.
+    ``detail`` (set by the caller, e.g. "psnr 23.1") is appended to each line.
+    """
+
+    def __init__(self, label: str, noun: str = "frame", every_s: float = 10.0, stream=None) -> None:  # noqa: ANN001
+        self.label, self.noun, self.every_s = label, noun, every_s
+        self.stream = stream or sys.stderr
+        self.bar, self.shown, self.detail = None, 0, ""
+        self.created = time.monotonic()  # the rate's origin until a second call gives a better one
+        self.started: tuple[float, int] | None = None  # (time, done) of the first call: the rate's origin
+        self.last_line = float("-inf")
+        isatty = getattr(self.stream, "isatty", None)
+        self.terminal = bool(isatty and isatty())
 
     def __call__(self, done: int, total: int) -> None:
+        if self.terminal:
+            self._bar(done, total)
+        else:
+            self._line(done, total)
+
+    def _bar(self, done: int, total: int) -> None:
         if self.bar is None:
-            self.bar = typer.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar = typer.progressbar(length=total, label=self.label, file=self.stream)
             self.bar.__enter__()
-        self.bar.label = self.label  # a caller may change the label to show live figures
+        self.bar.label = f"{self.label} ({self.detail})" if self.detail else self.label
         self.bar.update(done - self.shown)
         self.shown = done
+
+    def _line(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.started is None:
+            self.started = (now, done)
+        if done < total and now - self.last_line < self.every_s:
+            return
+        self.last_line = now
+        parts = [f"{self.label} {self.noun} {done}/{total} ({100 * done // max(total, 1)}%)"]
+        origin = self.started if done > self.started[1] else (self.created, 0)  # one call only: since creation
+        elapsed, progressed = now - origin[0], done - origin[1]
+        if elapsed > 0 and progressed > 0:
+            rate = progressed / elapsed
+            parts.append(f"{rate:.0f} {self.noun}s/s" if rate >= 100 else f"{rate:.3g} {self.noun}s/s")
+            parts.append(f"ETA {_duration((total - done) / rate)}" if done < total else f"took {_duration(elapsed)}")
+        if self.detail:
+            parts.append(self.detail)
+        print(", ".join(parts), file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -217,10 +272,11 @@ def optimize(
     """Train NeRSemble on a sequence; resumes from its last checkpoint, skipped when done."""
     from stages.optimize.stage import optimize_sequence
 
-    bar = _Progress("training")
+    bar = _Progress("training", noun="step")
 
     def show(p) -> None:  # noqa: ANN001 - a TrainingProgress
-        bar.label = f"training (psnr {p.psnr:.1f} dB, {p.rays_per_s:.0f} rays/s)"
+        psnr = "" if p.psnr is None else f"psnr {p.psnr:.1f} dB, "
+        bar.detail = f"{psnr}{p.rays_per_s:.0f} rays/s"
         bar(p.step, p.total_steps)
 
     try:
@@ -421,6 +477,8 @@ def archive_command(
     = None,
     optimize_deployment: _OPT_DEPLOY = None,
     rerun: Annotated[bool, typer.Option(help="also run sequences that finished with these settings before")] = False,
+    drop_arrays: Annotated[bool, typer.Option(help="after a sequence's export succeeded, delete its frames, alpha "
+                                                   "and depth (re-ingest brings them back)")] = False,
     config: PipelineConfig = None,
 ) -> None:
     """Run the process-archive flow: every sequence under ARCHIVE_ROOT, finished ones skipped, failures isolated."""
@@ -435,14 +493,15 @@ def archive_command(
                                 sequences=split_values(sequences), config=config, stages=wanted,
                                 max_concurrent=concurrency,
                                 sequence_deployment=deployment, optimize_deployment=optimize_deployment,
-                                rerun_finished=rerun, return_state=True)
+                                rerun_finished=rerun, drop_arrays=drop_arrays, return_state=True)
         page = flow_run_page(state.state_details.flow_run_id, api_url)
         outcome = state.result(raise_on_failure=False)
     rows = outcome if isinstance(outcome, list) else getattr(outcome, "rows", [])
     for row in rows:
         psnr = "" if row.get("psnr") is None else f"PSNR {row['psnr']:.2f}"
         seconds = "" if row.get("seconds") is None else f"{row['seconds']:.0f} s"
-        typer.echo(f"  {row['participant']:>6}  {row['sequence']:<32} {row['status']:<10} {seconds:>7}  {psnr}")
+        stored = "" if row.get("store_bytes") is None else f"  {row['store_bytes'] / 1e6:.1f} MB"
+        typer.echo(f"  {row['participant']:>6}  {row['sequence']:<32} {row['status']:<10} {seconds:>7}  {psnr}{stored}")
         if row.get("error"):
             typer.secho(f"          {row['error'].splitlines()[0]}", fg=typer.colors.RED)
     typer.echo(f"flow run: {page}" + ("" if api_url else "  (start `nersemble-pipeline ui` to open it)"))

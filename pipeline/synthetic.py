@@ -12,6 +12,9 @@ Conventions
   (:func:`frame_times`), so a 3-frame capture spans the same motion as a 24-frame one.
 - Rig: 16 cameras on an arc of radius 1 m, two rows of 8 columns; column 1 is at -x (azimuth -56 deg) and
   column 8 at +x; the upper row sits 10 cm above the head's centre, the lower row 24 cm below, looking up.
+- Other rigs (:func:`rig_layout`): any camera count on the same frontal arc (``nersemble``) or on a 360-degree
+  ring at several heights (``ring``), with serials made from a format such as ``"{:02d}"``; the capture may
+  come without background plates, so every stage meets what a capture from another studio looks like.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ PRINCIPAL_JITTER = 0.01  # per-camera principal point offset, as a fraction of t
 AIM_POINT = np.array([0.0, -0.04, 0.0])  # a little below the head's centre, so the neck and shoulders show
 AIM_JITTER = 0.01  # metres: cameras aim near, not exactly at, the aim point
 JPEG_QUALITY = 95
+LAYOUTS = ("nersemble", "ring")
+MAX_CAMERAS = 64
+RING_HEIGHTS = (0.30, -0.30)  # metres: the highest and lowest ring row, so the top and the chin both show
+DEFAULT_SERIAL_FORMAT = "{:02d}"  # serials of generated rigs: "00", "01", ... as small studios number cameras
 
 
 # --- the rig ----------------------------------------------------------------------------------------------
@@ -105,6 +112,98 @@ def select_serials(cameras: int | Sequence[str]) -> list[str]:
     if len(set(serials)) != len(serials) or not serials:
         raise ValueError(f"cameras must be a non-empty list of distinct serials, got {serials}")
     return serials
+
+
+# --- other rigs -------------------------------------------------------------------------------------------------
+
+
+def _split_rows(count: int, rows: int) -> list[int]:
+    """Cameras per row, as even as possible, the extra ones in the first rows."""
+    if not 1 <= rows <= count:
+        raise ValueError(f"rows must be between 1 and the camera count {count}, got {rows}")
+    return [count // rows + (1 if r < count % rows else 0) for r in range(rows)]
+
+
+def arc_positions(count: int, rows: int = 2) -> list[np.ndarray]:
+    """The NeRSemble frontal arc with ``count`` cameras: columns left to right, each column top to bottom."""
+    _split_rows(count, rows)
+    heights = [ROW_HEIGHTS["upper"], ROW_HEIGHTS["lower"]] if rows == 2 else \
+        list(np.linspace(ROW_HEIGHTS["upper"], ROW_HEIGHTS["lower"], rows)) if rows > 1 else [0.0]
+    columns = -(-count // rows)
+    azimuths = np.radians(np.linspace(-AZIMUTH_SPAN_DEG, AZIMUTH_SPAN_DEG, columns) if columns > 1 else [0.0])
+    slots = [(a, h) for a in azimuths for h in heights][:count]
+    return [np.array([RIG_RADIUS * np.sin(a), h, RIG_RADIUS * np.cos(a)]) for a, h in slots]
+
+
+def ring_positions(count: int, rows: int = 3) -> list[np.ndarray]:
+    """``count`` cameras all around the head (360 degrees) in ``rows`` rings, top ring first.
+
+    Azimuth 0 is straight in front of the face; neighbouring rings are turned by half a step against each other,
+    so every azimuth gap of one ring is covered by the next.
+    """
+    per_row = _split_rows(count, rows)
+    heights = np.linspace(*RING_HEIGHTS, rows) if rows > 1 else [0.0]
+    positions = []
+    for row, (n, height) in enumerate(zip(per_row, heights)):
+        for k in range(n):
+            azimuth = 2.0 * np.pi * (k + 0.5 * (row % 2)) / n
+            positions.append(np.array([RIG_RADIUS * np.sin(azimuth), height, RIG_RADIUS * np.cos(azimuth)]))
+    return positions
+
+
+def generated_serials(count: int, serial_format: str = DEFAULT_SERIAL_FORMAT) -> list[str]:
+    """``count`` distinct serials from a format applied to 0, 1, ... (``"{:02d}"`` gives "00", "01", ...)."""
+    try:
+        serials = [serial_format.format(i) for i in range(count)]
+    except (IndexError, KeyError, ValueError) as error:
+        raise ValueError(f"serial format {serial_format!r} cannot format a camera number: {error}") from None
+    bad = [s for s in serials if not s or any(ch in s for ch in "/\\ ")]
+    if len(set(serials)) != count or bad:
+        raise ValueError(f"serial format {serial_format!r} must give {count} distinct serials usable in file "
+                         f"names, got {serials[:4]}...")
+    return serials
+
+
+def rig_layout(cameras: int | Sequence[str], layout: str = "nersemble", rows: int | None = None,
+               serial_format: str | None = None) -> dict[str, np.ndarray] | None:
+    """serial -> camera position for a generated rig; None for the real NeRSemble serials on their arc.
+
+    ``cameras`` is a count (serials from ``serial_format``) or the serials themselves; ``rows`` is the number
+    of camera rows (default: 2 on the arc, 3 rings).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "nersemble" and serial_format is None and rows in (None, 2) and (
+            not isinstance(cameras, int) or cameras <= len(SERIALS)) and (
+            isinstance(cameras, int) or all(str(c) in SERIALS for c in cameras)):
+        return None
+    if isinstance(cameras, int):
+        serials = generated_serials(cameras, serial_format or DEFAULT_SERIAL_FORMAT)
+    else:
+        serials = [str(c) for c in cameras]
+        if not serials or len(set(serials)) != len(serials):
+            raise ValueError(f"cameras must be a non-empty list of distinct serials, got {serials}")
+    if not 1 <= len(serials) <= MAX_CAMERAS:
+        raise ValueError(f"cameras must be between 1 and {MAX_CAMERAS}, got {len(serials)}")
+    place = arc_positions if layout == "nersemble" else ring_positions
+    positions = place(len(serials), rows or (2 if layout == "nersemble" else 3))
+    return dict(zip(serials, positions))
+
+
+def layout_cameras(positions: dict[str, np.ndarray], width: int, height: int, seed: int = 0) -> CameraParams:
+    """Calibration of a generated rig: the arc's lens and aim jitter, drawn per camera in layout order."""
+    rng = np.random.default_rng([seed, 0, len(positions)])
+    count = len(positions)
+    focal_jitter = rng.uniform(-FOCAL_JITTER, FOCAL_JITTER, count)
+    principal = rng.uniform(-PRINCIPAL_JITTER, PRINCIPAL_JITTER, (count, 2))
+    aim = rng.uniform(-AIM_JITTER, AIM_JITTER, (count, 3))
+    world_2_cam, intrinsics = {}, {}
+    for index, (serial, position) in enumerate(positions.items()):
+        focal = FOCAL_PER_HEIGHT * height * (1.0 + focal_jitter[index])
+        cx, cy = np.array([width, height]) * (0.5 + principal[index])
+        intrinsics[serial] = np.array([[focal, 0.0, cx], [0.0, focal, cy], [0.0, 0.0, 1.0]])
+        world_2_cam[serial] = look_at(position, AIM_POINT + aim[index])
+    return CameraParams(world_2_cam=world_2_cam, intrinsics=intrinsics, shared_intrinsics=False)
 
 
 def frame_times(frames: int) -> np.ndarray:
@@ -231,6 +330,8 @@ class SyntheticCapture:
     fps: float
     seed: int
     frame_times: list[float] = field(default_factory=list)
+    layout: str = "nersemble"
+    plates: bool = True  # False: no BACKGROUND folder was written
 
 
 def _capture_paths(out_root: Path, participant: str, sequence: str, serials: list[str]) -> SyntheticCapture:
@@ -294,17 +395,28 @@ def _check_size(width: int, height: int, frames: int) -> None:
 
 def synthesize_capture(out_root: str | Path, *, participant: str = "001", sequence: str = "EXP-1-head",
                        cameras: int | Sequence[str] = 16, frames: int = 24, width: int = 220, height: int = 320,
-                       fps: float = 73.0, seed: int = 0, crf: int = 18) -> SyntheticCapture:
+                       fps: float = 73.0, seed: int = 0, crf: int = 18, layout: str = "nersemble",
+                       rows: int | None = None, serial_format: str | None = None,
+                       plates: bool = True) -> SyntheticCapture:
     """Write a raw capture in the NeRSemble v2 layout plus ``ground_truth.zarr``; returns its paths.
 
+    ``layout``, ``rows`` and ``serial_format`` make another rig (:func:`rig_layout`); the defaults give the
+    NeRSemble rig with its real serials. ``plates=False`` writes no background plates.
     Cameras are rendered one after another while the previous camera's video encodes in a worker thread
     (ffmpeg runs in its own process), which keeps both CPU cores busy.
     """
     _check_size(width, height, frames)
-    serials = select_serials(cameras)
+    positions = rig_layout(cameras, layout, rows, serial_format)
+    if positions is None:
+        serials = select_serials(cameras)
+        params = rig_cameras(width, height, serials, seed=seed)
+    else:
+        serials = list(positions)
+        params = layout_cameras(positions, width, height, seed=seed)
     times = frame_times(frames)
     paths = _capture_paths(Path(out_root), participant, sequence, serials)
-    params = rig_cameras(width, height, serials, seed=seed)
+    if not plates:
+        paths = replace(paths, background_paths={})
     paths.calibration_path.parent.mkdir(parents=True, exist_ok=True)
     write_camera_params(paths.calibration_path, params)
     for video in paths.video_paths.values():
@@ -315,7 +427,8 @@ def synthesize_capture(out_root: str | Path, *, participant: str = "001", sequen
         pending: Future | None = None
         for index, serial in enumerate(paths.cameras):
             plate, renders = _render_camera(params, serial, width, height, times, seed)
-            _write_plate(paths.background_paths[serial], plate)
+            if plates:
+                _write_plate(paths.background_paths[serial], plate)
             truth["alpha"][index] = np.stack([r.alpha for r in renders])
             truth["depth"][index] = np.stack([r.depth for r in renders])
             if pending is not None:
@@ -325,4 +438,4 @@ def synthesize_capture(out_root: str | Path, *, participant: str = "001", sequen
             pending.result()
 
     return replace(paths, frames=frames, width=width, height=height, fps=fps, seed=seed,
-                   frame_times=[float(t) for t in times])
+                   frame_times=[float(t) for t in times], layout=layout, plates=plates)

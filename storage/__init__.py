@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from storage.capture_store import ARRAY_NAMES, CaptureStore
-    from storage.errors import CaptureStoreError, MissingChunkError, StorageError, UnknownCameraError
+    from storage.errors import (ArraysDroppedError, CaptureStoreError, MissingChunkError, StorageError,
+                                UnknownCameraError)
     from storage.lock import SequenceLockedError, sequence_lock
     from storage.records import StageRecord, config_hash, digest_of
     from storage.work_dir import SequenceWorkDir
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "ARRAY_NAMES": "storage.capture_store",
     "CaptureStore": "storage.capture_store",
+    "ArraysDroppedError": "storage.errors",
     "CaptureStoreError": "storage.errors",
     "MissingChunkError": "storage.errors",
     "StorageError": "storage.errors",

@@ -36,7 +36,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from storage import uri as uris
-from storage.errors import CaptureStoreError, MissingChunkError, UnknownCameraError
+from storage.errors import ArraysDroppedError, CaptureStoreError, MissingChunkError, UnknownCameraError
 from storage.records import StageRecord
 
 ARRAY_NAMES = ("frames", "alpha", "depth", "backgrounds")
@@ -65,6 +65,23 @@ def _mask_codec() -> BloscCodec:
 def _depth_codec() -> ZstdCodec:
     # Depth is mostly 0 plus smooth or quantised values: plain zstd is smaller and faster here.
     return ZstdCodec(level=3)
+
+
+CODECS = ("zstd", "lz4", "none")  # all lossless: the codec changes the bytes on disk and the speed, never a value
+
+
+def _codecs(codec: str) -> dict[str, Any]:
+    """Compressor per array for a codec name; "zstd" is the tuned default set above."""
+    if codec == "zstd":
+        return {"frames": _frame_codec(), "alpha": _mask_codec(), "depth": _depth_codec(),
+                "backgrounds": _frame_codec()}
+    if codec == "lz4":  # faster than zstd at both ends, larger files: for fast local disks
+        frames = BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")
+        return {"frames": frames, "alpha": BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+                "depth": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), "backgrounds": frames}
+    if codec == "none":
+        return dict.fromkeys(ARRAY_NAMES)
+    raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}")
 
 
 def _open_zarr_store(uri: str, *, read_only: bool) -> zarr.abc.store.Store:
@@ -259,12 +276,15 @@ class CaptureStore:
         intrinsics: Mapping[str, Any] | None,
         world_2_cam: Mapping[str, Any] | None,
         overwrite: bool = False,
+        codec: str = "zstd",
     ) -> CaptureStore:
         """Allocate the group and all arrays before any writer fans out.
 
         ``intrinsics`` is K for the *stored* frame size. Refuses to replace an existing store
         unless ``overwrite=True``, because a store holds hours of matting/depth work.
+        ``codec`` (one of :data:`CODECS`) compresses every array; it is recorded in ``attrs["codec"]``.
         """
+        compressors = _codecs(codec)
         uri = uris.normalize(uri)
         cams = [str(c) for c in cameras]
         if not cams:
@@ -288,6 +308,7 @@ class CaptureStore:
             "intrinsics": _matrices("intrinsics", intrinsics, cams, (3, 3)),
             "world_2_cam": _matrices("world_2_cam", world_2_cam, cams, (4, 4)),
             "stages": {},
+            "codec": codec,
         }
         if cls.exists(uri):
             if not overwrite:
@@ -298,10 +319,10 @@ class CaptureStore:
         group = zarr.create_group(store, overwrite=overwrite, attributes=attrs)
         c, t, h, w = len(cams), n_frames, height, width
         specs = {
-            "frames": ((c, t, h, w, 3), (1, 1, h, w, 3), "uint8", _frame_codec()),
-            "alpha": ((c, t, h, w), (1, 1, h, w), "uint8", _mask_codec()),
-            "depth": ((c, t, h, w), (1, 1, h, w), "float32", _depth_codec()),
-            "backgrounds": ((c, h, w, 3), (1, h, w, 3), "uint8", _frame_codec()),
+            "frames": ((c, t, h, w, 3), (1, 1, h, w, 3), "uint8", compressors["frames"]),
+            "alpha": ((c, t, h, w), (1, 1, h, w), "uint8", compressors["alpha"]),
+            "depth": ((c, t, h, w), (1, 1, h, w), "float32", compressors["depth"]),
+            "backgrounds": ((c, h, w, 3), (1, h, w, 3), "uint8", compressors["backgrounds"]),
         }
         for name, (shape, chunks, dtype, codec) in specs.items():
             group.create_array(
@@ -406,9 +427,11 @@ class CaptureStore:
 
     # ------------------------------------------------------------------ arrays and attrs
 
-    def _array(self, name: str) -> CheckedArray:
+    def _array(self, name: str, *, data: bool = True) -> CheckedArray:
         if name not in ARRAY_NAMES:
             raise KeyError(f"unknown array {name!r}; a capture store has {list(ARRAY_NAMES)}")
+        if data:
+            self._check_not_dropped(name)
         if name not in self._arrays:
             arr = self.group[name]
             assert isinstance(arr, zarr.Array)
@@ -423,6 +446,16 @@ class CaptureStore:
     def _camera_name(self, index: int) -> str:
         cams = self.cameras
         return f"{cams[index]} (index {index})" if 0 <= index < len(cams) else f"index {index}"
+
+    def _check_not_dropped(self, name: str) -> None:
+        """A dropped array (storage.lifecycle) must not read as zeros: say what happened and how to undo it."""
+        dropped = self.group.attrs.get("dropped_arrays") or {}
+        if name in (dropped.get("arrays") or ()):
+            raise ArraysDroppedError(
+                f"capture store {self.uri}: its {', '.join(dropped['arrays'])} arrays were dropped on "
+                f"{dropped.get('at', '?')} ({dropped.get('reason', 'to save space')}); ingest the sequence again "
+                "to get them back (`nersemble-pipeline ingest` or `run` re-ingests a store whose arrays were "
+                "dropped, and the stages after it follow)")
 
     @property
     def frames(self) -> CheckedArray:
@@ -477,19 +510,19 @@ class CaptureStore:
 
     @property
     def n_cameras(self) -> int:
-        return int(self.frames.shape[0])
+        return int(self._array("frames", data=False).shape[0])
 
     @property
     def n_frames(self) -> int:
-        return int(self.frames.shape[1])
+        return int(self._array("frames", data=False).shape[1])
 
     @property
     def height(self) -> int:
-        return int(self.frames.shape[2])
+        return int(self._array("frames", data=False).shape[2])
 
     @property
     def width(self) -> int:
-        return int(self.frames.shape[3])
+        return int(self._array("frames", data=False).shape[3])
 
     @property
     def intrinsics(self) -> dict[str, np.ndarray] | None:

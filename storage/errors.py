@@ -44,3 +44,7 @@ class UnknownCameraError(StorageError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0]) if self.args else ""
+
+
+class ArraysDroppedError(StorageError, FileNotFoundError):
+    """A capture store's frame, alpha or depth arrays were dropped to save space after its export."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from stages.core.fields import LockTimeout, StageConfig, Workers, knob
@@ -21,6 +23,10 @@ class IngestConfig(StageConfig):
     )
     workers: Workers = Field(0, description="parallel camera decoders; 0 = one per CPU core")
     decoder_threads: int = knob(0, ge=0, description="ffmpeg threads per decoder; 0 = ffmpeg's choice")
+    # Every codec is lossless, so the codec changes the store's bytes and speed but no stored value: it is a
+    # knob, outside the config hash, and a store ingested with another codec is kept (delete it to re-encode).
+    codec: Literal["zstd", "lz4", "none"] = knob(
+        "zstd", description="store compression: zstd (small), lz4 (faster, larger), none (fastest, largest)")
     lock_timeout: LockTimeout = 0.0
 
     @field_validator("cameras")

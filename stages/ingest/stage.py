@@ -29,6 +29,7 @@ import numpy as np
 
 from stages.core.cameras import CameraParams, intrinsics_for_size, read_camera_params
 from stages.core.color import apply_color_correction, read_color_calibration
+from stages.ingest.checks import check_cameras_see_subject, check_frame_memory, check_principal_points
 from stages.ingest.config import IngestConfig
 from stages.core.errors import CaptureLayoutError, PipelineError, VideoError
 from stages.core.raw_capture import RawSequence, discover_sequence
@@ -118,6 +119,12 @@ def plan_ingest(raw: RawSequence, config: IngestConfig) -> IngestPlan:
         )
     source_size = sizes.pop()
     calibration = _check_calibration(raw, serials, warnings)
+    calibrated_for = config.calibration_size or source_size
+    if calibration is not None:
+        check_principal_points(calibration, serials, calibrated_for, raw.calibration)
+    check_cameras_see_subject(calibration, serials, calibrated_for, warnings)
+    check_frame_memory(serials[0], source_size, _stored_size(source_size, config.downscale),
+                       config.workers or min(len(serials), os.cpu_count() or 1))
     color_matrices: dict[str, np.ndarray] = {}
     if config.color_correction:
         if raw.color_calibration is None:
@@ -158,14 +165,6 @@ def _stored_calibration(plan: IngestPlan, config: IngestConfig) -> tuple[dict | 
         return None, None
     calibrated_for = config.calibration_size or plan.source_size
     intrinsics = {s: intrinsics_for_size(plan.calibration.intrinsics[s], calibrated_for, plan.size) for s in plan.serials}
-    for serial in plan.serials:
-        cx, cy = plan.calibration.intrinsics[serial][:2, 2]
-        if not (0 <= cx <= calibrated_for[0] and 0 <= cy <= calibrated_for[1]):
-            plan.warnings.append(
-                f"{plan.raw.calibration}: principal point ({cx:.0f}, {cy:.0f}) of camera {serial} lies outside "
-                f"{calibrated_for[0]}x{calibrated_for[1]} frames; pass --calibration-size W H if K is for another size"
-            )
-            break
     world_2_cam = {s: plan.calibration.world_2_cam[s] for s in plan.serials}
     return intrinsics, world_2_cam
 
@@ -274,6 +273,9 @@ def _skipped(uri: str, chash: str, digest: str, warnings: list[str]) -> dict | N
             return None
         raise CaptureStoreError(f"{uri} holds zarr data that is not a capture store; ingest will not overwrite "
                                 f"it: move or delete it, then run ingest again") from None
+    if store.attrs.get("dropped_arrays"):  # the archive dropped its arrays after export: ingest again
+        warnings.append(f"{uri}: its arrays were dropped after export; ingesting again")
+        return None
     skipped = skipped_report(store, STAGE, chash, digest)
     note = rerun_note(store, STAGE, chash, digest) if skipped is None else None
     if note:
@@ -303,16 +305,19 @@ def _create_store(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir)
     store = CaptureStore.rebuild(
         work.capture_uri, cameras=plan.serials, n_frames=plan.capacity, height=plan.size[1], width=plan.size[0],
         fps=source_fps / config.stride, frame_indices=[config.start + i * config.stride for i in range(plan.capacity)],
-        intrinsics=intrinsics, world_2_cam=world_2_cam,
+        intrinsics=intrinsics, world_2_cam=world_2_cam, codec=config.codec,
     )
     # Where the frames came from: later stages find files that sit beside the videos (a synthetic capture's
     # ground_truth.zarr) without being told.
     store.set_attr("source_sequence_dir", str(Path(plan.raw.sequence_dir).resolve()))
     plated = []
+    without = [serial for serial in plan.serials if serial not in plan.raw.backgrounds]
+    if without:  # one line for the rig; the report lists the cameras
+        plan.warnings.append(f"no background plates for {len(without)}/{len(plan.serials)} cameras "
+                             "(sequences/BACKGROUND/image_<SERIAL>.jpg): matting will use rembg for them")
     for index, serial in enumerate(plan.serials):
         plate_path = plan.raw.backgrounds.get(serial)
         if plate_path is None:
-            plan.warnings.append(f"camera {serial}: no background plate (sequences/BACKGROUND/image_{serial}.jpg)")
             continue
         plate = _read_plate(plate_path, plan.size, plan.source_size, serial, plan.warnings)
         if plate is not None:
@@ -376,10 +381,12 @@ def _report(store: CaptureStore, plan: IngestPlan, config: IngestConfig, work: S
         "calibrated": plan.calibration is not None,
         "color_corrected": bool(plan.color_matrices),
         "background_plates": sum(1 for s in plan.serials if s in plan.raw.backgrounds),
+        "cameras_without_plate": [s for s in plan.serials if s not in plan.raw.backgrounds],
         "decode_seconds": round(wall, 3),
         "frames_per_second": round(decoded / wall, 2) if wall else None,
         "megabytes_per_second": round(megabytes / wall, 2) if wall else None,
         "workers": workers,
+        "codec": config.codec,
         "warnings": plan.warnings,
         "config": config.model_dump(),
         "config_hash": chash,

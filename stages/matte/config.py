@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from stages.core.fields import LockTimeout, PreviewCameras, StageConfig, Workers, knob
+from stages.core.fields import Device, LockTimeout, PreviewCameras, StageConfig, Workers, knob
 
 
 class MatteConfig(StageConfig):
@@ -39,6 +39,8 @@ class MatteConfig(StageConfig):
                                                     "filled (fused: holes the saliency model calls subject)")
     workers: Workers = Field(0, description="cameras matted in parallel; 0 = one per CPU core")
     onnx_threads: int = knob(0, ge=0, description="threads per model inference; 0 = CPU cores / workers")
+    device: Device = Field("auto", description="where the saliency model runs: auto = onnxruntime's CUDA provider "
+                                               "where installed (onnxruntime-gpu), else CPU")
     preview_cameras: PreviewCameras = Field(4, description="cameras in the preview contact sheet")
     preview_frames: int = knob(3, ge=1, description="frames per camera in the preview contact sheet")
     lock_timeout: LockTimeout = 0.0

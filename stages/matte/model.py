@@ -93,16 +93,42 @@ def _session_options(threads: int) -> Any:
     return options
 
 
-def load_session(spec: ModelSpec, threads: int) -> Any:
+CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def choose_providers(device: str, available: list[str]) -> list[str]:
+    """onnxruntime providers for ``--device auto|cpu|cuda``, given what this onnxruntime build offers.
+
+    auto takes CUDA where the build has it (onnxruntime-gpu on a GPU worker); asking for CUDA without it is an
+    error, not a silent fallback, as for the torch stages. CPU always comes last: ops CUDA lacks run there.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise PipelineError(f"matte --device {device!r}: choose auto, cpu or cuda")
+    has_cuda = CUDA_PROVIDER in available
+    if device == "cuda" and not has_cuda:
+        raise PipelineError(f"matte --device cuda: this onnxruntime has no {CUDA_PROVIDER} (available: "
+                            f"{', '.join(available) or 'none'}); install onnxruntime-gpu or use --device cpu or auto")
+    return [CUDA_PROVIDER, CPU_PROVIDER] if device != "cpu" and has_cuda else [CPU_PROVIDER]
+
+
+def session_providers(session: Any) -> list[str]:
+    """The providers a session really got (a CUDA provider whose libraries are missing falls back to CPU)."""
+    inner = getattr(session, "inner_session", None)
+    return list(inner.get_providers()) if inner is not None else []
+
+
+def load_session(spec: ModelSpec, threads: int, device: str = "auto") -> Any:
     """A rembg session for an already-located model file; shared by the camera workers (ORT runs are thread-safe)."""
     ensure_rembg_home()
+    import onnxruntime as ort
     import rembg
 
     options = _session_options(threads)
+    providers = choose_providers(device, list(ort.get_available_providers()))
     try:
         if spec.name == "u2net_custom":
-            return _file_session_class()(spec.name, options, model_path=str(spec.path))
-        return rembg.new_session(spec.name, sess_opts=options)
+            return _file_session_class()(spec.name, options, model_path=str(spec.path), providers=providers)
+        return rembg.new_session(spec.name, sess_opts=options, providers=providers)
     except Exception as error:  # onnxruntime and rembg raise plain exceptions for unusable files
         raise ModelLoadError(f"matting model {spec.path} could not be loaded by rembg ({spec.name}): "
                              f"{error}") from error

@@ -27,7 +27,8 @@ from stages.core.errors import PipelineError
 from stages.core.skeleton import Decision, StageRun, run_stage
 from stages.core.status import Status
 from stages.matte.methods import MAX_PLATE_NOISE, FrameMatte, matte_fused, matte_plate, matte_saliency
-from stages.matte.model import ModelMissingError, ModelSpec, load_session, locate_model, saliency
+from stages.matte.model import (ModelMissingError, ModelSpec, load_session, locate_model, saliency,
+                                session_providers)
 from stages.matte.plate import has_plate, to_float
 from stages.matte.preview import contact_sheet, encode_png, spread
 from stages.matte.refine import sliding_window, temporal_filter
@@ -112,15 +113,22 @@ def _user_plate(config: MatteConfig, store: CaptureStore, serial: str, warnings:
     return path
 
 
-def _choose_method(requested: str, plate_source: str | None, serial: str, warnings: list[str]) -> str:
-    """auto: fused with a plate, rembg without; plate/fused without a plate fall back to rembg, with a warning."""
+def _choose_method(requested: str, plate_source: str | None) -> str:
+    """auto: fused with a plate, rembg without; plate/fused without a plate fall back to rembg."""
     if requested == "rembg":
         return "rembg"
     if plate_source is not None:
         return "fused" if requested in ("auto", "fused") else "plate"
-    warnings.append(f"camera {serial}: no background plate, so it is matted with rembg"
-                    + ("" if requested == "auto" else f" instead of {requested}"))
     return "rembg"
+
+
+def plate_summary(requested: str, without: list[str], total: int) -> str | None:
+    """One line for every camera that falls back to rembg for want of a plate (the report names each camera)."""
+    if requested == "rembg" or not without:
+        return None
+    shown = "" if len(without) == total else f" ({', '.join(without[:8])}{', ...' if len(without) > 8 else ''})"
+    return (f"no background plates for {len(without)}/{total} cameras{shown}: matting with rembg"
+            + ("" if requested == "auto" else f" instead of {requested}"))
 
 
 def plan_matte(store: CaptureStore, config: MatteConfig) -> MattePlan:
@@ -132,8 +140,10 @@ def plan_matte(store: CaptureStore, config: MatteConfig) -> MattePlan:
     for index, serial in enumerate(store.cameras):
         plate_file = _user_plate(config, store, serial, warnings)
         source = "file" if plate_file else ("store" if has_plate(store.read_background(index)) else None)
-        method = _choose_method(config.method, source, serial, warnings)
+        method = _choose_method(config.method, source)
         cameras.append(CameraPlan(index, serial, method, plate_file, source if method != "rembg" else None))
+    summary = plate_summary(config.method, [c.serial for c in cameras if c.plate_source is None], len(cameras))
+    warnings += [summary] if summary else []
     return MattePlan(cameras=cameras, model=_model_for(cameras, config), warnings=warnings)
 
 
@@ -302,7 +312,7 @@ def _run_matte(run: StageRun, plan: MattePlan, config: MatteConfig, progress: Pr
     store, work = run.store, run.work
     workers = _worker_count(config, len(plan.cameras))
     threads = config.onnx_threads or max(1, (os.cpu_count() or 1) // workers)
-    session = load_session(plan.model, threads) if plan.model else None
+    session = load_session(plan.model, threads, config.device) if plan.model else None
     stop = threading.Event()
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="matte") as pool:
@@ -319,6 +329,7 @@ def _run_matte(run: StageRun, plan: MattePlan, config: MatteConfig, progress: Pr
 
     preview = _write_preview(store, work, config)
     report = _report(store, work, plan, config, results, wall, workers, preview, run.config_hash)
+    report["onnx_providers"] = session_providers(session) if session is not None else []
     return run.finish(report)
 
 

@@ -90,9 +90,9 @@ def test_ledger_digest_is_unchanged() -> None:
 
 # The hand-kept exclude lists the knob flags replaced (and knobs added since: optimize's checkpoint_every_s).
 KNOBS = {
-    IngestConfig: {"workers", "decoder_threads", "lock_timeout"},
+    IngestConfig: {"workers", "decoder_threads", "codec", "lock_timeout"},
     CalibrateConfig: {"threads", "lock_timeout"},
-    MatteConfig: {"workers", "onnx_threads", "preview_cameras", "preview_frames", "lock_timeout"},
+    MatteConfig: {"workers", "onnx_threads", "device", "preview_cameras", "preview_frames", "lock_timeout"},
     DepthConfig: {"device", "workers", "volume_mb", "preview_cameras", "lock_timeout"},
     OptimizeConfig: {"device", "encoding", "time_budget_s", "checkpoint_every", "checkpoint_every_s", "resume", "threads",
                      "lock_timeout"},

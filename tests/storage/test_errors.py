@@ -14,6 +14,7 @@ import storage
 from pipeline.cli import _is_user_error
 from stages.core import errors as stage_errors
 from storage import (
+    ArraysDroppedError,
     CaptureStore,
     CaptureStoreError,
     MissingChunkError,
@@ -29,7 +30,8 @@ from storage.lock import SequenceFolderMissingError
 BUILT_IN_BASES = {CaptureStoreError: (ValueError,), UnknownCameraError: (KeyError,), SequenceLockedError: (RuntimeError,),
                   # a damaged store is a store that cannot be used (never "no such file": that means "not made yet")
                   MissingChunkError: (CaptureStoreError, ValueError),
-                  SequenceFolderMissingError: (FileNotFoundError,)}
+                  SequenceFolderMissingError: (FileNotFoundError,),
+                  ArraysDroppedError: (FileNotFoundError,)}
 
 
 def _storage_error_classes() -> set[type]:

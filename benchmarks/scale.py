@@ -1,0 +1,471 @@
+"""What a sequence and the whole archive cost, stage by stage, at the benchmark resolution.
+
+The synthetic rig is rendered at each size (H x W, portrait as NeRSemble's 1604 x 1100) with the largest frame
+count asked for; smaller counts ingest its first frames. Each stage then runs once per (size, frames) in a child
+process of its own, so its peak RSS is its own: ingest (with every codec), calibrate (colmap, then provided, which
+the later stages use), matte (plate, then fused), depth, a few hundred optimize steps and a 24-frame export.
+Beside ingest, the same frames are decoded and compressed with each codec at the same parallelism, in the same
+run: ingest's goal is to keep pace with that, not with bare decoding.
+
+From the rows, a line ``seconds = fixed + per_pixel * (cameras x frames x H x W)`` is fitted per stage (the exponent
+of a log-log fit says whether it grows faster than linearly), and extrapolated to a typical sequence (16 cameras x
+430 frames at 1604 x 1100) and to the archive (9.4k sequences). Optimize scales with steps, not pixels: its rate
+per step is extrapolated to the preset's step count.
+
+    .venv/bin/python benchmarks/scale.py [--sizes 1604x1100,802x550] [--frames 24,73] [--stages ingest,...]
+
+Writes benchmarks/results/scale.json ({"rows": [...], "ingest_vs_decode_compress": ratio, ...}) and scale.md.
+Captures are cached under benchmarks/results/scale/ (ignored by git): rendering 1604 x 1100 takes long, and the
+estimate is printed before it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "benchmarks" / "results"
+CACHE = RESULTS / "scale"
+STAGES = ("ingest", "calibrate", "matte", "depth", "optimize", "export")
+CODECS = ("zstd", "lz4", "none")
+TYPICAL = {"cameras": 16, "frames": 430, "height": 1604, "width": 1100}
+ARCHIVE_SEQUENCES = 9400
+EXPORT_FRAMES = 24
+MEMORY_GOAL_MB = 4096
+
+
+# --- the capture -------------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1604x1100' -> (height, width): the benchmark quotes NeRSemble's portrait frames as H x W."""
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--sizes: {text!r} is not HxW (e.g. 1604x1100)") from None
+    return height, width
+
+
+def even(value: int) -> int:
+    """H.264 (yuv420p) needs even sizes: an odd size is rendered one pixel larger."""
+    return value + (value % 2)
+
+
+def synthesis_estimate(height: int, width: int, cameras: int, frames: int) -> float:
+    """Seconds to render the capture, from one frame rendered now (video encoding runs beside it)."""
+    from pipeline.synthetic import SERIALS, render_subject, rig_cameras
+
+    params = rig_cameras(width, height, SERIALS[:1])
+    started = time.perf_counter()
+    render_subject(params.intrinsics[SERIALS[0]], params.world_2_cam[SERIALS[0]], width, height, 0.5)
+    return (time.perf_counter() - started) * cameras * (frames + 1)
+
+
+def cached_capture(height: int, width: int, cameras: int, frames: int) -> tuple[Path, dict]:
+    """The synthetic capture for this size, rendered once and kept; returns its sequence folder and synth info."""
+    from pipeline.synthetic import synthesize_capture
+
+    folder = CACHE / "captures" / f"{height}x{width}-c{cameras}-f{frames}"
+    info_path = folder / "synthesis.json"
+    sequence_dir = folder / "archive" / "001" / "sequences" / "EXP-1-head"
+    if info_path.is_file():
+        return sequence_dir, json.loads(info_path.read_text())
+    estimate = synthesis_estimate(height, width, cameras, frames)
+    print(f"synthesising {cameras} cameras x {frames} frames at {height}x{width}: about {estimate / 60:.1f} min "
+          f"(cached in {folder.relative_to(REPO)})", flush=True)
+    started = time.perf_counter()
+    synthesize_capture(folder / "archive", cameras=cameras, frames=frames, width=width, height=height)
+    info = {"seconds": round(time.perf_counter() - started, 2), "estimate_seconds": round(estimate, 2),
+            "cameras": cameras, "frames": frames, "height": height, "width": width}
+    info_path.write_text(json.dumps(info, indent=2))
+    return sequence_dir, info
+
+
+# --- one stage in a child process ---------------------------------------------------------------------------------
+
+
+def bytes_under(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+STAGE_OUTPUTS = {  # what each stage adds to the work folder: its store bytes
+    "ingest": ("capture.zarr/frames", "capture.zarr/backgrounds"), "calibrate": ("calibration",),
+    "matte": ("capture.zarr/alpha",), "depth": ("capture.zarr/depth",), "optimize": ("nersemble",),
+    "export": ("export",),
+}
+
+
+def child_main(spec: dict) -> None:
+    """Run one stage (or the decode+compress baseline) here; print wall time and peak memory as JSON."""
+    started = time.perf_counter()
+    detail = run_spec(spec)
+    wall = time.perf_counter() - started
+    self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print("RESULT " + json.dumps({"seconds": wall, "peak_rss_mb": self_peak, "child_peak_rss_mb": children_peak,
+                                  **detail}))
+
+
+def run_spec(spec: dict) -> dict:
+    kind, work = spec["kind"], spec.get("work")
+    if kind == "decode+compress":
+        return decode_and_compress(Path(spec["sequence_dir"]), spec["frames"], spec["codec"], spec["workers"])
+    if kind == "ingest":
+        from stages.ingest.config import IngestConfig
+        from stages.ingest.stage import ingest_sequence
+
+        report = ingest_sequence(spec["sequence_dir"], spec["work_root"],
+                                 IngestConfig(count=spec["frames"], codec=spec["codec"]))
+        return {"workers": report["workers"]}
+    if kind == "calibrate":
+        from stages.calibrate.config import CalibrateConfig
+        from stages.calibrate.stage import calibrate_sequence
+
+        calibrate_sequence(work, CalibrateConfig(mode=spec["mode"]))
+    elif kind == "matte":
+        from stages.matte.config import MatteConfig
+        from stages.matte.stage import matte_sequence
+
+        report = matte_sequence(work, MatteConfig(method=spec["method"]))
+        return {"onnx_providers": report.get("onnx_providers")}
+    elif kind == "depth":
+        from stages.depth.config import DepthConfig
+        from stages.depth.stage import depth_sequence
+
+        return {"device": depth_sequence(work, DepthConfig()).get("device")}
+    elif kind == "optimize":
+        from stages.optimize.config import OptimizeConfig
+        from stages.optimize.stage import optimize_sequence
+
+        report = optimize_sequence(work, OptimizeConfig(steps=spec["steps"]))
+        return {"device": report.get("device"), "steps": report.get("steps")}
+    elif kind == "export":
+        from stages.export.config import ExportConfig
+        from stages.export.stage import export_sequence
+
+        fps = 24.0
+        report = export_sequence(work, ExportConfig(seconds=EXPORT_FRAMES / fps, fps=fps, holdout=False))
+        return {"rendered_frames": report.get("frames")}
+    else:
+        raise ValueError(f"unknown stage {kind!r}")
+    return {}
+
+
+def _compressor(codec: str):  # noqa: ANN202 - a numcodecs codec or None
+    """The same compression the capture store gives frames for each codec (storage/capture_store.py)."""
+    import numcodecs
+
+    if codec == "zstd":
+        return numcodecs.Zstd(level=1)
+    if codec == "lz4":
+        return numcodecs.Blosc(cname="lz4", clevel=1, shuffle=numcodecs.Blosc.NOSHUFFLE)
+    return None
+
+
+def decode_and_compress(sequence_dir: Path, frames: int, codec: str, workers: int) -> dict:
+    """Decode every camera's first ``frames`` frames and compress each with ``codec``, ``workers`` at a time."""
+    from stages.core.video import iter_frames, probe_video
+
+    compressor = _compressor(codec)
+    videos = sorted((sequence_dir / "images").glob("cam_*.mp4"))
+
+    def one(video: Path) -> int:
+        total = 0
+        for frame in iter_frames(video, count=frames, info=probe_video(video)):
+            total += len(compressor.encode(frame)) if compressor else frame.nbytes
+        return total
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return {"compressed_bytes": sum(pool.map(one, videos))}
+
+
+def run_child(spec: dict) -> dict:
+    """One stage in a fresh interpreter (its own peak RSS); the stage's error text if it failed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          env=env, cwd=REPO)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail) or f"exit status {proc.returncode}"}
+
+
+# --- the measurement ---------------------------------------------------------------------------------------------
+
+
+def row(size: str, frames: int, cameras: int, stage: str, result: dict, output_frames: int,
+        store_bytes: int | None) -> dict:
+    seconds = result.get("seconds")
+    out = {"size": size, "frames": frames, "cameras": cameras, "stage": stage,
+           "seconds": None if seconds is None else round(seconds, 3),
+           "frames_per_s": round(output_frames / seconds, 3) if seconds else None,
+           "peak_rss_mb": None if "peak_rss_mb" not in result else round(result["peak_rss_mb"], 1),
+           "store_bytes": store_bytes}
+    extra = {k: v for k, v in result.items() if k not in ("seconds", "peak_rss_mb")}
+    return {**out, **extra}
+
+
+def measure(sequence_dir: Path, height: int, width: int, cameras: int, frames: int, stages: list[str],
+            codecs: list[str], steps: int, workers: int) -> list[dict]:
+    """Every wanted stage on one (size, frames) in a fresh work folder, in pipeline order."""
+    size = f"{height}x{width}"
+    work_root = CACHE / "work" / f"{size}-c{cameras}-f{frames}"
+    subprocess.run(["rm", "-rf", str(work_root)], check=True)
+    work = work_root / "001" / "EXP-1-head"
+    images = cameras * frames
+    rows = []
+
+    def stage_row(stage: str, spec: dict, output_frames: int, outputs: tuple[str, ...], into: Path = work) -> dict:
+        print(f"  {size} x {frames} frames: {stage} ...", flush=True)
+        result = run_child({**spec, "work": str(into)})
+        store = sum(bytes_under(into / part) for part in outputs) if outputs else None
+        rows.append(row(size, frames, cameras, stage, result, output_frames, store))
+        shown = rows[-1]
+        print(f"    {shown['seconds']} s, {shown['frames_per_s']} frames/s, {shown['peak_rss_mb']} MB peak"
+              + (f"  ERROR {result['error']}" if "error" in result else ""), flush=True)
+        return result
+
+    if "ingest" in stages:
+        for codec in codecs:
+            stage_row(f"decode+compress:{codec}", {"kind": "decode+compress", "sequence_dir": str(sequence_dir),
+                                                   "frames": frames, "codec": codec, "workers": workers},
+                      images, ())
+            rows[-1]["store_bytes"] = rows[-1].pop("compressed_bytes", None)
+        for codec in codecs:  # each into a fresh folder: the codec is a knob, so an existing store would skip
+            root = work_root if codec == "zstd" else work_root.with_name(f"{work_root.name}-{codec}")
+            stage_row("ingest" if codec == "zstd" else f"ingest:{codec}",
+                      {"kind": "ingest", "sequence_dir": str(sequence_dir), "work_root": str(root),
+                       "frames": frames, "codec": codec}, images, STAGE_OUTPUTS["ingest"],
+                      into=root / "001" / "EXP-1-head")
+            if root != work_root:
+                subprocess.run(["rm", "-rf", str(root)], check=True)
+    if "calibrate" in stages:
+        stage_row("calibrate:colmap", {"kind": "calibrate", "mode": "colmap"}, images, STAGE_OUTPUTS["calibrate"])
+        stage_row("calibrate:provided", {"kind": "calibrate", "mode": "provided"}, images,
+                  STAGE_OUTPUTS["calibrate"])
+    if "matte" in stages:
+        stage_row("matte:plate", {"kind": "matte", "method": "plate"}, images, STAGE_OUTPUTS["matte"])
+        stage_row("matte:fused", {"kind": "matte", "method": "fused"}, images, STAGE_OUTPUTS["matte"])
+    if "depth" in stages:
+        stage_row("depth", {"kind": "depth"}, images, STAGE_OUTPUTS["depth"])
+    if "optimize" in stages:
+        stage_row("optimize", {"kind": "optimize", "steps": steps}, steps, STAGE_OUTPUTS["optimize"])
+        rows[-1]["steps_per_s"] = rows[-1].pop("frames_per_s")
+    if "export" in stages:
+        stage_row("export", {"kind": "export"}, EXPORT_FRAMES, STAGE_OUTPUTS["export"])
+    return rows
+
+
+# --- fits and extrapolation --------------------------------------------------------------------------------------
+
+
+def pixels(row_: dict) -> float:
+    height, width = parse_size(row_["size"])
+    count = EXPORT_FRAMES if row_["stage"] == "export" else row_["cameras"] * row_["frames"]
+    return float(count * height * width)
+
+
+def images(row_: dict) -> float:
+    return float(EXPORT_FRAMES if row_["stage"] == "export" else row_["cameras"] * row_["frames"])
+
+
+def fit(rows: list[dict]) -> dict[str, dict]:
+    """Per stage, least squares: seconds = fixed + per_image * images + per_megapixel * Mpx, as far as the rows
+    tell these apart (a per-image term matters where a model works at its own resolution, as rembg does), the
+    log-log exponent of seconds over pixels, and stored bytes per pixel."""
+    fits = {}
+    for stage in sorted({r["stage"] for r in rows}):
+        good = [r for r in rows if r["stage"] == stage and r.get("seconds")]
+        if not good:
+            continue
+        mpx = np.array([pixels(r) / 1e6 for r in good])
+        count = np.array([images(r) for r in good])
+        seconds = np.array([r["seconds"] for r in good])
+        sizes = {r["size"] for r in good}
+        if len(sizes) >= 2 and len(set(count)) >= 2 and len(good) >= 3:
+            design, basis = np.stack([np.ones_like(mpx), count, mpx], 1), "fixed + per image + per pixel"
+        elif len(set(mpx)) >= 2:
+            design, basis = np.stack([np.ones_like(mpx), np.zeros_like(mpx), mpx], 1), "fixed + per pixel"
+        else:
+            design, basis = np.stack([np.zeros_like(mpx), np.zeros_like(mpx), mpx], 1), \
+                "one size and count measured: proportional to pixels"
+        coef = np.linalg.lstsq(design, seconds, rcond=None)[0]
+        exponent = float(np.polyfit(np.log(mpx), np.log(seconds), 1)[0]) if len(set(mpx)) >= 2 else None
+        stored = [r["store_bytes"] / pixels(r) for r in good if r.get("store_bytes")]
+        fits[stage] = {"fixed_seconds": float(coef[0]), "seconds_per_image": float(coef[1]),
+                       "seconds_per_megapixel": float(coef[2]), "basis": basis,
+                       "exponent": None if exponent is None else round(exponent, 3), "points": len(good),
+                       "bytes_per_pixel": float(np.mean(stored)) if stored else None,
+                       "peak_rss_mb": max(r["peak_rss_mb"] or 0 for r in good)}
+    return fits
+
+
+def preset_steps() -> int:
+    from stages.nersemble.config import preset
+    from stages.optimize.config import OptimizeConfig
+
+    return int(preset(OptimizeConfig().preset).train.steps)
+
+
+def extrapolate(fits: dict[str, dict], rows: list[dict]) -> dict:
+    """Hours (and bytes) per stage for a typical sequence and for the archive, from the fitted lines."""
+    sequence_mpx = TYPICAL["cameras"] * TYPICAL["frames"] * TYPICAL["height"] * TYPICAL["width"] / 1e6
+    export_mpx = 96 * TYPICAL["height"] * TYPICAL["width"] / 1e6  # a 4 s turntable at 24 fps
+    table = {}
+    for stage, f in fits.items():
+        if stage.startswith("decode+compress") or stage.startswith("synthesize"):
+            continue
+        if stage == "optimize":
+            rates = [r["steps_per_s"] for r in rows if r["stage"] == "optimize" and r.get("steps_per_s")]
+            if not rates:
+                continue
+            seconds = preset_steps() / float(np.median(rates))
+            note = f"{preset_steps()} steps (the default preset) at the measured steps/s"
+            stored = None
+        else:
+            mpx = export_mpx if stage == "export" else sequence_mpx
+            count = 96 if stage == "export" else TYPICAL["cameras"] * TYPICAL["frames"]
+            seconds = max(0.0, f["fixed_seconds"] + f["seconds_per_image"] * count + f["seconds_per_megapixel"] * mpx)
+            note = f["basis"]
+            stored = None if f["bytes_per_pixel"] is None else f["bytes_per_pixel"] * mpx * 1e6
+        table[stage] = {"sequence_hours": seconds / 3600, "archive_hours": seconds * ARCHIVE_SEQUENCES / 3600,
+                        "sequence_bytes": stored,
+                        "archive_bytes": None if stored is None else stored * ARCHIVE_SEQUENCES, "basis": note}
+    return table
+
+
+def ingest_ratio(rows: list[dict]) -> tuple[float | None, dict]:
+    """Ingest (zstd) frames/s over decode+compress (zstd) frames/s, per run and for the largest run."""
+    ratios = {}
+    for r in rows:
+        if r["stage"] != "ingest" or not r.get("frames_per_s"):
+            continue
+        base = [b for b in rows if b["stage"] == "decode+compress:zstd" and b["size"] == r["size"]
+                and b["frames"] == r["frames"] and b.get("frames_per_s")]
+        if base:
+            ratios[f"{r['size']}x{r['frames']}"] = (pixels(r), r["frames_per_s"] / base[0]["frames_per_s"])
+    if not ratios:
+        return None, {}
+    headline = max(ratios.values())[1]
+    return round(headline, 3), {key: round(value, 3) for key, (_, value) in ratios.items()}
+
+
+# --- output ------------------------------------------------------------------------------------------------------
+
+
+def _hours(value: float) -> str:
+    return f"{value:,.0f} h" if value >= 100 else f"{value:.2f} h" if value >= 0.1 else f"{value * 60:.1f} min"
+
+
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return ""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value / 1e3:.1f} kB"
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Scale benchmark ({result['date']}, {result['machine']})", "",
+             f"Command: `{result['command']}`", "",
+             "| size (HxW) | frames | stage | seconds | frames/s | peak RSS MB | store bytes |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        rate = r.get("frames_per_s") if r.get("frames_per_s") is not None else r.get("steps_per_s")
+        flag = " (over 4 GB)" if (r.get("peak_rss_mb") or 0) > MEMORY_GOAL_MB else ""
+        lines.append(f"| {r['size']} | {r['frames']} | {r['stage']} | {r['seconds']} | {rate} | "
+                     f"{r['peak_rss_mb']}{flag} | {_bytes(r.get('store_bytes'))} |"
+                     + (f" error: {r['error']}" if r.get("error") else ""))
+    lines += ["", f"Ingest / decode+compress (zstd, same workers): **{result['ingest_vs_decode_compress']}** "
+                  f"(per run: {result['ingest_vs_decode_compress_by_run']})", "",
+              "## Fitted cost", "",
+              "| stage | s per Mpx | s per image | fixed s | exponent | bytes per px | peak RSS MB | basis |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for stage, f in result["fits"].items():
+        bpp = "" if f["bytes_per_pixel"] is None else f"{f['bytes_per_pixel']:.3f}"
+        lines.append(f"| {stage} | {f['seconds_per_megapixel']:.4f} | {f['seconds_per_image']:.4f} | "
+                     f"{f['fixed_seconds']:.2f} | {f['exponent']} | {bpp} | {f['peak_rss_mb']} | {f['basis']} |")
+    typical = TYPICAL
+    lines += ["", f"## Extrapolated: one sequence ({typical['cameras']} x {typical['frames']} frames at "
+                  f"{typical['height']}x{typical['width']}) and the archive ({ARCHIVE_SEQUENCES} sequences)", "",
+              "| stage | per sequence | archive | bytes per sequence | archive bytes | basis |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for stage, e in result["extrapolated"].items():
+        lines.append(f"| {stage} | {_hours(e['sequence_hours'])} | {_hours(e['archive_hours'])} | "
+                     f"{_bytes(e['sequence_bytes'])} | {_bytes(e['archive_bytes'])} | {e['basis']} |")
+    lines += ["", "Synthesis (not a pipeline stage, cached): " + ", ".join(
+        f"{s['height']}x{s['width']} x {s['frames']} frames {s['seconds']} s" for s in result["synthesis"]), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1604x1100,802x550", help="frame sizes HxW, comma-separated")
+    parser.add_argument("--frames", default="24,73", help="frames per camera, comma-separated")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"of {','.join(STAGES)}")
+    parser.add_argument("--cameras", type=int, default=16)
+    parser.add_argument("--codecs", default=",".join(CODECS), help="ingest codecs to compare (zstd always runs)")
+    parser.add_argument("--steps", type=int, default=300, help="optimize steps measured")
+    parser.add_argument("--workers", type=int, default=0, help="decoders for the baseline; 0: as ingest chooses")
+    parser.add_argument("--out", default=str(RESULTS / "scale.json"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(json.loads(args.child))
+        return
+
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s]
+    frame_counts = sorted(int(f) for f in args.frames.split(",") if f)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise SystemExit(f"--stages: unknown {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    codecs = sorted({*args.codecs.split(","), "zstd"}, key=CODECS.index)
+    workers = args.workers or min(args.cameras, os.cpu_count() or 1)
+
+    rows, synthesis = [], []
+    for height, width in sizes:
+        height, width = even(height), even(width)
+        sequence_dir, info = cached_capture(height, width, args.cameras, max(frame_counts))
+        synthesis.append(info)
+        for frames in frame_counts:
+            rows += measure(sequence_dir, height, width, args.cameras, frames, stages, codecs, args.steps, workers)
+
+    fits = fit(rows)
+    ratio, by_run = ingest_ratio(rows)
+    try:
+        import torch
+
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        device = "cpu"
+    result = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {device}",
+              "command": "benchmarks/scale.py " + " ".join(sys.argv[1:]), "rows": rows,
+              "ingest_vs_decode_compress": ratio, "ingest_vs_decode_compress_by_run": by_run, "fits": fits,
+              "extrapolated": extrapolate(fits, rows), "synthesis": synthesis, "typical_sequence": TYPICAL,
+              "archive_sequences": ARCHIVE_SEQUENCES}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
