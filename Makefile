@@ -7,6 +7,7 @@ CLI := $(VENV)/bin/nersemble-pipeline
 STAMP := $(VENV)/.installed
 MODEL := models/u2netp.onnx
 POOL ?= cpu
+WORKER_ARGS ?=
 DEMO_OUT ?= demo-output
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -47,8 +48,10 @@ ui: install
 	$(PREFECT) server start --host 127.0.0.1 --port 4200
 
 # A process worker on pool POOL (cpu or gpu): run one per machine and pool, each with the same checkout path.
+# Ctrl-C stops it cleanly: flows/worker.py keeps the worker out of the terminal's process group and hands it
+# exactly one SIGINT (a second one would make Prefect SIGKILL it). WORKER_ARGS: more `prefect worker start` options.
 worker: install
-	PREFECT_API_URL=$${PREFECT_API_URL:-$(LOCAL_API)} $(PREFECT) worker start --pool $(POOL) --type process
+	PREFECT_API_URL=$${PREFECT_API_URL:-$(LOCAL_API)} exec $(PY) -m flows.worker --pool $(POOL) $(WORKER_ARGS)
 
 # Work pools cpu and gpu, the gpu concurrency limit (1 slot) where missing, then prefect.yaml's deployments.
 deploy: install

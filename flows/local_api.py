@@ -18,7 +18,11 @@ LOCAL_API = f"{LOCAL_UI}/api"
 
 
 def set_defaults() -> None:
-    """Env defaults for CLI runs; call before prefect is imported (it reads settings on import)."""
+    """Env defaults for CLI runs; call before prefect is imported (it reads settings on import).
+
+    Analytics: Prefect 3 reads ``PREFECT_SERVER_ANALYTICS_ENABLED`` (``server.analytics_enabled``, the switch of
+    ``prefect.server.services.telemetry``) in the server process, which inherits this environment.
+    """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # first start migrates a DB
 

@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
-from flows.artifacts import publish_stage_report
+from flows.figures import stage_line
 from flows.progress import TrainingProgressArtifacts
 from flows.tasks import optimize_task
 from stages.core.interrupts import TrainingInterrupted
@@ -73,8 +73,9 @@ def optimize_sequence(
 ) -> dict:
     """Train NeRSemble on ``<work>/<PID>/<SEQ>`` (ingested, calibrated, matted; depth used when present).
 
-    Returns the optimize report. Progress shows as ``training-progress-*`` and ``training-status-*``
-    artifacts while training runs; the report as ``optimize-*`` when it ends.
+    Returns the optimize report. Progress shows as one ``training-progress-*`` bar and one
+    ``training-status-*`` table, both updated in place while training runs and left at the final state; the
+    report (with the training curve) as ``optimize-*`` when it ends, all on the task run ``optimize <PID>/<SEQ>``.
 
     Args:
         sequence_work_dir: the sequence's work folder, `<work_root>/<PID>/<SEQ>` (a path or fsspec URL).
@@ -100,7 +101,5 @@ def optimize_sequence(
                 signal.raise_signal(stopped.signum)  # now Prefect's handler (cancel/crash), or the default one
             raise
     progress.finish(report)
-    publish_stage_report("optimize", work.participant, work.sequence, report)
-    logger.info("optimize %s: %s steps, train PSNR %s", report.get("status"), report.get("steps"),
-                report.get("psnr_train"))
+    logger.info("%s", stage_line("optimize", report))
     return report

@@ -14,7 +14,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.artifacts import publish_output_link, publish_stage_report
+from flows.artifacts import SequenceOverview
+from flows.figures import stage_figures, stage_line
 from flows.ledger import record_finished_sequence
 from flows.optimize import optimize_sequence
 from flows.tasks import calibrate_task, depth_task, evaluate_task, export_task, ingest_task, matte_task
@@ -22,7 +23,7 @@ from stages.config import PipelineConfig
 from stages.core.errors import PipelineError
 from stages.depth.config import DepthConfig
 from stages.optimize.config import OptimizeConfig
-from stages.table import STAGE_NAMES, stage as stage_row
+from stages.table import STAGE_NAMES
 from storage import SequenceWorkDir
 
 STAGES = STAGE_NAMES
@@ -71,14 +72,6 @@ def optimize_via_deployment(deployment: str, work: SequenceWorkDir, config: Opti
     return work.read_report("optimize") or {"status": "completed", "flow_run": str(run.id)}
 
 
-def _output_links(stage: str, work: SequenceWorkDir) -> None:
-    """Link artifacts to what export and evaluate wrote, when the files are there."""
-    for link in stage_row(stage).links:
-        parts = link.path.split("/")
-        if work.exists(*parts):
-            publish_output_link(link.key, work.participant, work.sequence, work.path(*parts), link.label)
-
-
 @flow(name="process-sequence", flow_run_name=_run_name, log_prints=True)
 def process_sequence(
     raw_sequence_dir: str,
@@ -105,15 +98,35 @@ def process_sequence(
     participant, sequence = path.parent.parent.name, path.name
     work = SequenceWorkDir.for_sequence(work_root, participant, sequence)
     reports: dict[str, dict] = {}
+    overview = SequenceOverview(participant, sequence, wanted)
 
-    def record(stage: str, report: dict, publish: bool = True) -> None:
-        """Keep the report and publish it now, so the UI shows each stage while later ones run."""
-        logger.info("%s %s", stage, report.get("status"))
-        if publish:
-            publish_stage_report(stage, participant, sequence, report)
-        _output_links(stage, work)
+    def record(stage: str, report: dict) -> None:
+        """Keep the report, log its key figures, and show it in the overview while later stages run.
+
+        The stage's own artifacts were published by its task run (optimize: by the optimize flow's task).
+        """
+        logger.info("%s", stage_line(stage, report))
+        overview.stage(stage, str(report.get("status")), stage_figures(stage, report))
         reports[stage] = report
 
+    try:
+        _run_stages(wanted, path, work_root, work, config, optimize_deployment, record)
+    except BaseException as error:
+        failed = next((stage for stage in wanted if stage not in reports), None)
+        if failed is not None:
+            overview.stage(failed, "failed", f"{type(error).__name__}: {error}")
+        overview.finish(f"failed after {time.monotonic() - started:.1f} s")
+        raise
+    seconds = time.monotonic() - started
+    record_finished_sequence(work, wanted, config, reports, seconds)
+    overview.finish(f"finished in {seconds:.1f} s")
+    return reports
+
+
+def _run_stages(wanted: list[str], path: Path, work_root: str, work: SequenceWorkDir, config: PipelineConfig,
+                optimize_deployment: str | None, record) -> None:  # noqa: ANN001 - record(stage, report)
+    """The DAG: each wanted stage in pipeline order, its report handed to ``record``."""
+    logger = get_run_logger()
     if "ingest" in wanted:
         record("ingest", ingest_task(str(path), work_root, config.ingest))
     if "calibrate" in wanted:
@@ -128,10 +141,8 @@ def process_sequence(
             report = optimize_via_deployment(optimize_deployment, work, config.optimize)
         else:
             report = optimize_sequence(work.uri, config.optimize)
-        record("optimize", report, publish=False)  # the optimize flow run published its report and progress
+        record("optimize", report)
     if "export" in wanted:
         record("export", export_task(work.uri, config.export))
     if "evaluate" in wanted:
         record("evaluate", evaluate_task(work.uri, config.evaluate))
-    record_finished_sequence(work, wanted, config, reports, time.monotonic() - started)
-    return reports

@@ -16,7 +16,13 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
-import typer
+from flows.local_api import set_defaults
+
+# Before any command imports prefect: Prefect reads its settings from the environment when it starts, and the
+# embedded API server it spawns inherits them; analytics off means no server run tries the telemetry host.
+set_defaults()
+
+import typer  # noqa: E402 - after the Prefect defaults, as every import below
 
 from pipeline.options import Alias, split_values, with_config_options
 from pipeline.os_errors import os_error_message

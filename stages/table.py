@@ -29,6 +29,8 @@ class Stage:
     ``stages.core.skeleton.run_stage`` checks the first and digests the second. Calibrate adds ``matte`` to
     both when its config masks the features (it decides that from its config at run time).
     ``entry``: ``module:function`` taking the stage's input location and its config and returning a report.
+    ``summary_keys``: the report keys an operator wants in the one log line per stage and the run overview
+    (``flows.figures`` formats them), in the order they are read.
     """
 
     name: str
@@ -39,6 +41,7 @@ class Stage:
     command: str
     outputs: tuple[str, ...] = ()
     links: tuple[OutputLink, ...] = ()
+    summary_keys: tuple[str, ...] = ()
 
     def entry_point(self) -> Callable[..., dict]:
         """The stage's function, imported on first use (stage modules pull in torch, zarr, COLMAP)."""
@@ -49,34 +52,41 @@ class Stage:
 STAGE_TABLE: tuple[Stage, ...] = (
     Stage("ingest", "raw videos -> the chunked capture store", (), (),
           "stages.ingest.stage:ingest_sequence", "nersemble-pipeline ingest <RAW_SEQUENCE_DIR> --work <WORK>",
-          outputs=("capture.zarr/frames", "capture.zarr/backgrounds")),
+          outputs=("capture.zarr/frames", "capture.zarr/backgrounds"),
+          summary_keys=("cameras", "frames", "size", "decode_seconds")),
     Stage("calibrate", "each camera's K and world_2_cam", ("ingest",), ("ingest",),
           "stages.calibrate.stage:calibrate_sequence", "nersemble-pipeline calibrate <SEQUENCE_WORK_DIR>",
-          outputs=("calibration/",)),
+          outputs=("calibration/",),
+          summary_keys=("solution", "cameras_total", "reprojection_error_px", "timings_s")),
     Stage("matte", "alpha per frame (plate, rembg or both)", ("ingest",), ("ingest",),
           "stages.matte.stage:matte_sequence", "nersemble-pipeline matte <SEQUENCE_WORK_DIR>",
           outputs=("capture.zarr/alpha", "export/previews/matte.png"),
-          links=(OutputLink("matte-preview", "matte preview", "export/previews/matte.png"),)),
+          links=(OutputLink("matte-preview", "matte preview", "export/previews/matte.png"),),
+          summary_keys=("method", "cameras", "frames_matted", "coverage", "seconds")),
     Stage("depth", "per-view depth maps by multi-view stereo", ("ingest", "calibrate", "matte"),
           ("ingest", "calibrate", "matte"),
           "stages.depth.stage:depth_sequence", "nersemble-pipeline depth <SEQUENCE_WORK_DIR>",
           outputs=("capture.zarr/depth", "export/previews/depth.png"),
-          links=(OutputLink("depth-preview", "depth preview", "export/previews/depth.png"),)),
+          links=(OutputLink("depth-preview", "depth preview", "export/previews/depth.png"),),
+          summary_keys=("method", "coverage", "seconds")),
     Stage("optimize", "the NeRSemble radiance field", ("ingest", "calibrate", "matte"),
           ("ingest", "calibrate", "matte", "depth"),
           "stages.optimize.stage:optimize_sequence", "nersemble-pipeline optimize <SEQUENCE_WORK_DIR>",
           outputs=("nersemble/",),
-          links=(OutputLink("training-curves", "training curves", "nersemble/training_curves.png"),)),
+          links=(OutputLink("training-curves", "training curves", "nersemble/training_curves.png"),),
+          summary_keys=("steps", "psnr_train", "train_seconds", "stopped_by")),
     Stage("export", "turntable, hold-out and path videos", ("ingest", "calibrate", "matte", "optimize"),
           ("ingest", "calibrate", "matte", "optimize"),
           "stages.export.stage:export_sequence", "nersemble-pipeline export <SEQUENCE_WORK_DIR>",
           outputs=("export/",),
-          links=(OutputLink("turntable", "turntable video", "export/turntable.mp4"),)),
+          links=(OutputLink("turntable", "turntable video", "export/turntable.mp4"),),
+          summary_keys=("frames", "seconds")),
     Stage("evaluate", "hold-out scores", ("ingest", "calibrate", "matte", "optimize"),
           ("ingest", "calibrate", "matte", "optimize"),
           "stages.evaluate.stage:evaluate_sequence", "nersemble-pipeline evaluate <SEQUENCE_WORK_DIR>",
           outputs=("export/metrics.json",),
-          links=(OutputLink("metrics", "hold-out metrics", "export/metrics.json"),)),
+          links=(OutputLink("metrics", "hold-out metrics", "export/metrics.json"),),
+          summary_keys=("psnr", "ssim", "lpips", "images", "seconds")),
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGE_TABLE)

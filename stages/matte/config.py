@@ -14,7 +14,8 @@ class MatteConfig(StageConfig):
 
     method: Literal["auto", "plate", "rembg", "fused"] = Field(
         "auto", description="plate: difference to the background plate; rembg: the saliency model; fused: both; "
-                            "auto: fused for cameras with a plate, rembg for the others")
+                            "auto: fused for cameras with a plate, rembg for the others. rembg and fused (so auto) run the "
+                            "saliency model on every frame: many times slower than plate on a CPU")
     model: str = Field("u2netp", description="rembg model name (looked up in the models folder) or a path to an "
                                              ".onnx file with a U2-Net-style single-image saliency model")
     plate_dir: str | None = Field(None, description="folder of image_<SERIAL>.jpg/png plates that replace the "

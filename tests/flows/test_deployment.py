@@ -7,13 +7,8 @@ archive flow, which runs its one sequence (ingest only, a tiny capture) as a pro
 that the same worker picks up. The worker and the server are stopped by their process groups.
 """
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,69 +16,7 @@ import pytest
 from pipeline.synthetic import synthesize_capture
 from storage import CaptureStore, SequenceWorkDir
 
-REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).parent / "prefect")
-SERVER_START_TIMEOUT_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _stop(process: subprocess.Popen, signals=(signal.SIGTERM, signal.SIGINT, signal.SIGKILL)) -> None:
-    """Signal the process group (the process and what it started) until it exits."""
-    for sig in signals:
-        if process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            continue
-
-
-@pytest.fixture
-def server(tmp_path):
-    port = _free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api_url,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false"}
-    log = open(tmp_path / "server.log", "wb")
-    process = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not _healthy(api_url):
-            if process.poll() is not None:
-                pytest.fail(f"prefect server exited with {process.returncode}: "
-                            f"{(tmp_path / 'server.log').read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.skip(f"the Prefect server did not answer within {SERVER_START_TIMEOUT_S} s on this machine")
-            time.sleep(0.5)
-        yield env
-    finally:
-        _stop(process)
-        log.close()
-
-
-def _prefect(env: dict, *args: str, timeout: float = 60) -> str:
-    result = subprocess.run([PREFECT, "--no-prompt", *args], env=env, cwd=REPO, capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-    return result.stdout
 
 
 def _flow_run_names(flow_name: str) -> list[str]:
@@ -96,7 +29,8 @@ def _flow_run_names(flow_name: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_deployments_run_on_a_process_worker(server, tmp_path):
+def test_deployments_run_on_a_process_worker(prefect_server, prefect_cli, stop_process, tmp_path):
+    server, _prefect = prefect_server, prefect_cli
     capture = synthesize_capture(tmp_path / "archive", cameras=2, frames=2, width=48, height=64)
     for pool in ("cpu", "gpu"):
         _prefect(server, "work-pool", "create", pool, "--type", "process")
@@ -119,7 +53,7 @@ def test_deployments_run_on_a_process_worker(server, tmp_path):
                                              "sequence_deployment": "process-sequence/process-sequence"})
             sequence_runs = _flow_run_names("process-sequence")
     finally:
-        _stop(worker)
+        stop_process(worker)
         worker_log.close()
     log = (tmp_path / "worker.log").read_text()
     assert run.state is not None and run.state.is_completed(), f"{run.state}\n{log[-3000:]}"

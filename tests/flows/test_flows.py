@@ -48,6 +48,13 @@ def _config(capture) -> PipelineConfig:
     )
 
 
+async def _task_run_names() -> set[str]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return {run.name for run in await client.read_task_runs()}
+
+
 async def _artifact_keys() -> set[str]:
     from prefect.client.orchestration import get_client
 
@@ -80,8 +87,9 @@ def test_sequence_flow_runs_every_stage_publishes_and_skips_on_rerun(prefect_har
     expected = {f"{stage}-{KEY}" for stage in STAGES}
     expected |= {f"{stage}-cameras-{KEY}" for stage in ("calibrate", "matte", "depth", "evaluate")}
     expected |= {f"{what}-{KEY}" for what in ("training-progress", "training-status", "turntable", "metrics",
-                                             "matte-preview", "depth-preview", "training-curves")}
+                                             "matte-preview", "depth-preview", "training-curves", "sequence")}
     assert expected <= keys, sorted(expected - keys)
+    assert {f"{stage} 001/EXP-1-head" for stage in STAGES} <= asyncio.run(_task_run_names())
 
     summary = work.read_report("sequence")
     assert summary["status"] == "completed" and summary["psnr"] == pytest.approx(reports["evaluate"]["psnr"], abs=1e-3)
