@@ -28,8 +28,8 @@ from stages.evaluate.config import EvaluateConfig
 from stages.core.bookkeeping import PRODUCED_BY
 from stages.core.skeleton import Decision, StageRun, run_stage
 from stages.core.status import Status
-from stages.geometry.holdout import check_model_protocol, digest_part, recorded_cameras
-from stages.rendering.model import (StoreCameras, check_model_fits, load_model, resolve_device, store_cameras,
+from stages.geometry.holdout import digest_part, recorded_cameras
+from stages.rendering.model import (StoreCameras, load_checked_model, resolve_device, store_cameras,
                                  torch_threads)
 from stages.rendering.paths import CameraView
 from stages.rendering.render import render_view
@@ -132,11 +132,7 @@ def evaluate_sequence(sequence_work_dir: str | os.PathLike[str], config: Evaluat
                         extra=digest_part(recorded_cameras(store)))
 
     def prepare(store: CaptureStore, plan: EvaluatePlan) -> tuple[EvaluatePlan, Any]:
-        trained = load_model(work, plan.device, STAGE, config.eval_substeps)
-        check_model_fits(trained, store, STAGE)
-        check_model_protocol(store, trained.holdout_cameras, STAGE, PRODUCED_BY["optimize"])
-        plan.warnings.extend(trained.warnings)  # a checkpoint from before checksums: loaded, not verified
-        return plan, trained
+        return plan, load_checked_model(work, store, plan.device, STAGE, config.eval_substeps, plan.warnings)
 
     def evaluate(run: StageRun, ready: tuple[EvaluatePlan, Any]) -> dict:
         plan, trained = ready

@@ -27,11 +27,10 @@ import torch
 from stages.core.cameras import intrinsics_for_size
 from stages.export.config import ExportConfig
 from stages.core.errors import PipelineError
-from stages.core.bookkeeping import PRODUCED_BY
 from stages.core.skeleton import Decision, StageRun, run_stage
 from stages.core.status import Status
-from stages.geometry.holdout import check_model_protocol, digest_part, recorded_cameras
-from stages.rendering.model import (StoreCameras, check_model_fits, load_model, render_size, resolve_device,
+from stages.geometry.holdout import digest_part, recorded_cameras
+from stages.rendering.model import (StoreCameras, load_checked_model, render_size, resolve_device,
                                  store_cameras, torch_threads)
 from stages.rendering.paths import (CameraPath, CameraView, expand_path, read_camera_path, render_intrinsics,
                                  rig_camera_path, rig_frame, turntable_path)
@@ -94,11 +93,7 @@ def export_sequence(sequence_work_dir: str | os.PathLike[str], config: ExportCon
                         extra=digest_part(recorded_cameras(store)))
 
     def prepare(store: CaptureStore, plan: ExportPlan) -> tuple[ExportPlan, Any]:
-        trained = load_model(work, plan.device, STAGE, config.eval_substeps)
-        check_model_fits(trained, store, STAGE)
-        check_model_protocol(store, trained.holdout_cameras, STAGE, PRODUCED_BY["optimize"])
-        plan.warnings.extend(trained.warnings)  # a checkpoint from before checksums: loaded, not verified
-        return plan, trained
+        return plan, load_checked_model(work, store, plan.device, STAGE, config.eval_substeps, plan.warnings)
 
     return run_stage(work, STAGE, VERSION, config.lock_timeout, decide,
                      lambda run, ready: _run(run, config, *ready, progress), prepare=prepare)

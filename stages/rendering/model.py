@@ -16,6 +16,7 @@ import torch
 from stages.core.errors import StageOrderError
 from stages.core.bookkeeping import PRODUCED_BY
 from stages.core.devices import resolve_device, torch_threads  # noqa: F401 - re-exported for export/evaluate
+from stages.geometry.holdout import check_model_protocol
 from storage import CaptureStore, SequenceWorkDir
 
 
@@ -61,6 +62,19 @@ def check_model_fits(trained: Any, store: CaptureStore, stage: str) -> None:
     if unknown:
         raise StageOrderError(f"{store.uri}: the model's hold-out cameras {', '.join(unknown)} are not in the store; "
                               f"run `{PRODUCED_BY['optimize']}` again")
+
+
+def load_checked_model(work: SequenceWorkDir, store: CaptureStore, device: torch.device, stage: str,
+                       eval_substeps: int | None, warnings: list[str]) -> Any:
+    """The trained model, refused unless it fits the store's cameras and was trained under its hold-out set.
+
+    Its load warnings (a checkpoint from before checksums: loaded, not verified) join ``warnings``.
+    """
+    trained = load_model(work, device, stage, eval_substeps)
+    check_model_fits(trained, store, stage)
+    check_model_protocol(store, trained.holdout_cameras, stage, PRODUCED_BY["optimize"])
+    warnings.extend(trained.warnings)
+    return trained
 
 
 def render_size(width: int, height: int, scale: float) -> tuple[int, int]:

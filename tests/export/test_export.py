@@ -20,6 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 import stages.export.stage as export_stage
+import stages.rendering.model as rendering_model
 from stages.core.cameras import camera_center, project
 from pipeline.cli import app
 from stages.calibrate.config import CalibrateConfig
@@ -40,6 +41,8 @@ from storage import CaptureStore, SequenceWorkDir, StageRecord
 
 SIZE = (48, 64)
 FRAMES = 2
+
+REAL_LOAD_MODEL = rendering_model.load_model  # the module fixture below stands a model in for it
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -81,7 +84,7 @@ def prepared(capture, tmp_path_factory):
     store = CaptureStore.open(work.capture_uri)
     trained = _trained(store, [capture.cameras[1]])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export_stage, "load_model", lambda work_dir, device, stage, eval_substeps=None: trained)
+        patch.setattr(rendering_model, "load_model", lambda work_dir, device, stage, eval_substeps=None: trained)
         yield work, trained
 
 
@@ -310,9 +313,7 @@ def test_export_needs_a_trained_model(capture, tmp_path):
     CaptureStore.open(work.capture_uri, mode="r+").write_stage_record(
         StageRecord(stage="optimize", version="test", config_hash="stand-in"))
     with pytest.MonkeyPatch.context() as patch:
-        from stages.rendering.model import load_model
-
-        patch.setattr(export_stage, "load_model", load_model)
+        patch.setattr(rendering_model, "load_model", REAL_LOAD_MODEL)
         with pytest.raises(StageOrderError, match="nersemble-pipeline optimize"):
             export_sequence(work.uri, ExportConfig(device="cpu"))
 
