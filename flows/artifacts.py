@@ -20,7 +20,7 @@ from uuid import UUID
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from flows.figures import stage_figures
-from flows.pictures import image_file_uri, markdown_image, video_strip_uri
+from stages.rendering.thumbnails import image_file_uri, markdown_image, video_strip_uri
 from stages.table import STAGE_NAMES, stage as stage_row
 from storage import SequenceWorkDir
 

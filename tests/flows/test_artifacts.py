@@ -12,7 +12,7 @@ from prefect import flow
 
 from flows.artifacts import SequenceOverview, per_camera_rows, report_markdown, stage_pictures
 from flows.figures import stage_line
-from flows.pictures import MAX_WIDTH, data_uri, video_strip
+from stages.rendering.thumbnails import MAX_WIDTH, data_uri, video_strip
 from flows.progress import TrainingProgressArtifacts
 from stages.core.video import encode_video
 from storage import SequenceWorkDir
