@@ -32,7 +32,7 @@ from stages.geometry.holdout import digest_part, recorded_cameras
 from stages.rendering.model import (StoreCameras, load_checked_model, resolve_device, store_cameras,
                                  torch_threads)
 from stages.rendering.paths import CameraView
-from stages.rendering.render import render_view
+from stages.rendering.render import progress_ticker, render_view
 from stages.rendering.sheets import encode_png, sheet_row, stack_sheet
 from stages.evaluate.truth import Reference, SyntheticTruth, matte_reference
 from stages.evaluate.metrics import (PSNR_SETTINGS, SILHOUETTE_BAND_PX, SSIM_SETTINGS, Lpips, band_scores,
@@ -250,16 +250,8 @@ def _run(run: StageRun, config: EvaluateConfig, plan: EvaluatePlan, trained: Any
     scorer = lpips if isinstance(lpips, Lpips) else None
     serials = list(trained.holdout_cameras)
     scores = _Scores(["matte"] + (["synthetic"] if plan.truth else []))
-    total, done = len(serials) * len(plan.timesteps), 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(done, total)
-
-    if progress:
-        progress(0, total)
+    total = len(serials) * len(plan.timesteps)
+    tick = progress_ticker(progress, total)
     with torch_threads(config.threads):
         for serial in serials:
             _score_camera(work, store, config, plan, trained, serial, scorer, scores, tick)

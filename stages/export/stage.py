@@ -34,7 +34,7 @@ from stages.rendering.model import (StoreCameras, load_checked_model, render_siz
                                  store_cameras, torch_threads)
 from stages.rendering.paths import (CameraPath, CameraView, expand_path, read_camera_path, render_intrinsics,
                                  rig_camera_path, rig_frame, turntable_path)
-from stages.rendering.render import VideoJob, depth_range_for, local_output, render_job
+from stages.rendering.render import VideoJob, depth_range_for, local_output, progress_ticker, render_job
 from storage import CaptureStore, SequenceWorkDir, digest_of
 
 STAGE = "export"
@@ -194,16 +194,7 @@ def _run(run: StageRun, config: ExportConfig, plan: ExportPlan, trained: Any,
     started = time.perf_counter()
     jobs = build_jobs(config, plan, trained, work)
     total = sum(len(job.views) for job in jobs)
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(done, total)
-
-    if progress:
-        progress(0, total)
+    tick = progress_ticker(progress, total)
     results: dict[str, dict] = {}
     with torch_threads(config.threads):
         for job in jobs:

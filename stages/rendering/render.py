@@ -28,6 +28,21 @@ Tick = Callable[[], None]  # called once per rendered frame
 DEPTH_MIN_ALPHA = 0.5  # depth videos show a surface only where the render is mostly opaque
 
 
+
+def progress_ticker(progress: Callable[[int, int], None] | None, total: int) -> Callable[[], None]:
+    """A ``tick()`` that reports one more of ``total`` rendered images to ``progress`` (0 of total at once)."""
+    done = 0
+    if progress:
+        progress(0, total)
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+
+    return tick
+
 @dataclass(frozen=True)
 class Rendered:
     """One frame on the CPU: rgb (H, W, 3) on white, alpha (H, W), z_depth (H, W) metres (0 = nothing)."""
