@@ -172,13 +172,14 @@ def _cell_index(p, lo, hi, R: tl.constexpr):
 
 
 @triton.jit
-def march_kernel(rays_o, rays_d, t0s, k_firsts, counts, step_size, box_min_x, box_min_y, box_min_z,
-                 box_max_x, box_max_y, box_max_z, occupied, kept_counts, out_starts,
+def march_kernel(rays_o, rays_d, t0s, k_firsts, counts, step, box, occupied, kept_counts, out_starts,
                  ray_indices, t_starts, n_rays, R: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
     """Walk each ray's lattice ``t0 + (k + [0, 1]) dt``, ``k = k_first .. k_first + count - 1``, and test the
     midpoint's cell in ``occupied`` (``[R, R, R]`` uint8, ``(i * R + j) * R + k``) with the torch marcher's
     arithmetic (truncation, clamp to the grid). ``WRITE`` False: store the kept count per ray; True: store the
-    kept samples' ray index and ``t_start`` from the ray's ``out_starts`` offset on."""
+    kept samples' ray index and ``t_start`` from the ray's ``out_starts`` offset on. ``step`` is a one-element
+    tensor and ``box`` the ``[2, 3]`` box, both in the rays' dtype, so the arithmetic is the torch marcher's
+    in float64 too."""
     ray = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ray_mask = ray < n_rays
     ox = tl.load(rays_o + ray * 3 + 0, mask=ray_mask, other=0.0)
@@ -190,6 +191,9 @@ def march_kernel(rays_o, rays_d, t0s, k_firsts, counts, step_size, box_min_x, bo
     t0 = tl.load(t0s + ray, mask=ray_mask, other=0.0)
     k_first = tl.load(k_firsts + ray, mask=ray_mask, other=0)
     count = tl.load(counts + ray, mask=ray_mask, other=0)
+    step_size = tl.load(step)
+    lo_x, lo_y, lo_z = tl.load(box + 0), tl.load(box + 1), tl.load(box + 2)
+    hi_x, hi_y, hi_z = tl.load(box + 3), tl.load(box + 4), tl.load(box + 5)
     if WRITE:
         out = tl.load(out_starts + ray, mask=ray_mask, other=0)
     kept = tl.zeros((BLOCK,), dtype=tl.int64)
@@ -197,9 +201,9 @@ def march_kernel(rays_o, rays_d, t0s, k_firsts, counts, step_size, box_min_x, bo
         live = ray_mask & (i < count)
         t_start = t0 + (k_first + i).to(t0.dtype) * step_size
         t_mid = 0.5 * (t_start + (t_start + step_size))
-        ix = _cell_index(ox + dx * t_mid, box_min_x, box_max_x, R)
-        iy = _cell_index(oy + dy * t_mid, box_min_y, box_max_y, R)
-        iz = _cell_index(oz + dz * t_mid, box_min_z, box_max_z, R)
+        ix = _cell_index(ox + dx * t_mid, lo_x, hi_x, R)
+        iy = _cell_index(oy + dy * t_mid, lo_y, hi_y, R)
+        iz = _cell_index(oz + dz * t_mid, lo_z, hi_z, R)
         keep = live & (tl.load(occupied + (ix * R + iy) * R + iz, mask=live, other=0) != 0)
         if WRITE:
             tl.store(ray_indices + out + kept, ray.to(tl.int64), mask=keep)
@@ -225,12 +229,13 @@ def march_occupied(rays_o: torch.Tensor, rays_d: torch.Tensor, t0: torch.Tensor,
     rays_o, rays_d, t0 = (t.contiguous() for t in (rays_o, rays_d, t0.to(dtype)))
     k_first, counts = k_first.long().contiguous(), counts.long().contiguous()
     grid = occupied.contiguous().to(torch.uint8)
-    box = [float(v) for v in aabb.reshape(-1).tolist()]
+    box = aabb.to(device=device, dtype=dtype).contiguous()
     kept = torch.zeros(n_rays, dtype=torch.int64, device=device)
     empty_long, empty = torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=dtype, device=device)
     if n_rays == 0:
         return empty_long, empty, empty
-    args = (rays_o, rays_d, t0, k_first, counts, float(step_size), *box, grid)
+    step = torch.tensor([step_size], dtype=dtype, device=device)
+    args = (rays_o, rays_d, t0, k_first, counts, step, box, grid)
     march_kernel[_programs(n_rays)](*args, kept, empty_long, empty_long, empty, n_rays,
                                     R=r, WRITE=False, BLOCK=RAYS_PER_PROGRAM)
     out_starts = torch.cumsum(kept, 0) - kept

@@ -151,9 +151,11 @@ def _rays(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tenso
     return origins, directions
 
 
-@pytest.mark.parametrize("grid", ["random", "all_free", "all_occupied", "shell"])
-@pytest.mark.parametrize("stratified", [False, True])
-def test_marching_matches_the_torch_marcher_exactly(interpreted, monkeypatch, grid, stratified):
+@pytest.mark.parametrize(("grid", "stratified", "dtype"), [
+    ("random", False, torch.float32), ("random", True, torch.float32), ("all_free", True, torch.float32),
+    ("all_occupied", False, torch.float32), ("shell", True, torch.float32), ("shell", False, torch.float32),
+    ("random", True, torch.float64)])
+def test_marching_matches_the_torch_marcher_exactly(interpreted, monkeypatch, grid, stratified, dtype):
     """Same samples, same order, same interval bounds as the torch marcher (its C twin is switched off)."""
     monkeypatch.setenv("NERSEMBLE_FAST", "0")
     generator = torch.Generator().manual_seed(6)
@@ -164,8 +166,8 @@ def test_marching_matches_the_torch_marcher_exactly(interpreted, monkeypatch, gr
         "all_occupied": torch.ones(r, r, r, dtype=torch.bool),
         "shell": (torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij")) - 7.5).norm(dim=0).sub(5).abs() < 1.5,
     }[grid]
-    rays_o, rays_d = _rays(90, generator)
-    box = torch.tensor([[-1.0, -0.8, -1.2], [1.0, 1.1, 0.9]])
+    rays_o, rays_d = (t.to(dtype) for t in _rays(90, generator))
+    box = torch.tensor([[-1.0, -0.8, -1.2], [1.0, 1.1, 0.9]], dtype=dtype)
     runs = []
     for fused in (True, False):
         jitter = torch.Generator().manual_seed(7)
