@@ -37,8 +37,9 @@ def accumulate_along_rays(sigmas: torch.Tensor, rgbs: torch.Tensor, t_starts: to
     """
     weights, _, _ = render_weights(sigmas, t_starts, t_ends, ray_indices, n_rays)
     t_mids = 0.5 * (t_starts + t_ends)
-    return (weights, segment_sum(weights, ray_indices, n_rays), segment_sum(weights[:, None] * rgbs, ray_indices, n_rays),
-            segment_sum(weights * t_mids, ray_indices, n_rays))
+    accumulation = segment_sum(weights, ray_indices, n_rays)
+    rgb_sum = segment_sum(weights[:, None] * rgbs, ray_indices, n_rays)
+    return weights, accumulation, rgb_sum, segment_sum(weights * t_mids, ray_indices, n_rays)
 
 
 def render_samples(sigmas: torch.Tensor, rgbs: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor,
@@ -72,7 +73,7 @@ def composite(weights: torch.Tensor, rgbs: torch.Tensor, t_mids: torch.Tensor, r
 
 def finish_composite(accumulation: torch.Tensor, rgb_sum: torch.Tensor, depth_sum: torch.Tensor,
                      t_mids: torch.Tensor, background: torch.Tensor | tuple[float, float, float]) -> Composite:
-    """:func:`composite` from the per-ray sums: the background behind ``1 - accumulation``, depth normalised and clipped."""
+    """:func:`composite` from the per-ray sums: background behind ``1 - accumulation``, depth normalised and clipped."""
     background = torch.as_tensor(background, dtype=rgb_sum.dtype, device=rgb_sum.device)
     rgb = rgb_sum + (1.0 - accumulation)[:, None] * background
     depth = depth_sum / (accumulation + 1e-10)

@@ -160,11 +160,12 @@ def test_marching_matches_the_torch_marcher_exactly(interpreted, monkeypatch, gr
     monkeypatch.setenv("NERSEMBLE_FAST", "0")
     generator = torch.Generator().manual_seed(6)
     r = 16
+    radius = (torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij")) - 7.5).norm(dim=0)
     occupied = {
         "random": torch.rand(r, r, r, generator=generator) > 0.6,
         "all_free": torch.zeros(r, r, r, dtype=torch.bool),
         "all_occupied": torch.ones(r, r, r, dtype=torch.bool),
-        "shell": (torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij")) - 7.5).norm(dim=0).sub(5).abs() < 1.5,
+        "shell": (radius - 5).abs() < 1.5,
     }[grid]
     rays_o, rays_d = (t.to(dtype) for t in _rays(90, generator))
     box = torch.tensor([[-1.0, -0.8, -1.2], [1.0, 1.1, 0.9]], dtype=dtype)
