@@ -9,11 +9,15 @@ triton rows): no zarr, Prefect or capture store, so it runs on a bare GPU machin
    once the ensemble window has opened) at the paper configuration (32 grids x 16 levels x 2^19 entries, 2
    features: the ``paper`` preset's ``hash``), ``--points`` samples per call (4096 rays x ~64 samples).
    torch and triton share one table; triton is also timed at a few points-per-program block sizes.
-2. Whole training: ``Trainer.train_step`` of the ``paper`` preset (and ``standard`` where that preset exists)
+2. Fused marching and compositing (``stages/nersemble/triton_packed.py``) against their torch twins, at the paper's
+   batch: ``--rays`` rays through a 128^3 occupancy grid holding a spherical shell (a head's surface), marched at
+   the paper's step size, then compositing forward + backward over the marched samples.
+3. Whole training: ``Trainer.train_step`` of the ``paper`` preset (and ``standard`` where that preset exists)
    per backend, on a synthetic capture made here (16 cameras on an arc around a coloured sphere, 1100 x 1604
    frames, 4 timesteps). A fresh run's first steps march a fully occupied grid through an untrained fog, so
    samples per ray are at their highest: steps/s here is the pessimistic end of a run (the samples per ray
-   are recorded beside it). Peak memory is ``torch.cuda.max_memory_allocated``.
+   are recorded beside it). Peak memory is ``torch.cuda.max_memory_allocated``. The triton backend runs once with
+   the fused marching and compositing and once with their torch twins (``fused_packed`` False).
 
 Writes ``gpu.json`` and ``gpu.md`` (a table with the triton/torch ratios) under ``--out``.
 """
@@ -47,7 +51,8 @@ TRAIN_PRESETS = [name for name in ("paper", "standard") if name in PRESETS]
 
 
 def _sync() -> None:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def time_encoding(encoding: torch.nn.Module, n_points: int, repeats: int) -> float:
@@ -90,6 +95,66 @@ def encoding_rows(n_points: int, repeats: int) -> list[dict]:
     if tcnn_available():
         encoding = TcnnHashEnsemble(config, dtype=torch.float32).cuda()
         rows.append(row("tcnn", time_encoding(encoding, n_points, repeats)))
+    return rows
+
+
+# --- fused marching and compositing ------------------------------------------------------------------------------
+
+
+def _median_ms(run, repeats: int) -> float:
+    times = []
+    for i in range(repeats + 2):
+        _sync()
+        start = time.perf_counter()
+        run()
+        _sync()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def packed_rows(n_rays: int, repeats: int, device: str = "cuda") -> list[dict]:
+    """Marching and compositing, torch twin vs Triton kernel, on one batch of rays through a shell-shaped grid.
+
+    ``device`` "cpu" runs it under ``TRITON_INTERPRET=1`` (a check that the code runs; the times mean nothing).
+    """
+    from stages.nersemble.rendering import accumulate_along_rays  # noqa: PLC0415
+    from stages.nersemble.sampling import march_rays  # noqa: PLC0415
+    from stages.nersemble.triton_packed import composite_packed  # noqa: PLC0415
+
+    sampler, r = preset("paper").sampler, 128
+    generator = torch.Generator(device=device).manual_seed(0)
+    cells = (torch.stack(torch.meshgrid(*[torch.arange(r, device=device)] * 3, indexing="ij")) + 0.5) / r * 2 - 1
+    occupied = (cells.norm(dim=0) - 0.6).abs() < 0.15
+    box = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]], device=device)
+    origins = torch.nn.functional.normalize(torch.randn(n_rays, 3, device=device, generator=generator), dim=-1) * 3
+    targets = 0.5 * (2 * torch.rand(n_rays, 3, device=device, generator=generator) - 1)
+    directions = torch.nn.functional.normalize(targets - origins, dim=-1)
+
+    def march(fused: bool):
+        return march_rays(origins, directions, box, sampler.step_size, sampler.near_plane, sampler.far_plane,
+                          occupied=occupied, stratified=True, fused=fused)
+
+    samples = march(False)
+    s = len(samples)
+    sigmas = (20 * torch.rand(s, device=device, generator=generator)).requires_grad_()
+    rgbs = torch.rand(s, 3, device=device, generator=generator).requires_grad_()
+    grad_outs = [torch.randn(s, device=device), torch.randn(n_rays, device=device),
+                 torch.randn(n_rays, 3, device=device), torch.randn(n_rays, device=device)]
+
+    def composite(fn):
+        def run():
+            outs = fn(sigmas, rgbs, samples.t_starts, samples.t_ends, samples.ray_indices, n_rays)
+            torch.autograd.grad(outs, [sigmas, rgbs], grad_outs)
+        return run
+
+    rows = []
+    for op, torch_run, triton_run in (("march", lambda: march(False), lambda: march(True)),
+                                      ("composite fwd+bwd", composite(accumulate_along_rays),
+                                       composite(composite_packed))):
+        for backend, run in (("torch", torch_run), ("triton", triton_run)):
+            rows.append({"op": op, "backend": backend, "rays": n_rays, "samples": s,
+                         "ms": _median_ms(run, repeats)})
     return rows
 
 
@@ -142,12 +207,12 @@ class SphereSource:
 
 
 def train_row(preset_name: str, backend: str, source: SphereSource, seconds: float, max_steps: int,
-              warmup_steps: int) -> dict:
+              warmup_steps: int, fused: bool = True) -> dict:
     from stages.nersemble import NeRSembleModel, scene_box_from_cameras  # noqa: PLC0415
     from stages.nersemble.trainer import Trainer  # noqa: PLC0415
 
     cfg = preset(preset_name)
-    row: dict = {"preset": preset_name, "backend": backend}
+    row: dict = {"preset": preset_name, "backend": backend if fused else f"{backend} (torch march+composite)"}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
@@ -155,6 +220,7 @@ def train_row(preset_name: str, backend: str, source: SphereSource, seconds: flo
                                      cfg.scene.world_scale)
         torch.manual_seed(cfg.train.seed)
         model = NeRSembleModel(cfg, source.n_timesteps, box, backend=backend).cuda()
+        model.fused_packed = fused
         row["encoding"] = type(model.field.encoding).__name__
         trainer = Trainer(model, source, torch.device("cuda"))
         for _ in range(warmup_steps):  # kernel compilation, the image cache, allocator growth
@@ -195,7 +261,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['backend']} | {r.get('block_n', '')} | {r['ms']:.2f} | {r['samples_per_s']:,.0f} |")
     ratio = result["encoding_ratio_triton_over_torch"]
     lines += ["", f"triton / torch samples/s: {ratio:.2f}x" if ratio else "triton / torch: not measured", "",
-              "## Whole training (synthetic sphere, a fresh run's first steps)", "",
+              "## Marching and compositing (paper step, 128^3 shell grid)", "",
+              "| op | backend | rays | samples | ms |", "| --- | --- | ---: | ---: | ---: |"]
+    for r in result["packed"]:
+        lines.append(f"| {r['op']} | {r['backend']} | {r['rays']} | {r['samples']:,} | {r['ms']:.2f} |")
+    for op, ratio in result["packed_speedup_triton_over_torch"].items():
+        lines.append(f"\n{op}: torch ms / triton ms {ratio:.2f}x")
+    lines += ["", "## Whole training (synthetic sphere, a fresh run's first steps)", "",
               "| preset | backend | steps/s | samples/ray | peak GiB | note |",
               "| --- | --- | ---: | ---: | ---: | --- |"]
     for r in result["training"]:
@@ -204,6 +276,8 @@ def markdown(result: dict) -> str:
                      f"{r.get('error', '')} |")
     for name, ratio in result["training_ratio_triton_over_torch"].items():
         lines.append(f"\n{name}: triton / torch steps/s {ratio:.2f}x" if ratio else f"\n{name}: ratio not measured")
+    for name, ratio in result.get("training_ratio_fused_over_torch_march_composite", {}).items():
+        lines.append(f"\n{name}: triton with / without fused marching and compositing, steps/s {ratio:.2f}x")
     return "\n".join(lines) + "\n"
 
 
@@ -211,6 +285,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=1 << 18)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rays", type=int, default=4096, help="rays per batch in the marching/compositing rows")
     parser.add_argument("--train-seconds", type=float, default=60.0, help="timed training per preset and backend")
     parser.add_argument("--train-steps", type=int, default=200, help="at most this many timed steps per row")
     parser.add_argument("--warmup-steps", type=int, default=5)
@@ -234,6 +309,13 @@ def main() -> None:
         print(f"  {r['backend']:<7} block {r.get('block_n', '-')!s:>3}  {r['ms']:8.2f} ms  "
               f"{r['samples_per_s']:14,.0f} samples/s", flush=True)
     torch.cuda.empty_cache()
+    result["packed"] = packed_rows(args.rays, args.repeats) if triton_importable() else []
+    ms = {(r["op"], r["backend"]): r["ms"] for r in result["packed"]}
+    result["packed_speedup_triton_over_torch"] = {
+        op: ms[(op, "torch")] / ms[(op, "triton")] for op, backend in ms if backend == "triton"}
+    for r in result["packed"]:
+        print(f"  {r['op']:<18} {r['backend']:<7} {r['samples']:>10,} samples  {r['ms']:8.2f} ms", flush=True)
+    torch.cuda.empty_cache()
 
     result["training"] = []
     if not args.skip_training:
@@ -242,11 +324,20 @@ def main() -> None:
         for name in TRAIN_PRESETS:
             for backend in backends:
                 print(f"training {name} / {backend} ...", flush=True)
-                row = train_row(name, backend, source, args.train_seconds, args.train_steps, args.warmup_steps)
-                print(f"  {row}", flush=True)
-                result["training"].append(row)
+                for fused in (True, False) if backend == "triton" else (True,):
+                    row = train_row(name, backend, source, args.train_seconds, args.train_steps, args.warmup_steps,
+                                    fused)
+                    print(f"  {row}", flush=True)
+                    result["training"].append(row)
     result["training_ratio_triton_over_torch"] = {
         name: _ratio(result["training"], "steps_per_s", {"preset": name}) for name in TRAIN_PRESETS}
+    steps_per_s = {(r["preset"], r["backend"]): r.get("steps_per_s") for r in result["training"]}
+    fused_ratio = {}
+    for name in TRAIN_PRESETS:
+        fused, unfused = steps_per_s.get((name, "triton")), steps_per_s.get((name, "triton (torch march+composite)"))
+        if fused and unfused:
+            fused_ratio[name] = fused / unfused
+    result["training_ratio_fused_over_torch_march_composite"] = fused_ratio
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

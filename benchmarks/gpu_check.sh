@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one GPU check for a lent CUDA machine (about 6 minutes of GPU time): the CUDA and Triton tests, then
-# benchmarks/gpu.py. Everything it writes lands in $OUT (default: benchmarks/results/gpu-check).
+# The one GPU check for a lent CUDA machine (about 7 minutes of GPU time): the CUDA and Triton tests, then
+# benchmarks/gpu.py (encoding, fused marching and compositing, training with each backend). Everything it writes
+# lands in $OUT (default: benchmarks/results/gpu-check).
 #
 #   bash benchmarks/gpu_check.sh
 #
@@ -35,8 +36,8 @@ status=0
 timeout 240 python -m pytest -q -p no:cacheprovider -rs tests/nersemble/test_triton_cuda.py \
     tests/nersemble/test_encoding.py 2>&1 | tee "$OUT/pytest-cuda.log" || status=1
 # The interpreter tests under this machine's triton (their optimize-stage cases need zarr and Prefect: deselected).
-TRITON_INTERPRET=1 timeout 120 python -m pytest -q -p no:cacheprovider -rs tests/nersemble/test_triton_encoding.py \
-    -k "not encoding_triton_without" 2>&1 | tee "$OUT/pytest-interpreter.log" || status=1
-timeout 420 python benchmarks/gpu.py --out "$OUT" --train-seconds 45 --train-steps 150 2>&1 \
+TRITON_INTERPRET=1 timeout 150 python -m pytest -q -p no:cacheprovider -rs tests/nersemble/test_triton_encoding.py \
+    tests/nersemble/test_triton_packed.py -k "not encoding_triton_without" 2>&1 | tee "$OUT/pytest-interpreter.log" || status=1
+timeout 420 python benchmarks/gpu.py --out "$OUT" --train-seconds 30 --train-steps 150 2>&1 \
     | tee "$OUT/benchmark.log" || status=1
 exit $status

@@ -55,11 +55,13 @@ The trainer (``trainer.py``) runs that step over any ``ImageSource`` (cameras + 
 Rays come from a rotating cache of ``train.images_per_batch`` images; a checkpoint restores it, so a resumed
 run continues exactly. ``model.filter_occupancy()`` is upstream's evaluation-time connected-component filter.
 
-Building blocks, each usable alone: ``hash_encoding`` (``make_encoding``, the torch/reference/tcnn
+Building blocks, each usable alone: ``hash_encoding`` (``make_encoding``, the torch/reference/tcnn/triton
 backends), ``deformation`` (``SE3DeformationField``, ``windowed_posenc``, ``se3_exp``, ``deform_positions``),
 ``field`` (``NeRSembleField``, ``TimeCodes``, ``ensemble_weights``, ``trunc_exp``), ``occupancy``
 (``OccupancyGrid``, ``frustum_visibility_mask``), ``sampling`` (``march_rays``, ``ray_aabb_intersect``),
-``rendering`` (``render_weights``, ``composite``), ``schedules`` (``Schedule``, ``cosine_window``).
+``rendering`` (``render_weights``, ``composite``, ``accumulate_along_rays``, ``render_samples``), ``schedules``
+(``Schedule``, ``cosine_window``); on CUDA with triton, ``triton_encoding`` and ``triton_packed`` (fused marching
+and compositing), each held against the torch code it replaces.
 Decisions where the method is ambiguous or quirky are listed in ``README.md`` next to this file.
 """
 

@@ -25,7 +25,7 @@ from .occupancy import OccupancyGrid, frustum_visibility_mask
 from .occupancy_filter import filter_occupancy
 from .packed import segment_cumsum, segment_sum
 from .rays import camera_rays, pixel_centers, scale_world_2_cam
-from .rendering import composite, render_weights
+from .rendering import render_samples
 from .sampling import RaySamples, march_rays
 from .schedules import cosine_window
 
@@ -99,6 +99,9 @@ class NeRSembleModel(nn.Module):
                             if config.deformation.enabled else None)
         self.field = NeRSembleField(config.hash, config.field, box, backend)
         self.occupancy = OccupancyGrid(box, config.occupancy)
+        # With the triton encoding, marching and compositing run fused Triton kernels too (where the encoding's
+        # kernels run); False keeps their torch twins, e.g. to time one against the other.
+        self.fused_packed = True
 
     # --- schedules and precision ----------------------------------------------------------------------
 
@@ -167,6 +170,13 @@ class NeRSembleModel(nn.Module):
 
     # --- rays -------------------------------------------------------------------------------------------
 
+    def _fused(self, tensor: torch.Tensor) -> bool:
+        """Marching and compositing take the Triton kernels (:mod:`stages.nersemble.triton_packed`): the triton
+        encoding (the only backend with ``uses_kernels``) runs its kernels on ``tensor``, i.e. it is on CUDA (or
+        Triton's interpreter is on), and :attr:`fused_packed` is set."""
+        uses_kernels = getattr(self.field.encoding, "uses_kernels", None)
+        return self.fused_packed and uses_kernels is not None and uses_kernels(tensor)
+
     def _per_ray_timesteps(self, timesteps: torch.Tensor | int, n_rays: int, device: torch.device) -> torch.Tensor:
         t = torch.as_tensor(timesteps, device=device).long()
         return t.expand(n_rays) if t.dim() == 0 else t
@@ -186,7 +196,7 @@ class NeRSembleModel(nn.Module):
         with torch.no_grad():
             samples = march_rays(rays_o, rays_d, self.scene_box, step_size, s.near_plane, s.far_plane,
                                  occupied=self.occupancy.occupied(), stratified=self.training and s.stratified,
-                                 generator=generator)
+                                 generator=generator, fused=self._fused(rays_o))
             cull_alpha = self.training and self.config.occupancy.enabled and s.alpha_threshold > 0
             if (cull_alpha or s.early_stop_eps > 0) and len(samples):
                 threshold = self.occupancy.alpha_threshold(s.alpha_threshold) if cull_alpha else 0.0
@@ -257,8 +267,8 @@ class NeRSembleModel(nn.Module):
             queried = Queried(*self.query(samples.positions(rays_o, rays_d), rays_d[samples.ray_indices],
                                           timesteps[samples.ray_indices], windows))
         sigma, rgb, offset = queried.sigma, queried.rgb, queried.offset
-        weights, _, _ = render_weights(sigma, samples.t_starts, samples.t_ends, samples.ray_indices, n_rays)
-        out = composite(weights, rgb, samples.t_mids, samples.ray_indices, n_rays, self.config.field.background_color)
+        weights, out = render_samples(sigma, rgb, samples.t_starts, samples.t_ends, samples.ray_indices, n_rays,
+                                      self.config.field.background_color, fused=self._fused(sigma))
         rgb_out = out.rgb if self.training else torch.clamp(torch.nan_to_num(out.rgb), 0.0, 1.0)
         return {
             "rgb": rgb_out,

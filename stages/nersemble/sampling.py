@@ -67,6 +67,7 @@ def march_rays(
     occupied: torch.Tensor | None = None,
     stratified: bool = False,
     generator: torch.Generator | None = None,
+    fused: bool = False,
 ) -> RaySamples:
     """Intervals ``[t0 + k dt, t0 + (k+1) dt]`` whose midpoint lies in the box and in an occupied cell.
 
@@ -74,7 +75,8 @@ def march_rays(
     anchored at the near plane, not at the box entry, so a ray's sample lattice does not depend on the box.
     ``occupied`` is an ``[R, R, R]`` bool grid over ``aabb`` (None: everything). Every occupied interval is
     returned: early ray termination (``sampler.early_stop_eps`` > 0, off in ``paper``) is the model's
-    culling pass (``NeRSembleModel.sample``), not this function's.
+    culling pass (``NeRSembleModel.sample``), not this function's. ``fused`` runs the occupancy test in the
+    Triton marcher (:func:`stages.nersemble.triton_packed.march_occupied`, the caller checks it can run here).
     """
     n_rays = rays_o.shape[0]
     device = rays_o.device
@@ -89,6 +91,10 @@ def march_rays(
     k_last = torch.floor((hi - t0) / step_size - 0.5)
     counts = (k_last - k_first + 1).clamp(min=0)
     counts = torch.where(torch.isfinite(counts), counts, torch.zeros_like(counts)).long()
+    if occupied is not None and fused:
+        from .triton_packed import march_occupied  # noqa: PLC0415 - triton is optional
+
+        return RaySamples(*march_occupied(rays_o, rays_d, t0, k_first, counts, step_size, aabb, occupied))
     if occupied is not None and fast.applies(rays_o, rays_d, t0):
         # One C pass per ray: unoccupied samples are never materialised (this function is its twin).
         return RaySamples(*fast.march_occupied(rays_o, rays_d, t0, k_first, counts, step_size, aabb, occupied))

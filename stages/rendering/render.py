@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from stages.core.errors import PipelineError
 from stages.core.video import VideoWriter
 from stages.rendering.paths import CameraView
 from stages.rendering.sheets import colourise_depth, encode_png, grey_to_rgb, to_uint8, unpremultiply_on_white
@@ -53,9 +55,20 @@ class Rendered:
 
 
 def render_view(model: Any, view: CameraView, n_timesteps: int, chunk: int) -> Rendered:
-    out = model.render_image(view.K, view.world_2_cam, view.width, view.height, view.timestep(n_timesteps),
-                             chunk=chunk)
+    try:
+        out = model.render_image(view.K, view.world_2_cam, view.width, view.height, view.timestep(n_timesteps),
+                                 chunk=chunk)
+    except torch.cuda.OutOfMemoryError:
+        raise PipelineError(out_of_memory_message(model, view, chunk)) from None
     return Rendered(*(out[key].detach().float().clamp_min(0).cpu().numpy() for key in ("rgb", "alpha", "z_depth")))
+
+
+def out_of_memory_message(model: Any, view: CameraView, chunk: int) -> str:
+    """What to lower when a render runs out of GPU memory: the rays per chunk first (memory grows with them), then
+    the samples per ray (``eval_substeps`` multiplies them), else the CPU. Export and evaluate share the options."""
+    substeps = model.config.sampler.eval_substeps
+    return (f"rendering a {view.width}x{view.height} view ran out of GPU memory; lower chunk ({chunk}) with "
+            f"--chunk, or eval_substeps ({substeps}) with --eval-substeps, or render on the CPU with --device cpu")
 
 
 @dataclass(frozen=True)
