@@ -41,7 +41,7 @@ from storage.capture_store import rewrite_interrupted
 
 STAGE = "ingest"
 VERSION = "1"
-WRITE_BATCH = 4  # frames per camera held before a write: memory stays at a few frames per worker
+PROGRESS_EVERY = 4  # frames per camera between progress calls
 
 ProgressCallback = Callable[[str, int], None]  # (serial, frames written so far)
 
@@ -203,16 +203,9 @@ def _decode_camera(store: CaptureStore, index: int, plan: IngestPlan, config: In
     path = plan.raw.videos[serial]
     size = plan.size if plan.size != plan.source_size else None
     matrix = plan.color_matrices.get(serial)
-    pending: list[np.ndarray] = []  # a few frames, written together so zarr compresses them in parallel
-
-    def flush() -> None:
-        if pending:
-            store.write_frames(index, result.frames, np.stack(pending))
-            result.frames += len(pending)
-            pending.clear()
-            if progress:
-                progress(serial, result.frames)
-
+    # One frame is one chunk: each is encoded in this thread and written at zarr's key as it arrives, so a
+    # worker holds one frame and zarr's per-chunk machinery (several times the cost of zstd) is skipped.
+    writer = store.chunk_writer("frames")
     try:
         frames = iter_frames(path, start=config.start, count=config.count, stride=config.stride, size=size,
                              threads=config.decoder_threads, info=plan.videos[serial])
@@ -224,10 +217,14 @@ def _decode_camera(store: CaptureStore, index: int, plan: IngestPlan, config: In
             if t >= plan.capacity:
                 frames.close()
                 raise VideoError(f"{path}: camera {serial} has more frames than its container's duration announces")
-            pending.append(apply_color_correction(frame, matrix) if matrix is not None else frame)
-            if len(pending) == WRITE_BATCH:
-                flush()
-        flush()
+            if matrix is not None:
+                frame = apply_color_correction(frame, matrix)
+            writer.write((index, t, 0, 0, 0), frame[np.newaxis, np.newaxis])
+            result.frames += 1
+            if progress and (result.frames % PROGRESS_EVERY == 0):
+                progress(serial, result.frames)
+        if progress and result.frames % PROGRESS_EVERY:
+            progress(serial, result.frames)
     except (VideoError, OSError) as error:
         result.error = f"camera {serial}: {error}"
         stop.set()
@@ -315,6 +312,7 @@ def _create_store(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir)
     if without:  # one line for the rig; the report lists the cameras
         plan.warnings.append(f"no background plates for {len(without)}/{len(plan.serials)} cameras "
                              "(sequences/BACKGROUND/image_<SERIAL>.jpg): matting will use rembg for them")
+    writer = store.chunk_writer("backgrounds")
     for index, serial in enumerate(plan.serials):
         plate_path = plan.raw.backgrounds.get(serial)
         if plate_path is None:
@@ -322,7 +320,8 @@ def _create_store(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir)
         plate = _read_plate(plate_path, plan.size, plan.source_size, serial, plan.warnings)
         if plate is not None:
             matrix = plan.color_matrices.get(serial)
-            store.write_background(index, apply_color_correction(plate, matrix) if matrix is not None else plate)
+            plate = apply_color_correction(plate, matrix) if matrix is not None else plate
+            writer.write((index, 0, 0, 0), np.ascontiguousarray(plate)[np.newaxis])
             plated.append(serial)
     # Which cameras have a plate: a listed plate whose chunk goes missing is damage, not "no plate".
     store.set_attr("background_cameras", plated)
