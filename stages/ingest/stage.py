@@ -29,7 +29,8 @@ import numpy as np
 
 from stages.core.cameras import CameraParams, intrinsics_for_size, read_camera_params
 from stages.core.color import apply_color_correction, read_color_calibration
-from stages.ingest.checks import check_cameras_see_subject, check_frame_memory, check_principal_points
+from stages.ingest.checks import (check_calibration_size, check_cameras_see_subject, check_frame_memory,
+                                  check_principal_points)
 from stages.ingest.config import IngestConfig
 from stages.core.errors import CaptureLayoutError, PipelineError, VideoError
 from stages.core.raw_capture import RawSequence, discover_sequence
@@ -121,6 +122,7 @@ def plan_ingest(raw: RawSequence, config: IngestConfig) -> IngestPlan:
     calibration = _check_calibration(raw, serials, warnings)
     calibrated_for = config.calibration_size or source_size
     if calibration is not None:
+        check_calibration_size(calibrated_for, source_size, serials[0], raw.videos[serials[0]])
         check_principal_points(calibration, serials, calibrated_for, raw.calibration)
     check_cameras_see_subject(calibration, serials, calibrated_for, warnings)
     check_frame_memory(serials[0], source_size, _stored_size(source_size, config.downscale),
