@@ -193,8 +193,24 @@ def _read_plate(path: Path, size: tuple[int, int], source_size: tuple[int, int],
 class _CameraResult:
     serial: str
     frames: int = 0
+    plate: bool = False
     seconds: float = 0.0
     error: str | None = None
+
+
+def _write_plate(store: CaptureStore, index: int, plan: IngestPlan) -> bool:
+    """The camera's background plate, colour-corrected, into its chunk; False when it has none (or it is unusable)."""
+    serial = plan.serials[index]
+    plate_path = plan.raw.backgrounds.get(serial)
+    if plate_path is None:
+        return False
+    plate = _read_plate(plate_path, plan.size, plan.source_size, serial, plan.warnings)
+    if plate is None:
+        return False
+    matrix = plan.color_matrices.get(serial)
+    plate = apply_color_correction(plate, matrix) if matrix is not None else plate
+    store.chunk_writer("backgrounds").write((index, 0, 0, 0), np.ascontiguousarray(plate)[np.newaxis])
+    return True
 
 
 def _decode_camera(store: CaptureStore, index: int, plan: IngestPlan, config: IngestConfig, stop: threading.Event,
@@ -209,6 +225,7 @@ def _decode_camera(store: CaptureStore, index: int, plan: IngestPlan, config: In
     # worker holds one frame and zarr's per-chunk machinery (several times the cost of zstd) is skipped.
     writer = store.chunk_writer("frames")
     try:
+        result.plate = _write_plate(store, index, plan)  # in the worker: plates decode in parallel too
         frames = iter_frames(path, start=config.start, count=config.count, stride=config.stride, size=size,
                              threads=config.decoder_threads, info=plan.videos[serial])
         for t, frame in enumerate(frames):
@@ -290,6 +307,8 @@ def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, c
     started = time.perf_counter()
     results = _decode_cameras(store, plan, config, workers, progress)
     wall = time.perf_counter() - started
+    # Which cameras have a plate: a listed plate whose chunk goes missing is damage, not "no plate".
+    store.set_attr("background_cameras", [r.serial for r in results if r.plate])
     counts = _common_length(store, plan, config, work, results)
     report = _report(store, plan, config, work, counts, wall, workers, chash)
     report = StageRun(STAGE, VERSION, store, work, chash, digest).finish(report)
@@ -298,7 +317,7 @@ def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, c
 
 
 def _create_store(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir) -> CaptureStore:
-    """A fresh store sized for the plan, with its calibration and colour-corrected background plates."""
+    """A fresh store sized for the plan, with its calibration (the workers write frames and plates)."""
     intrinsics, world_2_cam = _stored_calibration(plan, config)
     source_fps = next(iter(plan.videos.values())).fps
     store = CaptureStore.rebuild(
@@ -309,24 +328,10 @@ def _create_store(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir)
     # Where the frames came from: later stages find files that sit beside the videos (a synthetic capture's
     # ground_truth.zarr) without being told.
     store.set_attr("source_sequence_dir", str(Path(plan.raw.sequence_dir).resolve()))
-    plated = []
     without = [serial for serial in plan.serials if serial not in plan.raw.backgrounds]
     if without:  # one line for the rig; the report lists the cameras
         plan.warnings.append(f"no background plates for {len(without)}/{len(plan.serials)} cameras "
                              "(sequences/BACKGROUND/image_<SERIAL>.jpg): matting will use rembg for them")
-    writer = store.chunk_writer("backgrounds")
-    for index, serial in enumerate(plan.serials):
-        plate_path = plan.raw.backgrounds.get(serial)
-        if plate_path is None:
-            continue
-        plate = _read_plate(plate_path, plan.size, plan.source_size, serial, plan.warnings)
-        if plate is not None:
-            matrix = plan.color_matrices.get(serial)
-            plate = apply_color_correction(plate, matrix) if matrix is not None else plate
-            writer.write((index, 0, 0, 0), np.ascontiguousarray(plate)[np.newaxis])
-            plated.append(serial)
-    # Which cameras have a plate: a listed plate whose chunk goes missing is damage, not "no plate".
-    store.set_attr("background_cameras", plated)
     return store
 
 
