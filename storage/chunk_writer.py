@@ -66,6 +66,7 @@ class ChunkWriter:
     """
 
     def __init__(self, uri: str, array: zarr.Array) -> None:
+        uri = uris.normalize(uri)
         self._array = array
         self._encode = chunk_encoder(array)
         self._local_root = uri if uris.is_local(uri) else None
