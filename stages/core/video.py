@@ -6,7 +6,6 @@ shipped, so stream facts come from ``ffmpeg -i`` and frame counts from decoding,
 
 from __future__ import annotations
 
-import contextlib
 import re
 import subprocess
 import threading
@@ -14,11 +13,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-
-try:
-    from fcntl import F_SETPIPE_SZ, fcntl
-except ImportError:  # not Linux: pipes keep their default size
-    F_SETPIPE_SZ = None
 
 import ffmpeg
 import numpy as np
@@ -106,23 +100,6 @@ def _select_filter(start: int, stride: int) -> str | None:
     return "*".join(terms) or None
 
 
-PIPE_BYTES = 8 << 20  # at most this much decoded video waits in the pipe
-
-
-def _widen_pipe(fd: int, frame_bytes: int) -> None:
-    """Let ffmpeg decode about a frame ahead while the reader compresses the last one.
-
-    A pipe holds 64 KiB by default, so the decoder would wait for every read; Linux lets a pipe grow (to
-    /proc/sys/fs/pipe-max-size, 1 MiB, for an unprivileged process). Elsewhere, or when refused, nothing changes.
-    """
-    if F_SETPIPE_SZ is None:
-        return
-    for size in (min(PIPE_BYTES, 2 * frame_bytes), 1 << 20):
-        with contextlib.suppress(OSError):
-            fcntl(fd, F_SETPIPE_SZ, size)
-            return
-
-
 def iter_frames(
     path: str | Path,
     *,
@@ -157,7 +134,6 @@ def iter_frames(
         return
     frame_bytes = width * height * 3
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _widen_pipe(process.stdout.fileno(), frame_bytes)
     collector = _StderrCollector(process.stderr)
     collector.start()
     finished = False

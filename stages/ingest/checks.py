@@ -17,7 +17,7 @@ from stages.core.errors import CaptureLayoutError
 
 MIN_CAMERAS = 2  # multi-view reconstruction needs two views of every point
 OFF_CENTRE = 0.3  # principal point further than this fraction of the frame from its centre: K is for another size
-FRAMES_IN_FLIGHT = 12  # per decoder: the pipe (up to 2 frames), the frame read, its colour-corrected copy and
+FRAMES_IN_FLIGHT = 12  # per decoder: the pipe, the frame read, its colour-corrected copy and
 #                        its encoded chunk here, and ffmpeg's own decode and resize buffers in its process
 ASPECT_TOLERANCE = 0.01  # relative: rounding of odd sizes, not a crop or a swap
 MEMORY_SHARE = 0.8  # of the available memory ingest may plan to use: the OS and other processes keep the rest
