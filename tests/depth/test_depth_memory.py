@@ -21,7 +21,7 @@ def test_many_cores_at_1604x1100_run_as_many_workers_as_memory_allows(monkeypatc
     workers = stage.worker_count(DepthConfig(), CPU, 16, 1604, 1100)
     assert 1 <= workers < 16 and _need(16, workers, 1604, 1100) <= stage.MEMORY_BUDGET
     assert stage.worker_threads(CPU, workers) == 64 // workers  # the other cores are not left idle
-    assert stage.worker_count(DepthConfig(), CPU, 16, 550, 802) == 16  # small frames: one per view
+    assert stage.worker_count(DepthConfig(), CPU, 16, 802, 550) == 16  # small frames: one per view
     assert stage.worker_threads(CPU, 64) == 1
 
 
