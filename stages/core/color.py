@@ -65,12 +65,24 @@ def expand_cheung2004(linear_rgb: np.ndarray, terms: int) -> np.ndarray:
     return np.stack([np.broadcast_to(p, r.shape) for p in powers], axis=-1).astype(np.float32)
 
 
+COLOR_STRIP_PIXELS = 1 << 16  # pixels corrected at a time: a whole frame's polynomial terms (float32, up to 22
+#                                  per pixel, twice over while stacked) would take ~60 times the frame's own bytes
+
+
 def apply_color_correction(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Correct an (H, W, 3) uint8 sRGB image with a 3 x terms matrix; returns uint8."""
-    linear = _LINEAR_OF_BYTE[image]
-    corrected = expand_cheung2004(linear, matrix.shape[1]) @ np.asarray(matrix, dtype=np.float32).T
-    encoded = linear_to_srgb(corrected)
-    return np.clip(np.rint(encoded * 255.0), 0, 255).astype(np.uint8)
+    """Correct an (H, W, 3) uint8 sRGB image with a 3 x terms matrix; returns uint8.
+
+    Strip by strip, so the float temporaries stay a few MiB whatever the frame size (ingest runs one of these
+    per decoder at once).
+    """
+    pixels = np.ascontiguousarray(image).reshape(-1, 3)
+    out = np.empty(pixels.shape, np.uint8)
+    weights = np.asarray(matrix, dtype=np.float32).T
+    for start in range(0, len(pixels), COLOR_STRIP_PIXELS):
+        strip = slice(start, start + COLOR_STRIP_PIXELS)
+        corrected = expand_cheung2004(_LINEAR_OF_BYTE[pixels[strip]], weights.shape[0]) @ weights
+        out[strip] = np.clip(np.rint(linear_to_srgb(corrected) * 255.0), 0, 255).astype(np.uint8)
+    return out.reshape(np.shape(image))
 
 
 def read_color_calibration(path: str | Path) -> dict[str, np.ndarray]:

@@ -58,11 +58,31 @@ def resolve_method(method: str) -> str:
     return method
 
 
-def worker_count(config: DepthConfig, device: torch.device, cameras: int) -> int:
-    """Views matched at once: one per core on CPU (each single-threaded), one on a GPU (it is already parallel)."""
+# Measured at 802x550 (16 cameras, peak RSS with 1 and 2 workers, benchmarks/EXPERIMENTS.md): a timestep's frames,
+# mattes and pyramids take ~20 uint8 frames per camera, and each worker ~100 more. Scaled by the frame size, this
+# keeps the stage inside 4 GB at 1604x1100 on any number of cores (imports and torch take the rest).
+TIMESTEP_FRAMES_PER_CAMERA = 20
+WORKER_FRAMES = 100
+MEMORY_BUDGET = 7 << 29  # 3.5 GiB
+
+
+def worker_count(config: DepthConfig, device: torch.device, cameras: int, height: int, width: int) -> int:
+    """Views matched at once: one on a GPU (it is already parallel); on a CPU one per core, as far as the memory
+    budget allows (the cores left over go to each worker's torch threads)."""
     if config.workers:
         return min(config.workers, cameras)
-    return 1 if device.type == "cuda" else max(1, min(os.cpu_count() or 1, cameras))
+    if device.type == "cuda":
+        return 1
+    frame = height * width * 3
+    by_memory = (MEMORY_BUDGET - cameras * TIMESTEP_FRAMES_PER_CAMERA * frame) // (WORKER_FRAMES * frame)
+    return max(1, min(os.cpu_count() or 1, cameras, by_memory))
+
+
+def worker_threads(device: torch.device, workers: int) -> int:
+    """torch threads per worker: the cores shared out on a CPU (1 each at one worker per core)."""
+    if device.type != "cpu" or workers <= 1:
+        return torch.get_num_threads()
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def sweep_settings(config: DepthConfig) -> SweepSettings:
@@ -125,7 +145,8 @@ def plan_depth(store: CaptureStore, config: DepthConfig) -> DepthPlan:
     sources = choose_sources(views, config.neighbours, config.max_neighbour_angle)
     warnings = [f"camera {views.serials[ref]}: no neighbouring camera within {config.max_neighbour_angle:g} deg "
                 "sees the subject; its depth maps are all invalid" for ref, srcs in sources.items() if not srcs]
-    return DepthPlan(method, device, views, sources, worker_count(config, device, views.count), holdout,
+    return DepthPlan(method, device, views, sources, worker_count(config, device, views.count, store.height, store.width),
+                     holdout,
                      [store.camera_index(s) for s in train], warnings)
 
 
@@ -190,7 +211,7 @@ def _run(run: StageRun, config: DepthConfig, plan: DepthPlan, progress: Progress
     store, work = run.store, run.work
     tally = _Tally(plan.views.count)
     started = time.perf_counter()
-    threads = 1 if plan.device.type == "cpu" and plan.workers > 1 else torch.get_num_threads()
+    threads = worker_threads(plan.device, plan.workers)
     with torch_threads(threads), ThreadPoolExecutor(max_workers=plan.workers, thread_name_prefix="depth") as pool:
         for t in range(store.n_frames):
             _depth_timestep(store, t, config, plan, pool, tally)

@@ -17,8 +17,9 @@ from stages.core.errors import CaptureLayoutError
 
 MIN_CAMERAS = 2  # multi-view reconstruction needs two views of every point
 OFF_CENTRE = 0.3  # principal point further than this fraction of the frame from its centre: K is for another size
-FRAMES_IN_FLIGHT = 12  # per decoder: its write batch twice (the batch and its stacked copy), plus decode,
-#                        resize, colour and encode buffers
+FRAMES_IN_FLIGHT = 12  # per decoder: the pipe, the frame read, its colour-corrected copy and
+#                        its encoded chunk here, and ffmpeg's own decode and resize buffers in its process
+ASPECT_TOLERANCE = 0.01  # relative: rounding of odd sizes, not a crop or a swap
 MEMORY_SHARE = 0.8  # of the available memory ingest may plan to use: the OS and other processes keep the rest
 MAX_CHUNK_BYTES = 2**31 - 1  # one frame is one chunk; compressors take at most 2 GiB per buffer
 
@@ -29,6 +30,19 @@ class RigError(CaptureLayoutError):
 
 class FrameSizeError(CaptureLayoutError):
     """A frame does not fit the chunking or the memory ingest would need."""
+
+
+def check_calibration_size(calibrated_for: tuple[int, int], source_size: tuple[int, int], serial: str,
+                           video: Path) -> None:
+    """Refuse a ``--calibration-size`` with another aspect ratio than the videos (width and height swapped, or
+    a crop): rescaling K to the videos would stretch it unevenly and every ray would be off."""
+    (cal_w, cal_h), (width, height) = calibrated_for, source_size
+    if abs(cal_w / cal_h - width / height) > ASPECT_TOLERANCE * width / height:
+        swapped = " (width and height swapped?)" if abs(cal_h / cal_w - width / height) <= 0.01 * width / height else ""
+        raise CaptureLayoutError(
+            f"--calibration-size {cal_w} {cal_h}: the calibration's frames have another aspect ratio than the videos "
+            f"(camera {serial}, {video}, is {width}x{height}){swapped}; give the size as WIDTH HEIGHT of the frames "
+            "the calibration was made for")
 
 
 def check_principal_points(calibration: CameraParams, serials: list[str], calibrated_for: tuple[int, int],

@@ -29,7 +29,8 @@ import numpy as np
 
 from stages.core.cameras import CameraParams, intrinsics_for_size, read_camera_params
 from stages.core.color import apply_color_correction, read_color_calibration
-from stages.ingest.checks import check_cameras_see_subject, check_frame_memory, check_principal_points
+from stages.ingest.checks import (check_calibration_size, check_cameras_see_subject, check_frame_memory,
+                                  check_principal_points)
 from stages.ingest.config import IngestConfig
 from stages.core.errors import CaptureLayoutError, PipelineError, VideoError
 from stages.core.raw_capture import RawSequence, discover_sequence
@@ -41,7 +42,7 @@ from storage.capture_store import rewrite_interrupted
 
 STAGE = "ingest"
 VERSION = "1"
-WRITE_BATCH = 4  # frames per camera held before a write: memory stays at a few frames per worker
+PROGRESS_EVERY = 4  # frames per camera between progress calls
 
 ProgressCallback = Callable[[str, int], None]  # (serial, frames written so far)
 
@@ -121,6 +122,7 @@ def plan_ingest(raw: RawSequence, config: IngestConfig) -> IngestPlan:
     calibration = _check_calibration(raw, serials, warnings)
     calibrated_for = config.calibration_size or source_size
     if calibration is not None:
+        check_calibration_size(calibrated_for, source_size, serials[0], raw.videos[serials[0]])
         check_principal_points(calibration, serials, calibrated_for, raw.calibration)
     check_cameras_see_subject(calibration, serials, calibrated_for, warnings)
     check_frame_memory(serials[0], source_size, _stored_size(source_size, config.downscale),
@@ -191,8 +193,24 @@ def _read_plate(path: Path, size: tuple[int, int], source_size: tuple[int, int],
 class _CameraResult:
     serial: str
     frames: int = 0
+    plate: bool = False
     seconds: float = 0.0
     error: str | None = None
+
+
+def _write_plate(store: CaptureStore, index: int, plan: IngestPlan) -> bool:
+    """The camera's background plate, colour-corrected, into its chunk; False when it has none (or it is unusable)."""
+    serial = plan.serials[index]
+    plate_path = plan.raw.backgrounds.get(serial)
+    if plate_path is None:
+        return False
+    plate = _read_plate(plate_path, plan.size, plan.source_size, serial, plan.warnings)
+    if plate is None:
+        return False
+    matrix = plan.color_matrices.get(serial)
+    plate = apply_color_correction(plate, matrix) if matrix is not None else plate
+    store.chunk_writer("backgrounds").write((index, 0, 0, 0), np.ascontiguousarray(plate)[np.newaxis])
+    return True
 
 
 def _decode_camera(store: CaptureStore, index: int, plan: IngestPlan, config: IngestConfig, stop: threading.Event,
@@ -203,17 +221,11 @@ def _decode_camera(store: CaptureStore, index: int, plan: IngestPlan, config: In
     path = plan.raw.videos[serial]
     size = plan.size if plan.size != plan.source_size else None
     matrix = plan.color_matrices.get(serial)
-    pending: list[np.ndarray] = []  # a few frames, written together so zarr compresses them in parallel
-
-    def flush() -> None:
-        if pending:
-            store.write_frames(index, result.frames, np.stack(pending))
-            result.frames += len(pending)
-            pending.clear()
-            if progress:
-                progress(serial, result.frames)
-
+    # One frame is one chunk: each is encoded in this thread and written at zarr's key as it arrives, so a
+    # worker holds one frame and zarr's per-chunk machinery (several times the cost of zstd) is skipped.
+    writer = store.chunk_writer("frames")
     try:
+        result.plate = _write_plate(store, index, plan)  # in the worker: plates decode in parallel too
         frames = iter_frames(path, start=config.start, count=config.count, stride=config.stride, size=size,
                              threads=config.decoder_threads, info=plan.videos[serial])
         for t, frame in enumerate(frames):
@@ -224,10 +236,14 @@ def _decode_camera(store: CaptureStore, index: int, plan: IngestPlan, config: In
             if t >= plan.capacity:
                 frames.close()
                 raise VideoError(f"{path}: camera {serial} has more frames than its container's duration announces")
-            pending.append(apply_color_correction(frame, matrix) if matrix is not None else frame)
-            if len(pending) == WRITE_BATCH:
-                flush()
-        flush()
+            if matrix is not None:
+                frame = apply_color_correction(frame, matrix)
+            writer.write((index, t, 0, 0, 0), frame[np.newaxis, np.newaxis])
+            result.frames += 1
+            if progress and (result.frames % PROGRESS_EVERY == 0):
+                progress(serial, result.frames)
+        if progress and result.frames % PROGRESS_EVERY:
+            progress(serial, result.frames)
     except (VideoError, OSError) as error:
         result.error = f"camera {serial}: {error}"
         stop.set()
@@ -291,6 +307,8 @@ def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, c
     started = time.perf_counter()
     results = _decode_cameras(store, plan, config, workers, progress)
     wall = time.perf_counter() - started
+    # Which cameras have a plate: a listed plate whose chunk goes missing is damage, not "no plate".
+    store.set_attr("background_cameras", [r.serial for r in results if r.plate])
     counts = _common_length(store, plan, config, work, results)
     report = _report(store, plan, config, work, counts, wall, workers, chash)
     report = StageRun(STAGE, VERSION, store, work, chash, digest).finish(report)
@@ -299,7 +317,7 @@ def _run_ingest(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir, c
 
 
 def _create_store(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir) -> CaptureStore:
-    """A fresh store sized for the plan, with its calibration and colour-corrected background plates."""
+    """A fresh store sized for the plan, with its calibration (the workers write frames and plates)."""
     intrinsics, world_2_cam = _stored_calibration(plan, config)
     source_fps = next(iter(plan.videos.values())).fps
     store = CaptureStore.rebuild(
@@ -310,22 +328,10 @@ def _create_store(plan: IngestPlan, config: IngestConfig, work: SequenceWorkDir)
     # Where the frames came from: later stages find files that sit beside the videos (a synthetic capture's
     # ground_truth.zarr) without being told.
     store.set_attr("source_sequence_dir", str(Path(plan.raw.sequence_dir).resolve()))
-    plated = []
     without = [serial for serial in plan.serials if serial not in plan.raw.backgrounds]
     if without:  # one line for the rig; the report lists the cameras
         plan.warnings.append(f"no background plates for {len(without)}/{len(plan.serials)} cameras "
                              "(sequences/BACKGROUND/image_<SERIAL>.jpg): matting will use rembg for them")
-    for index, serial in enumerate(plan.serials):
-        plate_path = plan.raw.backgrounds.get(serial)
-        if plate_path is None:
-            continue
-        plate = _read_plate(plate_path, plan.size, plan.source_size, serial, plan.warnings)
-        if plate is not None:
-            matrix = plan.color_matrices.get(serial)
-            store.write_background(index, apply_color_correction(plate, matrix) if matrix is not None else plate)
-            plated.append(serial)
-    # Which cameras have a plate: a listed plate whose chunk goes missing is damage, not "no plate".
-    store.set_attr("background_cameras", plated)
     return store
 
 

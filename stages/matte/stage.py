@@ -304,13 +304,26 @@ def matte_sequence(work_dir: str | os.PathLike[str] | SequenceWorkDir, config: M
                      lambda run, plan: _run_matte(run, plan, config, progress))
 
 
-def _worker_count(config: MatteConfig, cameras: int) -> int:
-    return max(1, min(cameras, config.workers or os.cpu_count() or 1))
+# Measured (tracemalloc, plate and fused methods, 802x550 and 1604x1100): one frame's matting holds about 72
+# uint8 frames' worth of float temporaries (colour distances, guided-filter boxes), ~370 MB at 1604x1100, and its
+# temporal window keeps 3 float frames (12 more). The workers chosen automatically share this budget; the model
+# and the runtime take the rest of the stage's 4 GB (fused matting peaked at 1.1 GB at 192x128, nearly all of it
+# onnxruntime's, benchmarks/scale.py).
+FRAME_WORKING_SET = 90  # uint8 frames per worker
+WORKERS_MEMORY_BUDGET = 5 << 29  # 2.5 GiB
+
+
+def _worker_count(config: MatteConfig, cameras: int, height: int, width: int) -> int:
+    """Cameras matted at once: ``--workers``, or one per core as far as the memory budget allows."""
+    if config.workers:
+        return max(1, min(cameras, config.workers))
+    by_memory = WORKERS_MEMORY_BUDGET // (FRAME_WORKING_SET * height * width * 3)
+    return max(1, min(cameras, os.cpu_count() or 1, by_memory))
 
 
 def _run_matte(run: StageRun, plan: MattePlan, config: MatteConfig, progress: ProgressCallback | None) -> dict:
     store, work = run.store, run.work
-    workers = _worker_count(config, len(plan.cameras))
+    workers = _worker_count(config, len(plan.cameras), store.height, store.width)
     threads = config.onnx_threads or max(1, (os.cpu_count() or 1) // workers)
     session = load_session(plan.model, threads, config.device) if plan.model else None
     stop = threading.Event()

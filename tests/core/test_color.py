@@ -52,3 +52,19 @@ def test_read_color_calibration(tmp_path):
     with pytest.raises(CalibrationError, match="camera 222200037") as error:
         read_color_calibration(path)
     assert str(path) in str(error.value)
+
+
+def test_correction_memory_does_not_grow_with_the_frame():
+    """Ingest corrects one frame per decoder at once: its float temporaries must stay a few MiB, not ~60 frames."""
+    import tracemalloc
+
+    matrix = np.random.default_rng(2).normal(0, 0.05, (3, 22))
+    matrix[:, :3] += np.eye(3)
+    peaks = {}
+    for height, width in ((802, 550), (1604, 1100)):
+        image = np.random.default_rng(3).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        tracemalloc.start()
+        corrected = apply_color_correction(image, matrix)
+        peaks[height] = tracemalloc.get_traced_memory()[1] - corrected.nbytes
+        tracemalloc.stop()
+    assert peaks[1604] < 32 * 2**20 and peaks[1604] < 1.5 * peaks[802]  # 4x the pixels, the same temporaries

@@ -79,6 +79,16 @@ def test_a_calibration_for_another_image_size_is_refused_naming_the_camera(ring,
     assert report["status"] == "completed"
 
 
+def test_a_calibration_size_of_another_aspect_ratio_is_refused_naming_the_value(ring, tmp_path):
+    work = tmp_path / "work"
+    with pytest.raises(CaptureLayoutError, match=rf"--calibration-size {2 * H} {2 * W}: .*camera 00.* is {W}x{H}\) "
+                                                 r"\(width and height swapped\?\)"):
+        ingest_sequence(ring.sequence_dir, str(work), IngestConfig(calibration_size=(2 * H, 2 * W)))
+    with pytest.raises(CaptureLayoutError, match=rf"--calibration-size {2 * W} {H}: .*aspect ratio"):
+        ingest_sequence(ring.sequence_dir, str(work), IngestConfig(calibration_size=(2 * W, H)))
+    assert _nothing_written(work)
+
+
 def test_a_rig_that_looks_away_from_the_subject_is_refused(ring, tmp_path):
     def outward(params):  # every camera turned round: they look away from the head
         for serial, matrix in params["world_2_cam"].items():
