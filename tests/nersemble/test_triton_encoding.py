@@ -9,9 +9,7 @@ something in this process imported triton earlier (compiled), the tests here ski
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -55,16 +53,11 @@ def interpreted():
                     "test_in_a_fresh_interpreter_process runs these tests in a child process")
 
 
-def test_in_a_fresh_interpreter_process():
+def test_in_a_fresh_interpreter_process(rerun_under_interpreter):
     """Where the kernels here are compiled, run this file again under the interpreter, in a child process."""
     if interpreting():
         return  # the tests below run in this process
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    rerun_under_interpreter(__file__)
 
 
 def _pair(config: HashEnsembleConfig) -> tuple[TritonHashEnsemble, ReferenceHashEnsemble]:

@@ -9,9 +9,7 @@ this file again in a child process with the variable set.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -44,15 +42,10 @@ def interpreted():
                     "test_in_a_fresh_interpreter_process runs these tests in a child process")
 
 
-def test_in_a_fresh_interpreter_process():
+def test_in_a_fresh_interpreter_process(rerun_under_interpreter):
     if triton_packed.interpreting():
         return  # the tests below run in this process
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    rerun_under_interpreter(__file__)
 
 
 def _packed(counts: list[int], dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor | int]:
