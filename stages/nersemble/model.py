@@ -31,6 +31,7 @@ from .schedules import cosine_window
 
 
 VISIBILITY_SLAB = 16  # samples per ray evaluated at once by front-to-back early termination
+QUERY_BLOCK = 4096  # samples per batched no-grad query on the CPU fast path: its intermediates stay in cache
 
 
 @dataclass(frozen=True)
@@ -150,20 +151,47 @@ class NeRSembleModel(nn.Module):
         return sigma.float(), rgb.float(), offset.float()
 
     def _fast_nograd(self, positions: torch.Tensor) -> bool:
-        """No autograd wanted, float32 on a CPU, and the fused C kernels are there: one C pass per sample."""
+        """No autograd wanted, float32 on a CPU, and the C kernels are there: the batched no-grad query."""
         return (not torch.is_grad_enabled() and fast.applies(positions, self.field.encoding.table)
                 and fast.query_supported(self))
 
     def _fast_query(self, positions: torch.Tensor, directions: torch.Tensor | None, timesteps: torch.Tensor,
                     windows: Windows, want_offset: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`query` (or with ``directions`` None, :meth:`density`) through :func:`fast.query_nograd`."""
-        codes = window = None
+        """:meth:`_fast_query_block` over blocks of ``QUERY_BLOCK`` samples: every intermediate stays in cache."""
+        deformation = None
+        if self.deformation is not None:
+            deformation = fast.NoGradDeformation(self.deformation, self.codes.deformation.weight)
+        n = positions.shape[0]
+        parts = [self._fast_query_block(deformation, positions[i:i + QUERY_BLOCK],
+                                        None if directions is None else directions[i:i + QUERY_BLOCK],
+                                        timesteps[i:i + QUERY_BLOCK], windows, want_offset)
+                 for i in range(0, n, QUERY_BLOCK)]
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
+
+    def _fast_query_block(self, deformation: fast.NoGradDeformation | None, positions: torch.Tensor,
+                          directions: torch.Tensor | None, timesteps: torch.Tensor, windows: Windows,
+                          want_offset: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`query` (or with ``directions`` None, :meth:`density`) with the elementwise chain in C.
+
+        The MLPs run as batched matrix products (torch's GEMM is far faster than per-sample loops in C); the
+        SE(3) warp, box normalisation and hash encoding between them run per sample in
+        :func:`fast.warp_encode`, so none of their many [N, ...] intermediates reaches memory.
+        """
+        screw, eps, box_units = None, 0.0, False
         if self.deformation is not None:
             c = self.config.deformation
-            codes = self.codes.deformation(timesteps)
-            window = cosine_window(windows.deformation, c.n_frequencies).repeat(3)
-        return fast.query_nograd(self, positions, directions, codes, window, self.blend_weights(timesteps, windows),
-                                 want_offset)
+            x_n = (positions - self.scene_box[0]) / (self.scene_box[1] - self.scene_box[0])
+            screw = deformation(x_n, timesteps, windows.deformation)
+            eps, box_units = c.exp_map_eps, c.offset_units == "box"
+        features, inside, offset = fast.warp_encode(self.field.encoding, positions, screw,
+                                                    self.blend_weights(timesteps, windows), self.scene_box, eps,
+                                                    box_units, want_offset)
+        h = self.field.density_mlp(features)
+        sigma = torch.exp(h[:, 0]) * inside
+        rgb = None if directions is None else self.field.color(directions, h[:, 1:])
+        return sigma, rgb, offset
 
     # --- rays -------------------------------------------------------------------------------------------
 
@@ -204,6 +232,8 @@ class NeRSembleModel(nn.Module):
         ``full_query`` evaluates colour and offset too and returns them for every sample (zeros where skipped).
         """
         eps = self.config.sampler.early_stop_eps
+        if self._fast_nograd(rays_o):
+            return self._visible_fast(samples, rays_o, rays_d, timesteps, windows, alpha_threshold, full_query)
         n_rays = rays_o.shape[0]
         ray_ids = samples.ray_indices
         counts = torch.bincount(ray_ids, minlength=n_rays)
@@ -238,6 +268,32 @@ class NeRSembleModel(nn.Module):
                 optical_depth += segment_sum(tau.double(), part.ray_indices, n_rays)
                 alive = torch.exp(-optical_depth) >= eps
             keep[ids] = visible
+        return keep, values
+
+    def _visible_fast(self, samples: RaySamples, rays_o: torch.Tensor, rays_d: torch.Tensor, timesteps: torch.Tensor,
+                      windows: Windows, alpha_threshold: float,
+                      full_query: bool) -> tuple[torch.Tensor, Queried | None]:
+        """:meth:`_visible` with the slab bookkeeping in C (:class:`fast.FrontToBack`); the same samples are kept.
+
+        Which samples are kept depends only on each sample's alpha and the optical depth in front of it, not on
+        how many samples per ray a slab evaluates: a ray stops once it is opaque, and every sample behind that
+        point would have been dropped anyway. So slabs here may be as large as keeps the batches big.
+        """
+        eps = self.config.sampler.early_stop_eps
+        state = fast.FrontToBack(samples.ray_indices, samples.t_starts, samples.t_ends, rays_o, rays_d, full_query)
+        slab = VISIBILITY_SLAB if eps > 0 else max(int(state.counts.max()), 1)
+        while True:
+            ids, ray_ids, positions = state.take(slab)
+            if ids.numel() == 0:
+                break
+            part_t = timesteps[ray_ids]
+            if full_query:
+                sigma, rgb, offset = self._fast_query(positions, rays_d[ray_ids], part_t, windows)
+            else:
+                sigma, rgb, offset = self._fast_query(positions, None, part_t, windows, want_offset=False)
+            state.update(ids, ray_ids, sigma, rgb, offset, alpha_threshold, eps)
+        keep = state.keep.bool()
+        values = Queried(state.sigma, state.rgb, state.offset) if full_query else None
         return keep, values
 
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, timesteps: torch.Tensor | int,
