@@ -32,6 +32,7 @@ ENV = "NERSEMBLE_FAST"  # "0"/"false"/"off": the eager reference path
 CACHE_ENV = "NERSEMBLE_CACHE"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 MAX_WIDTH = 256  # K*F columns the kernels' stack buffers hold (MAXW in the source)
+MAX_LEVELS = 32  # levels the kernels' stack buffers hold (MAXL in the source)
 
 _state: dict[str, object] = {"lib": None, "failed": None, "warned": False}
 
@@ -217,7 +218,12 @@ def query_supported(model) -> bool:  # noqa: ANN001 - NeRSembleModel
     from .hash_encoding import TorchHashEnsemble  # noqa: PLC0415 - import cycle
 
     encoding = model.field.encoding
-    return type(encoding) is TorchHashEnsemble and encoding.table.shape[1] <= MAX_WIDTH
+    return type(encoding) is TorchHashEnsemble and fits(encoding)
+
+
+def fits(encoding) -> bool:  # noqa: ANN001 - TorchHashEnsemble
+    """The encoding's rows and levels fit the kernels' stack buffers."""
+    return encoding.table.shape[1] <= MAX_WIDTH and encoding.n_levels <= MAX_LEVELS
 
 
 def _geometry(encoding) -> _Geometry:  # noqa: ANN001 - TorchHashEnsemble

@@ -34,7 +34,7 @@ static inline void corner_rows(const float *x, int n_dense_flag, float scale, in
                 if (n_dense_flag) {
                     uint32_t r = (uint32_t)res;
                     idx = (uint32_t)(c[0] + i) + (uint32_t)(c[1] + j) * r + (uint32_t)(c[2] + k) * (r * r);
-                    idx = (uint32_t)((uint64_t)idx % (uint64_t)size);
+                    if (idx >= (uint32_t)size) idx %= (uint32_t)size;  /* rarely taken: a 32-bit division only then */
                 } else {
                     idx = ((uint32_t)(c[0] + i)) ^ ((uint32_t)(c[1] + j) * 2654435761u)
                           ^ ((uint32_t)(c[2] + k) * 805459861u);
@@ -60,29 +60,53 @@ static inline void corner_weights(const float f[3], float w[8], float dw[3][8]) 
             }
 }
 
-/* out[n, l*F + f] = sum_k blend[n, k] * sum_c w_c table[row_c, k*F + f] */
-void hash_forward(const float *x, const float *blend, const float *table, int64_t n, int n_levels, int n_grids,
-                  int feats, const float *scales, const int64_t *res, const int64_t *sizes, const int64_t *offsets,
-                  int n_dense, float *out, int n_threads) {
+#define GROUP 4   /* samples whose table rows are found and prefetched before any is read */
+#define MAXL 32   /* levels at most (the paper config has 16) */
+
+/* Encode `gn` <= GROUP samples at box-normalised positions x[q] with blend rows blend[q * n_grids ...]:
+   first every corner row of every level of every sample is found and prefetched, then they are read. The
+   rows are scattered over a table of megabytes, so reading them one after the other waits on each miss in
+   turn; prefetching them all first overlaps those waits. out[q * L*F + l*F + f]. */
+static inline void encode_group(const float x[][3], int gn, const float *blend, const float *table, int n_levels,
+                                int n_grids, int feats, const float *scales, const int64_t *res,
+                                const int64_t *sizes, const int64_t *offsets, int n_dense, float *out) {
     const int width = n_grids * feats;
-    #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t p = 0; p < n; ++p) {
-        int64_t rows[8];
-        float frac[3], w[8], acc[MAXW];
+    int64_t rows[GROUP][MAXL][8];
+    float frac[GROUP][MAXL][3];
+    for (int q = 0; q < gn; ++q)
         for (int l = 0; l < n_levels; ++l) {
-            corner_rows(x + 3 * p, l < n_dense, scales[l], res[l], sizes[l], offsets[l], rows, frac);
-            corner_weights(frac, w, 0);
+            corner_rows(x[q], l < n_dense, scales[l], res[l], sizes[l], offsets[l], rows[q][l], frac[q][l]);
+            for (int c = 0; c < 8; ++c) __builtin_prefetch(table + rows[q][l][c] * width, 0, 1);
+        }
+    for (int q = 0; q < gn; ++q)
+        for (int l = 0; l < n_levels; ++l) {
+            float w[8], acc[MAXW];
+            corner_weights(frac[q][l], w, 0);
             for (int col = 0; col < width; ++col) acc[col] = 0.0f;
             for (int c = 0; c < 8; ++c) {
-                const float *row = table + rows[c] * width;
+                const float *row = table + rows[q][l][c] * width;
                 for (int col = 0; col < width; ++col) acc[col] += w[c] * row[col];
             }
             for (int f = 0; f < feats; ++f) {
                 float s = 0.0f;
-                for (int k = 0; k < n_grids; ++k) s += acc[k * feats + f] * blend[p * n_grids + k];
-                out[p * n_levels * feats + l * feats + f] = s;
+                for (int k = 0; k < n_grids; ++k) s += acc[k * feats + f] * blend[q * n_grids + k];
+                out[q * n_levels * feats + l * feats + f] = s;
             }
         }
+}
+
+/* out[n, l*F + f] = sum_k blend[n, k] * sum_c w_c table[row_c, k*F + f] */
+void hash_forward(const float *x, const float *blend, const float *table, int64_t n, int n_levels, int n_grids,
+                  int feats, const float *scales, const int64_t *res, const int64_t *sizes, const int64_t *offsets,
+                  int n_dense, float *out, int n_threads) {
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t g = 0; g < n; g += GROUP) {
+        const int gn = n - g < GROUP ? (int)(n - g) : GROUP;
+        float xs[GROUP][3];
+        for (int q = 0; q < gn; ++q)
+            for (int a = 0; a < 3; ++a) xs[q][a] = x[3 * (g + q) + a];
+        encode_group(xs, gn, blend + g * n_grids, table, n_levels, n_grids, feats, scales, res, sizes, offsets,
+                     n_dense, out + g * n_levels * feats);
     }
 }
 
@@ -159,56 +183,44 @@ void warp_encode(const float *positions, const float *vr, const float *blend, in
                  float *inside_out, float *offset_out, int n_threads) {
     const float *lo = fparams, *hi = fparams + 3;
     const float eps = fparams[6];
-    const int width = n_grids * feats;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t p = 0; p < n; ++p) {
-        const float *pos = positions + 3 * p;
-        float canon[3], delta[3] = {0.0f, 0.0f, 0.0f};
-        if (vr) {
-            float ext[3], xn[3];
-            for (int k = 0; k < 3; ++k) { ext[k] = hi[k] - lo[k]; xn[k] = (pos[k] - lo[k]) / ext[k]; }
-            const float *v = vr + 6 * p, *r = vr + 6 * p + 3;
-            float theta = sqrtf(fmaxf(r[0] * r[0] + r[1] * r[1] + r[2] * r[2], eps));
-            float sn = sinf(theta), cs = cosf(theta);
-            float ca = sn / theta, cb = (1.0f - cs) / (theta * theta), cc = (theta - sn) / (theta * theta * theta);
-            float rx[3], rrx[3], rv[3], rrv[3];
-            cross3(r, xn, rx); cross3(r, rx, rrx); cross3(r, v, rv); cross3(r, rv, rrv);
+    for (int64_t g = 0; g < n; g += GROUP) {
+        const int gn = n - g < GROUP ? (int)(n - g) : GROUP;
+        float xs[GROUP][3];
+        for (int q = 0; q < gn; ++q) {
+            const int64_t p = g + q;
+            const float *pos = positions + 3 * p;
+            float canon[3], delta[3] = {0.0f, 0.0f, 0.0f};
+            if (vr) {
+                float ext[3], xn[3];
+                for (int k = 0; k < 3; ++k) { ext[k] = hi[k] - lo[k]; xn[k] = (pos[k] - lo[k]) / ext[k]; }
+                const float *v = vr + 6 * p, *r = vr + 6 * p + 3;
+                float theta = sqrtf(fmaxf(r[0] * r[0] + r[1] * r[1] + r[2] * r[2], eps));
+                float sn = sinf(theta), cs = cosf(theta);
+                float ca = sn / theta, cb = (1.0f - cs) / (theta * theta), cc = (theta - sn) / (theta * theta * theta);
+                float rx[3], rrx[3], rv[3], rrv[3];
+                cross3(r, xn, rx); cross3(r, rx, rrx); cross3(r, v, rv); cross3(r, rv, rrv);
+                for (int k = 0; k < 3; ++k) {
+                    float warped = xn[k] + ca * rx[k] + cb * rrx[k] + (v[k] + cb * rv[k] + cc * rrv[k]);
+                    if (isnan(warped)) warped = xn[k];
+                    delta[k] = warped - xn[k];
+                    if (box_units) delta[k] *= ext[k];
+                    canon[k] = pos[k] + delta[k];
+                }
+            } else {
+                for (int k = 0; k < 3; ++k) canon[k] = pos[k];
+            }
+            int inside = 1;
             for (int k = 0; k < 3; ++k) {
-                float warped = xn[k] + ca * rx[k] + cb * rrx[k] + (v[k] + cb * rv[k] + cc * rrv[k]);
-                if (isnan(warped)) warped = xn[k];
-                delta[k] = warped - xn[k];
-                if (box_units) delta[k] *= ext[k];
-                canon[k] = pos[k] + delta[k];
+                xs[q][k] = (canon[k] - lo[k]) / (hi[k] - lo[k]);
+                inside &= (xs[q][k] > 0.0f) & (xs[q][k] < 1.0f);
             }
-        } else {
-            for (int k = 0; k < 3; ++k) canon[k] = pos[k];
+            if (!inside) xs[q][0] = xs[q][1] = xs[q][2] = 0.0f;
+            inside_out[p] = inside ? 1.0f : 0.0f;
+            if (offset_out) for (int k = 0; k < 3; ++k) offset_out[3 * p + k] = delta[k];
         }
-        float x[3];
-        int inside = 1;
-        for (int k = 0; k < 3; ++k) {
-            x[k] = (canon[k] - lo[k]) / (hi[k] - lo[k]);
-            inside &= (x[k] > 0.0f) & (x[k] < 1.0f);
-        }
-        if (!inside) x[0] = x[1] = x[2] = 0.0f;
-        float *out = features + p * n_levels * feats;
-        for (int l = 0; l < n_levels; ++l) {
-            int64_t rows[8];
-            float frac[3], w[8], acc[MAXW];
-            corner_rows(x, l < n_dense, scales[l], res[l], sizes[l], offsets[l], rows, frac);
-            corner_weights(frac, w, 0);
-            for (int q = 0; q < width; ++q) acc[q] = 0.0f;
-            for (int c = 0; c < 8; ++c) {
-                const float *row = table + rows[c] * width;
-                for (int q = 0; q < width; ++q) acc[q] += w[c] * row[q];
-            }
-            for (int f = 0; f < feats; ++f) {
-                float s = 0.0f;
-                for (int k = 0; k < n_grids; ++k) s += acc[k * feats + f] * blend[p * n_grids + k];
-                out[l * feats + f] = s;
-            }
-        }
-        inside_out[p] = inside ? 1.0f : 0.0f;
-        if (offset_out) for (int k = 0; k < 3; ++k) offset_out[3 * p + k] = delta[k];
+        encode_group(xs, gn, blend + g * n_grids, table, n_levels, n_grids, feats, scales, res, sizes, offsets,
+                     n_dense, features + g * n_levels * feats);
     }
 }
 
