@@ -218,7 +218,8 @@ def query_supported(model) -> bool:  # noqa: ANN001 - NeRSembleModel
     from .hash_encoding import TorchHashEnsemble  # noqa: PLC0415 - import cycle
 
     encoding = model.field.encoding
-    return type(encoding) is TorchHashEnsemble and fits(encoding)
+    return (type(encoding) is TorchHashEnsemble and fits(encoding) and _relu_mlp(model.field.density_mlp) is not None
+            and _relu_mlp(model.field.color_mlp) is not None)
 
 
 def fits(encoding) -> bool:  # noqa: ANN001 - TorchHashEnsemble
@@ -294,7 +295,7 @@ class NoGradDeformation:
         h: torch.Tensor | None = None
         for w_pe, bias, w_h in self.layers:
             if bias.dim() == 2:
-                bias = bias[timesteps]
+                bias = torch.index_select(bias, 0, timesteps)
             if w_pe is None:
                 out = torch.addmm(bias, h, w_h)
             else:
@@ -303,6 +304,67 @@ class NoGradDeformation:
                     out.addmm_(h, w_h)
             h = out.clamp_min_(0.0)
         return torch.addmm(self.head_b, h, self.head_w)
+
+
+def _relu_mlp(sequential: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+    """(weight [in, out], bias) per layer of a ``Linear, ReLU, ..., Linear`` Sequential; None for any other."""
+    modules = list(sequential)
+    linears, relus = modules[0::2], modules[1::2]
+    if not all(isinstance(m, torch.nn.Linear) for m in linears) or not all(isinstance(m, torch.nn.ReLU) for m in relus):
+        return None
+    if len(relus) != len(linears) - 1:
+        return None
+    return [(m.weight.detach().float().t().contiguous(), None if m.bias is None else m.bias.detach().float())
+            for m in linears]
+
+
+def _run(layers: list[tuple[torch.Tensor, torch.Tensor | None]], h: torch.Tensor) -> torch.Tensor:
+    """The ReLU MLP on ``h`` with in-place activations (no fresh buffer per ReLU)."""
+    for i, (w, b) in enumerate(layers):
+        h = torch.mm(h, w) if b is None else torch.addmm(b, h, w)
+        if i + 1 < len(layers):
+            h.clamp_min_(0.0)
+    return h
+
+
+class NoGradField:
+    """The field's density and colour MLPs for large no-grad batches; :class:`NeRSembleField` is the twin.
+
+    ReLUs run in place, and the colour MLP's first layer reads the density MLP's output as it is: its
+    direction columns multiply ``(d + 1) / 2`` in a product of their own, the geometry columns are placed
+    under the geometry features (a zero row under the raw density), and the constant-ones padding is a bias.
+    Only the order of the sums differs from the twin (float32 rounding). Build one per batch of queries.
+    """
+
+    def __init__(self, field) -> None:  # noqa: ANN001 - NeRSembleField
+        self.density = _relu_mlp(field.density_mlp)
+        color = _relu_mlp(field.color_mlp)
+        self.supported = self.density is not None and color is not None
+        if not self.supported:
+            return
+        first = field.color_mlp[0]
+        w = first.weight.detach().float()  # [hidden, in]: (d 3, geo G, ones ...)
+        n_out = self.density[-1][0].shape[1]  # 1 + G
+        n_real = 3 + n_out - 1
+        bias = w[:, n_real:].sum(dim=1)
+        if first.bias is not None:
+            bias = bias + first.bias.detach().float()
+        self.color_dir = w[:, :3].t().contiguous()
+        self.color_geo = torch.cat([torch.zeros(1, w.shape[0]), w[:, 3:n_real].t()]).contiguous()
+        self.color_bias = bias
+        self.color_rest = color[1:]
+
+    def __call__(self, features: torch.Tensor, inside: torch.Tensor,
+                 directions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = _run(self.density, features)
+        sigma = torch.exp(h[:, 0]) * inside
+        if directions is None:
+            return sigma, None
+        x = torch.addmm(self.color_bias, h, self.color_geo)
+        x.addmm_((directions + 1.0) / 2.0, self.color_dir)
+        if self.color_rest:
+            x = _run(self.color_rest, x.clamp_min_(0.0))
+        return sigma, torch.sigmoid_(x)
 
 
 class FrontToBack:

@@ -161,8 +161,9 @@ class NeRSembleModel(nn.Module):
         deformation = None
         if self.deformation is not None:
             deformation = fast.NoGradDeformation(self.deformation, self.codes.deformation.weight)
+        field = fast.NoGradField(self.field)
         n = positions.shape[0]
-        parts = [self._fast_query_block(deformation, positions[i:i + QUERY_BLOCK],
+        parts = [self._fast_query_block(deformation, field, positions[i:i + QUERY_BLOCK],
                                         None if directions is None else directions[i:i + QUERY_BLOCK],
                                         timesteps[i:i + QUERY_BLOCK], windows, want_offset)
                  for i in range(0, n, QUERY_BLOCK)]
@@ -170,7 +171,8 @@ class NeRSembleModel(nn.Module):
             return parts[0]
         return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
 
-    def _fast_query_block(self, deformation: fast.NoGradDeformation | None, positions: torch.Tensor,
+    def _fast_query_block(self, deformation: fast.NoGradDeformation | None, field: fast.NoGradField,
+                          positions: torch.Tensor,
                           directions: torch.Tensor | None, timesteps: torch.Tensor, windows: Windows,
                           want_offset: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`query` (or with ``directions`` None, :meth:`density`) with the elementwise chain in C.
@@ -188,9 +190,7 @@ class NeRSembleModel(nn.Module):
         features, inside, offset = fast.warp_encode(self.field.encoding, positions, screw,
                                                     self.blend_weights(timesteps, windows), self.scene_box, eps,
                                                     box_units, want_offset)
-        h = self.field.density_mlp(features)
-        sigma = torch.exp(h[:, 0]) * inside
-        rgb = None if directions is None else self.field.color(directions, h[:, 1:])
+        sigma, rgb = field(features, inside, directions)
         return sigma, rgb, offset
 
     # --- rays -------------------------------------------------------------------------------------------
