@@ -27,12 +27,14 @@ from pathlib import Path
 import torch
 
 from .fast_kernels import SOURCE
+from .schedules import cosine_window
 
 ENV = "NERSEMBLE_FAST"  # "0"/"false"/"off": the eager reference path
 CACHE_ENV = "NERSEMBLE_CACHE"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 MAX_WIDTH = 256  # K*F columns the kernels' stack buffers hold (MAXW in the source)
 MAX_LEVELS = 32  # levels the kernels' stack buffers hold (MAXL in the source)
+MAX_FREQUENCIES = 16  # posenc frequencies the kernel's buffers hold (MAXF in the source)
 
 _state: dict[str, object] = {"lib": None, "failed": None, "warned": False}
 
@@ -105,6 +107,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.hash_backward.restype = None
     lib.warp_encode.argtypes = [p, p, p, i64, p, i32, p, i32, i32, i32, p, p, p, p, i32, p, p, p, i32]
     lib.warp_encode.restype = None
+    lib.posenc.argtypes = [p, i64, p, i32, p, i32, p, i32]
+    lib.posenc.restype = None
     lib.slab_take.argtypes = [i64, p, p, p, p, i64, p, p, p, p, p, p, p]
     lib.slab_take.restype = i64
     lib.slab_update.argtypes = [i64, p, p, p, p, p, p, p, ctypes.c_float, ctypes.c_double, p, p, p, p, p, p]
@@ -218,8 +222,9 @@ def query_supported(model) -> bool:  # noqa: ANN001 - NeRSembleModel
     from .hash_encoding import TorchHashEnsemble  # noqa: PLC0415 - import cycle
 
     encoding = model.field.encoding
-    return (type(encoding) is TorchHashEnsemble and fits(encoding) and _relu_mlp(model.field.density_mlp) is not None
-            and _relu_mlp(model.field.color_mlp) is not None)
+    frequencies = model.deformation.config.n_frequencies if model.deformation is not None else 0
+    return (type(encoding) is TorchHashEnsemble and fits(encoding) and frequencies <= MAX_FREQUENCIES
+            and _relu_mlp(model.field.density_mlp) is not None and _relu_mlp(model.field.color_mlp) is not None)
 
 
 def fits(encoding) -> bool:  # noqa: ANN001 - TorchHashEnsemble
@@ -267,11 +272,13 @@ class NoGradDeformation:
     the twin (float32 rounding). Build one per batch of queries: it copies the current weights.
     """
 
-    def __init__(self, field, code_table: torch.Tensor) -> None:  # noqa: ANN001 - SE3DeformationField
+    def __init__(self, field, code_table: torch.Tensor, scene_box: torch.Tensor) -> None:  # noqa: ANN001
         from .deformation import posenc_dim  # noqa: PLC0415 - import cycle
 
         c = field.config
         self.config = c
+        self.n_pe = posenc_dim(c.n_frequencies, c.include_input)
+        self.fparams = scene_box.detach().float().cpu().contiguous().view(-1)
         n_pe, n_code = posenc_dim(c.n_frequencies, c.include_input), code_table.shape[1]
         codes = code_table.detach().float()
         self.layers: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = []
@@ -287,11 +294,19 @@ class NoGradDeformation:
         self.head_w = torch.cat([h.weight.detach().float() for h in heads]).t().contiguous()
         self.head_b = torch.cat([h.bias.detach().float() if h.bias is not None else torch.zeros(3) for h in heads])
 
-    def __call__(self, x_n: torch.Tensor, timesteps: torch.Tensor, alpha: float) -> torch.Tensor:
-        from .deformation import windowed_posenc  # noqa: PLC0415 - import cycle
-
+    def posenc(self, positions: torch.Tensor, alpha: float) -> torch.Tensor:
+        """:func:`stages.nersemble.deformation.windowed_posenc` of the box-normalised ``positions``, in C."""
         c = self.config
-        pe = windowed_posenc(x_n, c.n_frequencies, alpha, c.include_input)
+        positions = positions.detach().float().contiguous()
+        window = cosine_window(alpha, c.n_frequencies).contiguous()
+        out = torch.empty(positions.shape[0], self.n_pe)
+        library().posenc(_ptr(positions), positions.shape[0], _ptr(self.fparams), c.n_frequencies, _ptr(window),
+                         int(c.include_input), _ptr(out), torch.get_num_threads())
+        return out
+
+    def __call__(self, positions: torch.Tensor, timesteps: torch.Tensor, alpha: float) -> torch.Tensor:
+        """``cat(v, r)`` ``[N, 6]`` at world ``positions``."""
+        pe = self.posenc(positions, alpha)
         h: torch.Tensor | None = None
         for w_pe, bias, w_h in self.layers:
             if bias.dim() == 2:

@@ -261,6 +261,50 @@ void warp_encode(const float *positions, const float *vr, const float *blend, in
     }
 }
 
+#define MAXF 16  /* posenc frequencies at most */
+
+/* sin(x) for |x| < ~1e4 in plain float arithmetic the compiler vectorises (libm's sinf is a call per value):
+   Cody-Waite reduction by pi/2 in three parts (the first exact in float), then the minimax polynomials of sin and cos on [-pi/4, pi/4].
+   Within ~1 ulp of sinf over the posenc's arguments (|x| < 2 pi 2^(n-1)). */
+static inline float sin_vec(float x) {
+    const float k = rintf(x * 0.636619772367581f);
+    float r = x - k * 1.5703125f;  /* 8 significant bits: k * this is exact for |k| < 2^16 */
+    r = r - k * 4.837512969970703125e-4f;
+    r = r - k * 7.54978995489188216e-8f;
+    const float r2 = r * r;
+    const float s = r + r * r2 * (-1.6666654611e-1f + r2 * (8.3321608736e-3f + r2 * -1.9515295891e-4f));
+    const float c = 1.0f - 0.5f * r2 + r2 * r2 * (4.166664568298827e-2f + r2 * (-1.388731625493765e-3f
+                                                                           + r2 * 2.443315711809948e-5f));
+    const int q = (int)k & 3;
+    const float v = (q & 1) ? c : s;
+    return (q & 2) ? -v : v;
+}
+
+/* deformation.windowed_posenc of the box-normalised positions: out [N, 6 n_freq (+ 3)] = all sines (axis-major,
+   each band times its window), then sin(arg + pi/2) likewise (the twin adds pi/2 in float32 before its sine,
+   and so does this), then (include_input) u = 2 pi x_n. window: [n_freq] band weights. */
+void posenc(const float *positions, int64_t n, const float *fparams, int n_freq, const float *window,
+            int include_input, float *out, int n_threads) {
+    const float *lo = fparams, *hi = fparams + 3;
+    const int width = 6 * n_freq + (include_input ? 3 : 0);
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t p = 0; p < n; ++p) {
+        float u[3], a[3 * MAXF], b[3 * MAXF], w[3 * MAXF];
+        float *o = out + p * width;
+        for (int k = 0; k < 3; ++k) u[k] = 6.2831854820251465f * ((positions[3 * p + k] - lo[k]) / (hi[k] - lo[k]));
+        for (int k = 0; k < 3; ++k)
+            for (int f = 0; f < n_freq; ++f) {
+                a[k * n_freq + f] = u[k] * (float)(1 << f);
+                w[k * n_freq + f] = window[f];
+            }
+        const int m = 3 * n_freq;
+        for (int j = 0; j < m; ++j) b[j] = a[j] + 1.5707963705062866f;
+        for (int j = 0; j < m; ++j) o[j] = sin_vec(a[j]) * w[j];
+        for (int j = 0; j < m; ++j) o[m + j] = sin_vec(b[j]) * w[j];
+        if (include_input) for (int k = 0; k < 3; ++k) o[2 * m + k] = u[k];
+    }
+}
+
 /* --- front-to-back visibility (early ray termination) over packed samples ---------------------------------- */
 
 /* The next samples to evaluate: up to `slab` per alive ray, from next[i] on (ray i's samples are

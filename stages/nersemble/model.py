@@ -160,7 +160,7 @@ class NeRSembleModel(nn.Module):
         """:meth:`_fast_query_block` over blocks of ``QUERY_BLOCK`` samples: every intermediate stays in cache."""
         deformation = None
         if self.deformation is not None:
-            deformation = fast.NoGradDeformation(self.deformation, self.codes.deformation.weight)
+            deformation = fast.NoGradDeformation(self.deformation, self.codes.deformation.weight, self.scene_box)
         field = fast.NoGradField(self.field)
         n = positions.shape[0]
         parts = [self._fast_query_block(deformation, field, positions[i:i + QUERY_BLOCK],
@@ -184,8 +184,7 @@ class NeRSembleModel(nn.Module):
         screw, eps, box_units = None, 0.0, False
         if self.deformation is not None:
             c = self.config.deformation
-            x_n = (positions - self.scene_box[0]) / (self.scene_box[1] - self.scene_box[0])
-            screw = deformation(x_n, timesteps, windows.deformation)
+            screw = deformation(positions, timesteps, windows.deformation)
             eps, box_units = c.exp_map_eps, c.offset_units == "box"
         features, inside, offset = fast.warp_encode(self.field.encoding, positions, screw,
                                                     self.blend_weights(timesteps, windows), self.scene_box, eps,
