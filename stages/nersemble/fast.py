@@ -352,11 +352,8 @@ class NoGradField:
     """
 
     def __init__(self, field) -> None:  # noqa: ANN001 - NeRSembleField
-        self.density = _relu_mlp(field.density_mlp)
+        self.density = _relu_mlp(field.density_mlp)  # query_supported checked the MLPs' form
         color = _relu_mlp(field.color_mlp)
-        self.supported = self.density is not None and color is not None
-        if not self.supported:
-            return
         first = field.color_mlp[0]
         w = first.weight.detach().float()  # [hidden, in]: (d 3, geo G, ones ...)
         n_out = self.density[-1][0].shape[1]  # 1 + G
