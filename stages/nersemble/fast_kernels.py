@@ -349,8 +349,9 @@ void slab_update(int64_t m, const int64_t *ids, const int64_t *ray_ids, const fl
             if (all_offset) for (int a = 0; a < 3; ++a) all_offset[3 * s + a] = offset[3 * q + a];
         }
     }
-    if (eps > 0.0)
-        for (int64_t q = 0; q < m; ++q) alive[ray_ids[q]] = exp(-optical_depth[ray_ids[q]]) >= eps;
+    if (eps > 0.0)  /* a ray's samples are consecutive: once per ray */
+        for (int64_t q = 0; q < m; ++q)
+            if (q + 1 == m || ray_ids[q + 1] != ray_ids[q]) alive[ray_ids[q]] = exp(-optical_depth[ray_ids[q]]) >= eps;
 }
 
 /* --- ray marching through the occupancy grid ------------------------------------------------------------ */

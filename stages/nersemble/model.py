@@ -219,6 +219,8 @@ class NeRSembleModel(nn.Module):
                 threshold = self.occupancy.alpha_threshold(s.alpha_threshold) if cull_alpha else 0.0
                 keep, values = self._visible(samples, rays_o, rays_d, timesteps, windows, threshold,
                                              full_query=not self.training)
+                if bool(keep.all()):  # nothing culled (a render whose rays all stay translucent): no copies
+                    return samples, values
                 return samples.select(keep), (None if values is None else values.select(keep))
         return samples, None
 
