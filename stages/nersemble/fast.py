@@ -240,20 +240,25 @@ def _geometry(encoding) -> _Geometry:  # noqa: ANN001 - TorchHashEnsemble
     return geometry
 
 
+def box_params(scene_box: torch.Tensor, eps: float) -> torch.Tensor:
+    """``warp_encode``'s fparams: box min[3], box max[3], the exp map's eps."""
+    return torch.cat([scene_box.detach().float().cpu().view(-1), torch.tensor([eps], dtype=torch.float32)])
+
+
 def warp_encode(encoding, positions: torch.Tensor, screw: torch.Tensor | None, blend: torch.Tensor,  # noqa: ANN001
-                scene_box: torch.Tensor, eps: float, box_units: bool, want_offset: bool = True,
+                fparams: torch.Tensor, box_units: bool, want_offset: bool = True,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Hash features ``[N, L*F]``, inside mask ``[N]`` (1.0/0.0) and offset ``[N, 3]`` of world ``positions``.
 
     ``screw`` ``[N, 6]`` is the deformation MLP's ``cat(v, r)`` (None: no deformation); the kernel applies the
     SE(3) warp (:func:`stages.nersemble.deformation.deform_positions`), normalises to the box and encodes
-    (:meth:`NeRSembleField.density` up to the density MLP): the twins of what it computes.
+    (:meth:`NeRSembleField.density` up to the density MLP): the twins of what it computes. ``fparams``:
+    :func:`box_params`.
     """
     geometry = _geometry(encoding)
     n = positions.shape[0]
     positions, blend = positions.detach().float().contiguous(), blend.detach().float().contiguous()
     screw = None if screw is None else screw.detach().float().contiguous()
-    fparams = torch.cat([scene_box.detach().float().cpu().view(-1), torch.tensor([eps], dtype=torch.float32)])
     features = torch.empty(n, geometry.n_levels * geometry.feats)
     inside = torch.empty(n)
     offset = torch.empty(n, 3) if want_offset else None
@@ -304,13 +309,13 @@ class NoGradDeformation:
                          int(c.include_input), _ptr(out), torch.get_num_threads())
         return out
 
-    def __call__(self, positions: torch.Tensor, timesteps: torch.Tensor, alpha: float) -> torch.Tensor:
-        """``cat(v, r)`` ``[N, 6]`` at world ``positions``."""
+    def __call__(self, positions: torch.Tensor, timesteps: torch.Tensor | int, alpha: float) -> torch.Tensor:
+        """``cat(v, r)`` ``[N, 6]`` at world ``positions``, per-sample ``timesteps`` or one for all."""
         pe = self.posenc(positions, alpha)
         h: torch.Tensor | None = None
         for w_pe, bias, w_h in self.layers:
             if bias.dim() == 2:
-                bias = torch.index_select(bias, 0, timesteps)
+                bias = bias[timesteps] if isinstance(timesteps, int) else torch.index_select(bias, 0, timesteps)
             if w_pe is None:
                 out = torch.addmm(bias, h, w_h)
             else:
@@ -367,13 +372,14 @@ class NoGradField:
         self.color_rest = color[1:]
 
     def __call__(self, features: torch.Tensor, inside: torch.Tensor,
-                 directions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 shifted_directions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Density ``[N]`` and (given ``(d + 1) / 2``) colour ``[N, 3]`` from the hash features."""
         h = _run(self.density, features)
         sigma = torch.exp(h[:, 0]) * inside
-        if directions is None:
+        if shifted_directions is None:
             return sigma, None
         x = torch.addmm(self.color_bias, h, self.color_geo)
-        x.addmm_((directions + 1.0) / 2.0, self.color_dir)
+        x.addmm_(shifted_directions, self.color_dir)
         if self.color_rest:
             x = _run(self.color_rest, x.clamp_min_(0.0))
         return sigma, torch.sigmoid_(x)

@@ -157,40 +157,43 @@ class NeRSembleModel(nn.Module):
 
     def _fast_query(self, positions: torch.Tensor, directions: torch.Tensor | None, timesteps: torch.Tensor,
                     windows: Windows, want_offset: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_fast_query_block` over blocks of ``QUERY_BLOCK`` samples: every intermediate stays in cache."""
-        deformation = None
-        if self.deformation is not None:
-            deformation = fast.NoGradDeformation(self.deformation, self.codes.deformation.weight, self.scene_box)
-        field = fast.NoGradField(self.field)
-        n = positions.shape[0]
-        parts = [self._fast_query_block(deformation, field, positions[i:i + QUERY_BLOCK],
-                                        None if directions is None else directions[i:i + QUERY_BLOCK],
-                                        timesteps[i:i + QUERY_BLOCK], windows, want_offset)
-                 for i in range(0, n, QUERY_BLOCK)]
-        if len(parts) == 1:
-            return parts[0]
-        return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
-
-    def _fast_query_block(self, deformation: fast.NoGradDeformation | None, field: fast.NoGradField,
-                          positions: torch.Tensor,
-                          directions: torch.Tensor | None, timesteps: torch.Tensor, windows: Windows,
-                          want_offset: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`query` (or with ``directions`` None, :meth:`density`) with the elementwise chain in C.
 
         The MLPs run as batched matrix products (torch's GEMM is far faster than per-sample loops in C); the
-        SE(3) warp, box normalisation and hash encoding between them run per sample in
-        :func:`fast.warp_encode`, so none of their many [N, ...] intermediates reaches memory.
+        posenc before them and the SE(3) warp, box normalisation and hash encoding between them run per sample
+        in C (:func:`fast.warp_encode`), so none of their many [N, ...] intermediates reaches memory. Blocks of
+        ``QUERY_BLOCK`` samples keep every intermediate in cache.
         """
-        screw, eps, box_units = None, 0.0, False
+        n = positions.shape[0]
+        deformation, eps, box_units = None, 0.0, False
         if self.deformation is not None:
             c = self.config.deformation
-            screw = deformation(positions, timesteps, windows.deformation)
+            deformation = fast.NoGradDeformation(self.deformation, self.codes.deformation.weight, self.scene_box)
             eps, box_units = c.exp_map_eps, c.offset_units == "box"
-        features, inside, offset = fast.warp_encode(self.field.encoding, positions, screw,
-                                                    self.blend_weights(timesteps, windows), self.scene_box, eps,
-                                                    box_units, want_offset)
-        sigma, rgb = field(features, inside, directions)
-        return sigma, rgb, offset
+        # One timestep for every sample (a render): the codes' share of the deformation is one bias row.
+        codes_at: torch.Tensor | int = timesteps
+        if n and bool((timesteps == timesteps[0]).all()):
+            codes_at = int(timesteps[0])
+        field = fast.NoGradField(self.field)
+        fparams = fast.box_params(self.scene_box, eps)
+        blend = self.blend_weights(timesteps, windows)
+        shifted = None if directions is None else (directions + 1.0) / 2.0
+        parts = []
+        for i in range(0, n, QUERY_BLOCK):
+            block = slice(i, i + QUERY_BLOCK)
+            screw = None
+            if deformation is not None:
+                screw = deformation(positions[block], codes_at if isinstance(codes_at, int) else codes_at[block],
+                                    windows.deformation)
+            features, inside, offset = fast.warp_encode(self.field.encoding, positions[block], screw, blend[block],
+                                                        fparams, box_units, want_offset)
+            sigma, rgb = field(features, inside, None if shifted is None else shifted[block])
+            parts.append((sigma, rgb, offset))
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return torch.zeros(0), None if directions is None else torch.zeros(0, 3), torch.zeros(0, 3)
+        return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
 
     # --- rays -------------------------------------------------------------------------------------------
 
