@@ -59,10 +59,12 @@ def test_fused_forward_matches_the_torch_twin(n_grids, features):
     torch.testing.assert_close(fused, twin, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_gradients_match_the_torch_twin():
+@pytest.mark.parametrize(("n_grids", "features"), [(4, 2), (32, 2), (3, 2)])  # vector rows of 8, 64; generic 6
+def test_fused_gradients_match_the_torch_twin(n_grids, features):
     _kernels_or_skip()
-    encoding, x, blend = _inputs()
-    grad_out = torch.randn(x.shape[0], CONFIG.n_levels * CONFIG.features_per_level)
+    config = replace(CONFIG, n_grids=n_grids, features_per_level=features)
+    encoding, x, blend = _inputs(config=config)
+    grad_out = torch.randn(x.shape[0], config.n_levels * config.features_per_level)
     grads = []
     for forward in (encoding.forward, encoding.reference_forward):
         xi, bi = x.clone().requires_grad_(True), blend.clone().requires_grad_(True)
