@@ -109,7 +109,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.warp_encode.restype = None
     lib.posenc.argtypes = [p, i64, p, i32, p, i32, p, i32]
     lib.posenc.restype = None
-    lib.slab_take.argtypes = [i64, p, p, p, p, i64, p, p, p, p, p, p, p]
+    lib.slab_take.argtypes = [i64, p, p, p, p, i64, p, p, p, p, p, p, p, p, p, p]
     lib.slab_take.restype = i64
     lib.slab_update.argtypes = [i64, p, p, p, p, p, p, p, ctypes.c_float, ctypes.c_double, p, p, p, p, p, p]
     lib.slab_update.restype = None
@@ -394,7 +394,7 @@ class FrontToBack:
     """
 
     def __init__(self, ray_indices: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor,
-                 rays_o: torch.Tensor, rays_d: torch.Tensor, full_query: bool) -> None:
+                 rays_o: torch.Tensor, rays_d: torch.Tensor, timesteps: torch.Tensor, full_query: bool) -> None:
         n_rays, n = rays_o.shape[0], ray_indices.shape[0]
         self.counts = torch.bincount(ray_indices, minlength=n_rays)
         self.first = torch.cumsum(self.counts, 0) - self.counts
@@ -404,19 +404,23 @@ class FrontToBack:
         self.keep = torch.zeros(n, dtype=torch.uint8)
         self.t_starts, self.t_ends = t_starts.float().contiguous(), t_ends.float().contiguous()
         self.o, self.d = rays_o.float().contiguous(), rays_d.float().contiguous()
+        self.timesteps = timesteps.long().contiguous()
         self.sigma = torch.zeros(n) if full_query else None
         self.rgb = torch.zeros(n, 3) if full_query else None
         self.offset = torch.zeros(n, 3) if full_query else None
         self.ids = torch.empty(n, dtype=torch.int64)
         self.ray_ids = torch.empty(n, dtype=torch.int64)
-        self.positions = torch.empty(n, 3)
+        self.positions, self.directions = torch.empty(n, 3), torch.empty(n, 3)
+        self.sample_timesteps = torch.empty(n, dtype=torch.int64)
 
-    def take(self, slab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sample ids, ray ids, midpoint positions ``[M, 3]``) of the next ``slab`` samples of every alive ray."""
+    def take(self, slab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next ``slab`` samples of every alive ray: sample ids, ray ids, midpoint positions ``[M, 3]``,
+        their rays' directions ``[M, 3]`` and timesteps ``[M]``."""
         m = library().slab_take(self.counts.shape[0], _ptr(self.first), _ptr(self.counts), _ptr(self.next),
-                                _ptr(self.alive), slab, _ptr(self.o), _ptr(self.d), _ptr(self.t_starts),
-                                _ptr(self.t_ends), _ptr(self.ids), _ptr(self.ray_ids), _ptr(self.positions))
-        return self.ids[:m], self.ray_ids[:m], self.positions[:m]
+                                _ptr(self.alive), slab, _ptr(self.o), _ptr(self.d), _ptr(self.timesteps),
+                                _ptr(self.t_starts), _ptr(self.t_ends), _ptr(self.ids), _ptr(self.ray_ids),
+                                _ptr(self.positions), _ptr(self.directions), _ptr(self.sample_timesteps))
+        return self.ids[:m], self.ray_ids[:m], self.positions[:m], self.directions[:m], self.sample_timesteps[:m]
 
     def update(self, ids: torch.Tensor, ray_ids: torch.Tensor, sigma: torch.Tensor, rgb: torch.Tensor | None,
                offset: torch.Tensor | None, alpha_threshold: float, eps: float) -> None:

@@ -308,11 +308,12 @@ void posenc(const float *positions, int64_t n, const float *fparams, int n_freq,
 /* --- front-to-back visibility (early ray termination) over packed samples ---------------------------------- */
 
 /* The next samples to evaluate: up to `slab` per alive ray, from next[i] on (ray i's samples are
-   first[i] .. first[i] + count[i] - 1). Writes their ids and ray ids, in packed order, and their midpoints'
-   world positions o + d t_mid; advances next[]; returns how many. */
+   first[i] .. first[i] + count[i] - 1). Writes their ids and ray ids, in packed order, their midpoints'
+   world positions o + d t_mid, their rays' directions and timesteps; advances next[]; returns how many. */
 int64_t slab_take(int64_t n_rays, const int64_t *first, const int64_t *count, int64_t *next, const uint8_t *alive,
-                  int64_t slab, const float *o, const float *d, const float *t_starts, const float *t_ends,
-                  int64_t *ids, int64_t *ray_ids, float *positions) {
+                  int64_t slab, const float *o, const float *d, const int64_t *timesteps, const float *t_starts,
+                  const float *t_ends, int64_t *ids, int64_t *ray_ids, float *positions, float *directions,
+                  int64_t *sample_timesteps) {
     int64_t m = 0;
     for (int64_t i = 0; i < n_rays; ++i) {
         if (!alive[i] || next[i] >= count[i]) continue;
@@ -323,6 +324,8 @@ int64_t slab_take(int64_t n_rays, const int64_t *first, const int64_t *count, in
             ids[m] = s;
             ray_ids[m] = i;
             for (int a = 0; a < 3; ++a) positions[3 * m + a] = o[3 * i + a] + d[3 * i + a] * tm;
+            for (int a = 0; a < 3; ++a) directions[3 * m + a] = d[3 * i + a];
+            sample_timesteps[m] = timesteps[i];
         }
         next[i] = stop;
     }

@@ -284,15 +284,15 @@ class NeRSembleModel(nn.Module):
         point would have been dropped anyway. So slabs here may be as large as keeps the batches big.
         """
         eps = self.config.sampler.early_stop_eps
-        state = fast.FrontToBack(samples.ray_indices, samples.t_starts, samples.t_ends, rays_o, rays_d, full_query)
+        state = fast.FrontToBack(samples.ray_indices, samples.t_starts, samples.t_ends, rays_o, rays_d, timesteps,
+                                 full_query)
         slab = VISIBILITY_SLAB if eps > 0 else max(int(state.counts.max()), 1)
         while True:
-            ids, ray_ids, positions = state.take(slab)
+            ids, ray_ids, positions, directions, part_t = state.take(slab)
             if ids.numel() == 0:
                 break
-            part_t = timesteps[ray_ids]
             if full_query:
-                sigma, rgb, offset = self._fast_query(positions, rays_d[ray_ids], part_t, windows)
+                sigma, rgb, offset = self._fast_query(positions, directions, part_t, windows)
             else:
                 sigma, rgb, offset = self._fast_query(positions, None, part_t, windows, want_offset=False)
             state.update(ids, ray_ids, sigma, rgb, offset, alpha_threshold, eps)
