@@ -30,6 +30,9 @@ from .sampling import RaySamples, march_rays
 
 
 VISIBILITY_SLAB = 16  # samples per ray evaluated at once by front-to-back early termination
+# The fast path's slabs: 8 samples per ray first (most rays of a trained head stop within them), doubling to
+# 64 for the rays still alive (translucent ones, where every sample is needed and per-slab overhead counts).
+FAST_SLABS = (8, 64)
 QUERY_BLOCK = 4096  # samples per batched no-grad query on the CPU fast path: its intermediates stay in cache
 
 
@@ -287,11 +290,12 @@ class NeRSembleModel(nn.Module):
         eps = self.config.sampler.early_stop_eps
         state = fast.FrontToBack(samples.ray_indices, samples.t_starts, samples.t_ends, rays_o, rays_d, timesteps,
                                  full_query)
-        slab = VISIBILITY_SLAB if eps > 0 else max(int(state.counts.max()), 1)
+        slab = FAST_SLABS[0] if eps > 0 else max(int(state.counts.max()), 1)
         while True:
             ids, ray_ids, positions, directions, part_t = state.take(slab)
             if ids.numel() == 0:
                 break
+            slab = min(slab * 2, FAST_SLABS[1])
             if full_query:
                 sigma, rgb, offset = self._fast_query(positions, directions, part_t, windows)
             else:
