@@ -27,11 +27,14 @@ from pathlib import Path
 import torch
 
 from .fast_kernels import SOURCE
+from .schedules import cosine_window
 
 ENV = "NERSEMBLE_FAST"  # "0"/"false"/"off": the eager reference path
 CACHE_ENV = "NERSEMBLE_CACHE"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 MAX_WIDTH = 256  # K*F columns the kernels' stack buffers hold (MAXW in the source)
+MAX_LEVELS = 32  # levels the kernels' stack buffers hold (MAXL in the source)
+MAX_FREQUENCIES = 16  # posenc frequencies the kernel's buffers hold (MAXF in the source)
 
 _state: dict[str, object] = {"lib": None, "failed": None, "warned": False}
 
@@ -102,8 +105,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.hash_forward.restype = None
     lib.hash_backward.argtypes = [p, p, p, p, i64, i32, i32, i32, p, p, p, p, i32, p, p, p, i32]
     lib.hash_backward.restype = None
-    lib.query_forward.argtypes = [p, p, p, p, p, i64, p, p, p, p, i32, i32, i32, p, p, p, p, i32, p, p, p, p, i32]
-    lib.query_forward.restype = None
+    lib.warp_encode.argtypes = [p, p, p, i64, p, i32, p, i32, i32, i32, p, p, p, p, i32, p, p, p, i32]
+    lib.warp_encode.restype = None
+    lib.posenc.argtypes = [p, i64, p, i32, p, i32, p, i32]
+    lib.posenc.restype = None
+    lib.slab_take.argtypes = [i64, p, p, p, p, i64, p, p, p, p, p, p, p, p, p, p]
+    lib.slab_take.restype = i64
+    lib.slab_update.argtypes = [i64, p, p, p, p, p, p, p, ctypes.c_float, ctypes.c_double, p, p, p, p, p, p]
+    lib.slab_update.restype = None
     lib.march.argtypes = [p, p, p, p, p, i64, ctypes.c_float, p, p, i32, i32, i32, i32, p, p, p, p, p, i32]
     lib.march.restype = None
 
@@ -202,120 +211,226 @@ class _FusedHash(torch.autograd.Function):
 
 def fused_hash_encoding(encoding, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
     """The ensemble's ``forward(x, blend)`` through the C kernels (callers check :func:`applies` first)."""
-    geometry = getattr(encoding, "_fast_geometry", None)
-    if geometry is None:
-        geometry = _Geometry(encoding)
-        encoding._fast_geometry = geometry
-    return _FusedHash.apply(x, blend, encoding.table, geometry)
+    return _FusedHash.apply(x, blend, encoding.table, _geometry(encoding))
 
 
-# --- the whole no-grad query ----------------------------------------------------------------------------------
-
-
-def _linear_layers(sequential: torch.nn.Module) -> list[tuple[torch.nn.Linear, int]]:
-    """(Linear, activation) pairs of a ``_mlp`` Sequential: 1 when a ReLU follows, else 0."""
-    modules = list(sequential)
-    return [(m, int(i + 1 < len(modules) and isinstance(modules[i + 1], torch.nn.ReLU)))
-            for i, m in enumerate(modules) if isinstance(m, torch.nn.Linear)]
-
-
-class _Packer:
-    """Weights transposed to [in][out] and packed into one float32 buffer, with their offsets."""
-
-    def __init__(self) -> None:
-        self.parts: list[torch.Tensor] = []
-        self.size = 0
-
-    def add(self, t: torch.Tensor | None, transpose: bool = False) -> int:
-        if t is None:
-            return -1
-        t = t.detach().float()
-        flat = (t.t() if transpose else t).contiguous().view(-1)
-        self.parts.append(flat)
-        self.size += flat.numel()
-        return self.size - flat.numel()
-
-    def buffer(self) -> torch.Tensor:
-        return torch.cat(self.parts) if self.parts else torch.zeros(1)
-
-
-def _pack(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001 - NeRSembleModel
-    """(spec int64, params float32, fparams float32) describing the model for ``query_forward``."""
-    packer, spec = _Packer(), [0] * 11
-    d = model.deformation
-    if d is not None:
-        c = d.config
-        spec[:6] = [1, c.n_frequencies, int(c.include_input), model.codes.deformation.weight.shape[1], len(d.layers),
-                    int(model.config.deformation.offset_units == "box")]
-        spec[6:10] = [packer.add(d.head_translation.weight, True), packer.add(d.head_translation.bias),
-                      packer.add(d.head_rotation.weight, True), packer.add(d.head_rotation.bias)]
-        for i, layer in enumerate(d.layers):
-            spec += [layer.in_features, layer.out_features, packer.add(layer.weight, True), packer.add(layer.bias),
-                     int(i in c.skip_connections)]
-    for mlp in (model.field.density_mlp, model.field.color_mlp):
-        layers = _linear_layers(mlp)
-        spec.append(len(layers))
-        for layer, act in layers:
-            spec += [layer.in_features, layer.out_features, packer.add(layer.weight, True), packer.add(layer.bias),
-                     act]
-    box = model.scene_box.detach().float().cpu().view(-1)
-    eps = d.config.exp_map_eps if d is not None else 0.0
-    fparams = torch.cat([box, torch.tensor([eps], dtype=torch.float32)])
-    return torch.tensor(spec, dtype=torch.int64), packer.buffer(), fparams
+# --- the no-grad query: torch's matrix products for the MLPs, one C pass for the rest -----------------------
 
 
 def query_supported(model) -> bool:  # noqa: ANN001 - NeRSembleModel
-    """The model's shapes fit the kernel's buffers and its encoding is the plain torch backend.
-
-    The kernel wires the MLPs as :class:`NeRSembleField` does: the density MLP takes the encoding's features
-    unpadded, the colour MLP ``cat((d + 1) / 2, geo)`` padded with ones to its first layer's width (32 since
-    the tcnn padding, 18 in a field built before it). Any other wiring takes the eager path.
-    """
+    """The model's encoding is the plain torch backend with rows the kernels' buffers hold."""
     from .hash_encoding import TorchHashEnsemble  # noqa: PLC0415 - import cycle
 
     encoding = model.field.encoding
-    if type(encoding) is not TorchHashEnsemble or encoding.table.shape[1] > MAX_WIDTH:
-        return False
-    density, color = _linear_layers(model.field.density_mlp), _linear_layers(model.field.color_mlp)
-    if not density or not color or density[0][0].in_features != encoding.out_dim:
-        return False
-    if color[0][0].in_features < 3 + density[-1][0].out_features - 1:
-        return False
-    widths = [m.in_features + m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = 0
-    if model.deformation is not None:
-        c = model.deformation.config
-        inputs = 6 * c.n_frequencies + 3 + model.codes.deformation.weight.shape[1]
-    return max(widths, default=0) + inputs <= 1024 and encoding.out_dim <= 1024
+    frequencies = model.deformation.config.n_frequencies if model.deformation is not None else 0
+    return (type(encoding) is TorchHashEnsemble and fits(encoding) and frequencies <= MAX_FREQUENCIES
+            and _relu_mlp(model.field.density_mlp) is not None and _relu_mlp(model.field.color_mlp) is not None)
 
 
-def query_nograd(model, positions: torch.Tensor, directions: torch.Tensor | None, deformation_codes: torch.Tensor | None,
-                 pe_window: torch.Tensor | None, blend: torch.Tensor, want_offset: bool = True,
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Density ``[N]``, colour ``[N, 3]`` (None without ``directions``) and offset ``[N, 3]`` without autograd.
+def fits(encoding) -> bool:  # noqa: ANN001 - TorchHashEnsemble
+    """The encoding's rows and levels fit the kernels' stack buffers."""
+    return encoding.table.shape[1] <= MAX_WIDTH and encoding.n_levels <= MAX_LEVELS
 
-    ``model.query`` / ``model.density`` in one C pass per sample (callers check :func:`applies` and
-    :func:`query_supported`); ``pe_window`` is the posenc band weights repeated per axis, ``[3 n_freq]``.
-    """
-    lib = library()
-    spec, params, fparams = _pack(model)
-    encoding = model.field.encoding
+
+def _geometry(encoding) -> _Geometry:  # noqa: ANN001 - TorchHashEnsemble
     geometry = getattr(encoding, "_fast_geometry", None)
     if geometry is None:
         geometry = _Geometry(encoding)
         encoding._fast_geometry = geometry
+    return geometry
+
+
+def box_params(scene_box: torch.Tensor, eps: float) -> torch.Tensor:
+    """``warp_encode``'s fparams: box min[3], box max[3], the exp map's eps."""
+    return torch.cat([scene_box.detach().float().cpu().view(-1), torch.tensor([eps], dtype=torch.float32)])
+
+
+def warp_encode(encoding, positions: torch.Tensor, screw: torch.Tensor | None, blend: torch.Tensor,  # noqa: ANN001
+                fparams: torch.Tensor, box_units: bool, want_offset: bool = True,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Hash features ``[N, L*F]``, inside mask ``[N]`` (1.0/0.0) and offset ``[N, 3]`` of world ``positions``.
+
+    ``screw`` ``[N, 6]`` is the deformation MLP's ``cat(v, r)`` (None: no deformation); the kernel applies the
+    SE(3) warp (:func:`stages.nersemble.deformation.deform_positions`), normalises to the box and encodes
+    (:meth:`NeRSembleField.density` up to the density MLP): the twins of what it computes. ``fparams``:
+    :func:`box_params`.
+    """
+    geometry = _geometry(encoding)
     n = positions.shape[0]
     positions, blend = positions.detach().float().contiguous(), blend.detach().float().contiguous()
-    directions = None if directions is None else directions.detach().float().contiguous()
-    codes = None if deformation_codes is None else deformation_codes.detach().float().contiguous()
-    window = None if pe_window is None else pe_window.detach().float().contiguous()
-    sigma = torch.empty(n)
-    rgb = torch.empty(n, 3) if directions is not None else None
+    screw = None if screw is None else screw.detach().float().contiguous()
+    features = torch.empty(n, geometry.n_levels * geometry.feats)
+    inside = torch.empty(n)
     offset = torch.empty(n, 3) if want_offset else None
-    lib.query_forward(_ptr(positions), _ptr(directions), _ptr(codes), _ptr(blend), _ptr(window), n, _ptr(spec),
-                      _ptr(params), _ptr(fparams), _ptr(encoding.table.detach()), *geometry.args(), _ptr(sigma),
-                      _ptr(rgb), _ptr(offset), None, torch.get_num_threads())
-    return sigma, rgb, offset
+    library().warp_encode(_ptr(positions), _ptr(screw), _ptr(blend), n, _ptr(fparams), int(box_units),
+                          _ptr(encoding.table.detach()), *geometry.args(), _ptr(features), _ptr(inside),
+                          _ptr(offset), torch.get_num_threads())
+    return features, inside, offset
+
+
+class NoGradDeformation:
+    """The deformation MLP's screw axis ``cat(v, r)`` ``[N, 6]`` for large no-grad batches.
+
+    :meth:`SE3DeformationField.screw_axis` is the twin. Each layer's weight is split by the inputs it reads
+    (posenc, code, hidden), so no concatenation is ever built; the code's share of a layer is a per-timestep
+    bias ``[T, width]`` computed once; the two heads are one product. Only the order of the sums differs from
+    the twin (float32 rounding). Build one per batch of queries: it copies the current weights.
+    """
+
+    def __init__(self, field, code_table: torch.Tensor, scene_box: torch.Tensor) -> None:  # noqa: ANN001
+        from .deformation import posenc_dim  # noqa: PLC0415 - import cycle
+
+        c = field.config
+        self.config = c
+        self.n_pe = posenc_dim(c.n_frequencies, c.include_input)
+        self.fparams = scene_box.detach().float().cpu().contiguous().view(-1)
+        n_pe, n_code = posenc_dim(c.n_frequencies, c.include_input), code_table.shape[1]
+        codes = code_table.detach().float()
+        self.layers: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = []
+        for i, layer in enumerate(field.layers):
+            w = layer.weight.detach().float()
+            b = layer.bias.detach().float() if layer.bias is not None else torch.zeros(w.shape[0])
+            if i == 0 or i in c.skip_connections:  # reads cat(posenc, code[, hidden])
+                w_h = w[:, n_pe + n_code:].t().contiguous() if i > 0 else None
+                self.layers.append((w[:, :n_pe].t().contiguous(), codes @ w[:, n_pe:n_pe + n_code].t() + b, w_h))
+            else:
+                self.layers.append((None, b, w.t().contiguous()))
+        heads = (field.head_translation, field.head_rotation)
+        self.head_w = torch.cat([h.weight.detach().float() for h in heads]).t().contiguous()
+        self.head_b = torch.cat([h.bias.detach().float() if h.bias is not None else torch.zeros(3) for h in heads])
+
+    def posenc(self, positions: torch.Tensor, alpha: float) -> torch.Tensor:
+        """:func:`stages.nersemble.deformation.windowed_posenc` of the box-normalised ``positions``, in C."""
+        c = self.config
+        positions = positions.detach().float().contiguous()
+        window = cosine_window(alpha, c.n_frequencies).contiguous()
+        out = torch.empty(positions.shape[0], self.n_pe)
+        library().posenc(_ptr(positions), positions.shape[0], _ptr(self.fparams), c.n_frequencies, _ptr(window),
+                         int(c.include_input), _ptr(out), torch.get_num_threads())
+        return out
+
+    def __call__(self, positions: torch.Tensor, timesteps: torch.Tensor | int, alpha: float) -> torch.Tensor:
+        """``cat(v, r)`` ``[N, 6]`` at world ``positions``, per-sample ``timesteps`` or one for all."""
+        pe = self.posenc(positions, alpha)
+        h: torch.Tensor | None = None
+        for w_pe, bias, w_h in self.layers:
+            if bias.dim() == 2:
+                bias = bias[timesteps] if isinstance(timesteps, int) else torch.index_select(bias, 0, timesteps)
+            if w_pe is None:
+                out = torch.addmm(bias, h, w_h)
+            else:
+                out = torch.addmm(bias, pe, w_pe)
+                if w_h is not None:
+                    out.addmm_(h, w_h)
+            h = out.clamp_min_(0.0)
+        return torch.addmm(self.head_b, h, self.head_w)
+
+
+def _relu_mlp(sequential: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+    """(weight [in, out], bias) per layer of a ``Linear, ReLU, ..., Linear`` Sequential; None for any other."""
+    modules = list(sequential)
+    linears, relus = modules[0::2], modules[1::2]
+    if not all(isinstance(m, torch.nn.Linear) for m in linears) or not all(isinstance(m, torch.nn.ReLU) for m in relus):
+        return None
+    if len(relus) != len(linears) - 1:
+        return None
+    return [(m.weight.detach().float().t().contiguous(), None if m.bias is None else m.bias.detach().float())
+            for m in linears]
+
+
+def _run(layers: list[tuple[torch.Tensor, torch.Tensor | None]], h: torch.Tensor) -> torch.Tensor:
+    """The ReLU MLP on ``h`` with in-place activations (no fresh buffer per ReLU)."""
+    for i, (w, b) in enumerate(layers):
+        h = torch.mm(h, w) if b is None else torch.addmm(b, h, w)
+        if i + 1 < len(layers):
+            h.clamp_min_(0.0)
+    return h
+
+
+class NoGradField:
+    """The field's density and colour MLPs for large no-grad batches; :class:`NeRSembleField` is the twin.
+
+    ReLUs run in place, and the colour MLP's first layer reads the density MLP's output as it is: its
+    direction columns multiply ``(d + 1) / 2`` in a product of their own, the geometry columns are placed
+    under the geometry features (a zero row under the raw density), and the constant-ones padding is a bias.
+    Only the order of the sums differs from the twin (float32 rounding). Build one per batch of queries.
+    """
+
+    def __init__(self, field) -> None:  # noqa: ANN001 - NeRSembleField
+        self.density = _relu_mlp(field.density_mlp)  # query_supported checked the MLPs' form
+        color = _relu_mlp(field.color_mlp)
+        first = field.color_mlp[0]
+        w = first.weight.detach().float()  # [hidden, in]: (d 3, geo G, ones ...)
+        n_out = self.density[-1][0].shape[1]  # 1 + G
+        n_real = 3 + n_out - 1
+        bias = w[:, n_real:].sum(dim=1)
+        if first.bias is not None:
+            bias = bias + first.bias.detach().float()
+        self.color_dir = w[:, :3].t().contiguous()
+        self.color_geo = torch.cat([torch.zeros(1, w.shape[0]), w[:, 3:n_real].t()]).contiguous()
+        self.color_bias = bias
+        self.color_rest = color[1:]
+
+    def __call__(self, features: torch.Tensor, inside: torch.Tensor,
+                 shifted_directions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Density ``[N]`` and (given ``(d + 1) / 2``) colour ``[N, 3]`` from the hash features."""
+        h = _run(self.density, features)
+        sigma = torch.exp(h[:, 0]) * inside
+        if shifted_directions is None:
+            return sigma, None
+        x = torch.addmm(self.color_bias, h, self.color_geo)
+        x.addmm_(shifted_directions, self.color_dir)
+        if self.color_rest:
+            x = _run(self.color_rest, x.clamp_min_(0.0))
+        return sigma, torch.sigmoid_(x)
+
+
+class FrontToBack:
+    """Early ray termination over packed samples: pick each alive ray's next samples, then update from their
+    densities which samples are kept and which rays go on (``NeRSembleModel._visible`` is the twin).
+
+    Samples are grouped by ray (``ray_indices`` sorted); the state (per-ray next sample, float64 optical depth,
+    alive flag; per-sample keep flag and the kept samples' values) lives in buffers the kernels update in place.
+    """
+
+    def __init__(self, ray_indices: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor,
+                 rays_o: torch.Tensor, rays_d: torch.Tensor, timesteps: torch.Tensor, full_query: bool) -> None:
+        n_rays, n = rays_o.shape[0], ray_indices.shape[0]
+        self.counts = torch.bincount(ray_indices, minlength=n_rays)
+        self.first = torch.cumsum(self.counts, 0) - self.counts
+        self.next = torch.zeros(n_rays, dtype=torch.int64)
+        self.alive = torch.ones(n_rays, dtype=torch.uint8)
+        self.optical_depth = torch.zeros(n_rays, dtype=torch.float64)
+        self.keep = torch.zeros(n, dtype=torch.uint8)
+        self.t_starts, self.t_ends = t_starts.float().contiguous(), t_ends.float().contiguous()
+        self.o, self.d = rays_o.float().contiguous(), rays_d.float().contiguous()
+        self.timesteps = timesteps.long().contiguous()
+        self.sigma = torch.zeros(n) if full_query else None
+        self.rgb = torch.zeros(n, 3) if full_query else None
+        self.offset = torch.zeros(n, 3) if full_query else None
+        self.ids = torch.empty(n, dtype=torch.int64)
+        self.ray_ids = torch.empty(n, dtype=torch.int64)
+        self.positions, self.directions = torch.empty(n, 3), torch.empty(n, 3)
+        self.sample_timesteps = torch.empty(n, dtype=torch.int64)
+
+    def take(self, slab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next ``slab`` samples of every alive ray: sample ids, ray ids, midpoint positions ``[M, 3]``,
+        their rays' directions ``[M, 3]`` and timesteps ``[M]``."""
+        m = library().slab_take(self.counts.shape[0], _ptr(self.first), _ptr(self.counts), _ptr(self.next),
+                                _ptr(self.alive), slab, _ptr(self.o), _ptr(self.d), _ptr(self.timesteps),
+                                _ptr(self.t_starts), _ptr(self.t_ends), _ptr(self.ids), _ptr(self.ray_ids),
+                                _ptr(self.positions), _ptr(self.directions), _ptr(self.sample_timesteps))
+        return self.ids[:m], self.ray_ids[:m], self.positions[:m], self.directions[:m], self.sample_timesteps[:m]
+
+    def update(self, ids: torch.Tensor, ray_ids: torch.Tensor, sigma: torch.Tensor, rgb: torch.Tensor | None,
+               offset: torch.Tensor | None, alpha_threshold: float, eps: float) -> None:
+        sigma = sigma.float().contiguous()
+        rgb = None if rgb is None else rgb.float().contiguous()
+        offset = None if offset is None else offset.float().contiguous()
+        library().slab_update(ids.shape[0], _ptr(ids), _ptr(ray_ids), _ptr(sigma), _ptr(rgb), _ptr(offset),
+                              _ptr(self.t_starts), _ptr(self.t_ends), float(alpha_threshold), float(eps),
+                              _ptr(self.optical_depth), _ptr(self.alive), _ptr(self.keep), _ptr(self.sigma),
+                              _ptr(self.rgb), _ptr(self.offset))
 
 
 def march_occupied(rays_o: torch.Tensor, rays_d: torch.Tensor, t0: torch.Tensor, k_first: torch.Tensor,

@@ -34,7 +34,7 @@ static inline void corner_rows(const float *x, int n_dense_flag, float scale, in
                 if (n_dense_flag) {
                     uint32_t r = (uint32_t)res;
                     idx = (uint32_t)(c[0] + i) + (uint32_t)(c[1] + j) * r + (uint32_t)(c[2] + k) * (r * r);
-                    idx = (uint32_t)((uint64_t)idx % (uint64_t)size);
+                    if (idx >= (uint32_t)size) idx %= (uint32_t)size;  /* rarely taken: a 32-bit division only then */
                 } else {
                     idx = ((uint32_t)(c[0] + i)) ^ ((uint32_t)(c[1] + j) * 2654435761u)
                           ^ ((uint32_t)(c[2] + k) * 805459861u);
@@ -60,29 +60,90 @@ static inline void corner_weights(const float f[3], float w[8], float dw[3][8]) 
             }
 }
 
+#define GROUP 4   /* samples whose table rows are found and prefetched before any is read */
+#define MAXL 32   /* levels at most (the paper config has 16) */
+
+/* Phase 2 of encode_group for 2 features per level and W = K*2 columns, a multiple of 8 known at compile time,
+   written with GCC/Clang vector types: gcc left the run-time-width loops scalar (~1000 cycles a sample). The
+   same products and sums per column as the generic loop, so the same values. */
+typedef float v8f __attribute__((vector_size(32)));
+#define READ_ROWS(W)                                                                                          \
+    static inline void read_rows_##W(int gn, int n_levels, const float *table, int64_t rows[GROUP][MAXL][8],   \
+                                      float frac[GROUP][MAXL][3], const float *blend, float *out) {             \
+        for (int q = 0; q < gn; ++q)                                                                        \
+            for (int l = 0; l < n_levels; ++l) {                                                            \
+                float w[8], acc_s[W];                                                                       \
+                v8f acc[W / 8];                                                                             \
+                corner_weights(frac[q][l], w, 0);                                                           \
+                for (int j = 0; j < W / 8; ++j) acc[j] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};                     \
+                for (int c = 0; c < 8; ++c) {                                                               \
+                    const float *row = table + rows[q][l][c] * W;                                           \
+                    for (int j = 0; j < W / 8; ++j) {                                                       \
+                        v8f r;                                                                              \
+                        memcpy(&r, row + 8 * j, sizeof r);                                                  \
+                        acc[j] += w[c] * r;                                                                 \
+                    }                                                                                       \
+                }                                                                                           \
+                memcpy(acc_s, acc, sizeof acc_s);                                                           \
+                for (int f = 0; f < 2; ++f) {                                                               \
+                    float s = 0.0f;                                                                         \
+                    for (int k = 0; k < W / 2; ++k) s += acc_s[k * 2 + f] * blend[q * (W / 2) + k];         \
+                    out[q * n_levels * 2 + l * 2 + f] = s;                                                  \
+                }                                                                                           \
+            }                                                                                               \
+    }
+READ_ROWS(8)
+READ_ROWS(16)
+READ_ROWS(64)
+
+/* Encode `gn` <= GROUP samples at box-normalised positions x[q] with blend rows blend[q * n_grids ...]:
+   first every corner row of every level of every sample is found and prefetched, then they are read. The
+   rows are scattered over a table of megabytes, so reading them one after the other waits on each miss in
+   turn; prefetching them all first overlaps those waits. out[q * L*F + l*F + f]. */
+static inline void encode_group(const float x[][3], int gn, const float *blend, const float *table, int n_levels,
+                                int n_grids, int feats, const float *scales, const int64_t *res,
+                                const int64_t *sizes, const int64_t *offsets, int n_dense, float *out) {
+    const int width = n_grids * feats;
+    int64_t rows[GROUP][MAXL][8];
+    float frac[GROUP][MAXL][3];
+    for (int q = 0; q < gn; ++q)
+        for (int l = 0; l < n_levels; ++l) {
+            corner_rows(x[q], l < n_dense, scales[l], res[l], sizes[l], offsets[l], rows[q][l], frac[q][l]);
+            for (int c = 0; c < 8; ++c) __builtin_prefetch(table + rows[q][l][c] * width, 0, 1);
+        }
+    if (feats == 2 && width == 8) read_rows_8(gn, n_levels, table, rows, frac, blend, out);
+    else if (feats == 2 && width == 16) read_rows_16(gn, n_levels, table, rows, frac, blend, out);
+    else if (feats == 2 && width == 64) read_rows_64(gn, n_levels, table, rows, frac, blend, out);
+    else
+        for (int q = 0; q < gn; ++q)
+            for (int l = 0; l < n_levels; ++l) {
+                float w[8], acc[MAXW];
+                corner_weights(frac[q][l], w, 0);
+                for (int col = 0; col < width; ++col) acc[col] = 0.0f;
+                for (int c = 0; c < 8; ++c) {
+                    const float *row = table + rows[q][l][c] * width;
+                    for (int col = 0; col < width; ++col) acc[col] += w[c] * row[col];
+                }
+                for (int f = 0; f < feats; ++f) {
+                    float s = 0.0f;
+                    for (int k = 0; k < n_grids; ++k) s += acc[k * feats + f] * blend[q * n_grids + k];
+                    out[q * n_levels * feats + l * feats + f] = s;
+                }
+            }
+}
+
 /* out[n, l*F + f] = sum_k blend[n, k] * sum_c w_c table[row_c, k*F + f] */
 void hash_forward(const float *x, const float *blend, const float *table, int64_t n, int n_levels, int n_grids,
                   int feats, const float *scales, const int64_t *res, const int64_t *sizes, const int64_t *offsets,
                   int n_dense, float *out, int n_threads) {
-    const int width = n_grids * feats;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t p = 0; p < n; ++p) {
-        int64_t rows[8];
-        float frac[3], w[8], acc[MAXW];
-        for (int l = 0; l < n_levels; ++l) {
-            corner_rows(x + 3 * p, l < n_dense, scales[l], res[l], sizes[l], offsets[l], rows, frac);
-            corner_weights(frac, w, 0);
-            for (int col = 0; col < width; ++col) acc[col] = 0.0f;
-            for (int c = 0; c < 8; ++c) {
-                const float *row = table + rows[c] * width;
-                for (int col = 0; col < width; ++col) acc[col] += w[c] * row[col];
-            }
-            for (int f = 0; f < feats; ++f) {
-                float s = 0.0f;
-                for (int k = 0; k < n_grids; ++k) s += acc[k * feats + f] * blend[p * n_grids + k];
-                out[p * n_levels * feats + l * feats + f] = s;
-            }
-        }
+    for (int64_t g = 0; g < n; g += GROUP) {
+        const int gn = n - g < GROUP ? (int)(n - g) : GROUP;
+        float xs[GROUP][3];
+        for (int q = 0; q < gn; ++q)
+            for (int a = 0; a < 3; ++a) xs[q][a] = x[3 * (g + q) + a];
+        encode_group(xs, gn, blend + g * n_grids, table, n_levels, n_grids, feats, scales, res, sizes, offsets,
+                     n_dense, out + g * n_levels * feats);
     }
 }
 
@@ -140,44 +201,7 @@ void hash_backward(const float *x, const float *blend, const float *table, const
         }
     }
 }
-/* --- the whole no-grad query: deformation, encoding, density and colour MLPs, per sample -------------- */
-
-/* out = act(in @ W + b), W stored [n_in][n_out] so the inner loop runs over outputs; act 1 = ReLU.
-   Common widths get a compile-time trip count (fully vectorised, no alias checks per input). */
-#define DENSE_FIXED(N)                                                                                   \
-    static inline void dense##N(const float *restrict in, int n_in, const float *restrict W,               \
-                                const float *restrict b, float *restrict out) {                            \
-        float acc[N];                                                                                      \
-        for (int o = 0; o < N; ++o) acc[o] = b ? b[o] : 0.0f;                                              \
-        for (int i = 0; i < n_in; ++i) {                                                                   \
-            const float xi = in[i];                                                                        \
-            const float *restrict w = W + (int64_t)i * N;                                                  \
-            for (int o = 0; o < N; ++o) acc[o] += xi * w[o];                                               \
-        }                                                                                                  \
-        for (int o = 0; o < N; ++o) out[o] = acc[o];                                                       \
-    }
-DENSE_FIXED(16)
-DENSE_FIXED(32)
-DENSE_FIXED(64)
-DENSE_FIXED(128)
-
-static inline void dense(const float *restrict in, int n_in, const float *restrict W, const float *restrict b,
-                         int n_out, int act, float *restrict out) {
-    if (n_out == 16) dense16(in, n_in, W, b, out);
-    else if (n_out == 32) dense32(in, n_in, W, b, out);
-    else if (n_out == 64) dense64(in, n_in, W, b, out);
-    else if (n_out == 128) dense128(in, n_in, W, b, out);
-    else {
-        for (int o = 0; o < n_out; ++o) out[o] = b ? b[o] : 0.0f;
-        for (int i = 0; i < n_in; ++i) {
-            const float xi = in[i];
-            const float *restrict w = W + (int64_t)i * n_out;
-            for (int o = 0; o < n_out; ++o) out[o] += xi * w[o];
-        }
-    }
-    if (act == 1)
-        for (int o = 0; o < n_out; ++o) out[o] = out[o] > 0.0f ? out[o] : 0.0f;
-}
+/* --- the no-grad query's per-sample chain around the MLPs ------------------------------------------------ */
 
 static inline void cross3(const float a[3], const float b[3], float out[3]) {
     out[0] = a[1] * b[2] - a[2] * b[1];
@@ -185,138 +209,154 @@ static inline void cross3(const float a[3], const float b[3], float out[3]) {
     out[2] = a[0] * b[1] - a[1] * b[0];
 }
 
-#define MAXH 1024  /* widest layer input or output */
-
-/* spec (int64): [0] deformation on, [1] n_freq, [2] include_input, [3] code_dim, [4] n_layers,
-   [5] offset_units "box", [6..9] translation head w, b and rotation head w, b (offsets into params),
-   [10] unused, then 5 values per deformation layer (in, out, w, b, skip), then the number of density layers
-   and 5 values each (in, out, w, b, act), then the colour layers likewise. b < 0: no bias. The density
-   MLP's input is the encoding's L*F features as they are; the colour MLP's is cat((d + 1) / 2, geo) padded
-   with ones to its first layer's width (field.pad_with_ones).
-   fparams: box min[3], box max[3], exp-map eps. */
-void query_forward(const float *positions, const float *directions, const float *codes, const float *blend,
-                   const float *pe_window, int64_t n, const int64_t *spec, const float *params,
-                   const float *fparams, const float *table, int n_levels, int n_grids, int feats,
-                   const float *scales, const int64_t *res, const int64_t *sizes, const int64_t *offsets,
-                   int n_dense, float *sigma_out, float *rgb_out, float *offset_out, float *geo_out,
-                   int n_threads) {
-    const int deform = (int)spec[0], n_freq = (int)spec[1], include_input = (int)spec[2];
-    const int code_dim = (int)spec[3], n_def = (int)spec[4], box_units = (int)spec[5];
-    const int64_t *def_layers = spec + 11;
-    const int64_t *dens = def_layers + 5 * n_def;
-    const int n_dens = (int)dens[0];
-    const int64_t *col = dens + 1 + 5 * n_dens;
-    const int n_col = (int)col[0];
+/* The MLPs run as batched matrix products in torch (far faster than per-sample loops); this kernel does the
+   elementwise rest of a sample in one pass: the SE(3) warp from the screw axis vr = [v, r] (deformation.se3_exp,
+   the transform and the NaN guard), the offset (paper or box units), the field's box normalisation with its
+   inside mask, and the blended hash encoding. vr NULL: no deformation. fparams: box min[3], box max[3], eps.
+   Outputs: features [N, L*F], inside [N] (1 or 0), offset [N, 3] (may be NULL). */
+void warp_encode(const float *positions, const float *vr, const float *blend, int64_t n, const float *fparams,
+                 int box_units, const float *table, int n_levels, int n_grids, int feats, const float *scales,
+                 const int64_t *res, const int64_t *sizes, const int64_t *offsets, int n_dense, float *features,
+                 float *inside_out, float *offset_out, int n_threads) {
     const float *lo = fparams, *hi = fparams + 3;
     const float eps = fparams[6];
-    const int width = n_grids * feats;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t p = 0; p < n; ++p) {
-        float inputs[MAXH], a[MAXH], b[MAXH], canon[3], delta[3] = {0.0f, 0.0f, 0.0f};
-        const float *pos = positions + 3 * p;
-        float ext[3], xn[3];
-        for (int k = 0; k < 3; ++k) { ext[k] = hi[k] - lo[k]; xn[k] = (pos[k] - lo[k]) / ext[k]; }
-        if (deform) {
-            int m = 0;
-            float u[3];
-            for (int k = 0; k < 3; ++k) u[k] = 6.2831854820251465f * xn[k];  /* float32(2 pi) */
-            for (int s = 0; s < 2; ++s)
-                for (int k = 0; k < 3; ++k)
-                    for (int f = 0; f < n_freq; ++f) {
-                        float v = u[k] * (float)(1 << f);
-                        float e = s == 0 ? sinf(v) : sinf(v + 1.5707963705062866f);
-                        inputs[m++] = e * pe_window[k * n_freq + f];
-                    }
-            if (include_input) for (int k = 0; k < 3; ++k) inputs[m++] = u[k];
-            for (int c = 0; c < code_dim; ++c) inputs[m++] = codes[p * code_dim + c];
-            const int n_inputs = m;
-            float *h = a, *next = b;
-            int h_dim = n_inputs;
-            memcpy(h, inputs, sizeof(float) * n_inputs);
-            for (int l = 0; l < n_def; ++l) {
-                const int64_t *L = def_layers + 5 * l;
-                if (L[4]) {  /* skip connection: cat(inputs, h) */
-                    memmove(h + n_inputs, h, sizeof(float) * h_dim);
-                    memcpy(h, inputs, sizeof(float) * n_inputs);
-                    h_dim += n_inputs;
+    for (int64_t g = 0; g < n; g += GROUP) {
+        const int gn = n - g < GROUP ? (int)(n - g) : GROUP;
+        float xs[GROUP][3];
+        for (int q = 0; q < gn; ++q) {
+            const int64_t p = g + q;
+            const float *pos = positions + 3 * p;
+            float canon[3], delta[3] = {0.0f, 0.0f, 0.0f};
+            if (vr) {
+                float ext[3], xn[3];
+                for (int k = 0; k < 3; ++k) { ext[k] = hi[k] - lo[k]; xn[k] = (pos[k] - lo[k]) / ext[k]; }
+                const float *v = vr + 6 * p, *r = vr + 6 * p + 3;
+                float theta = sqrtf(fmaxf(r[0] * r[0] + r[1] * r[1] + r[2] * r[2], eps));
+                float sn = sinf(theta), cs = cosf(theta);
+                float ca = sn / theta, cb = (1.0f - cs) / (theta * theta), cc = (theta - sn) / (theta * theta * theta);
+                float rx[3], rrx[3], rv[3], rrv[3];
+                cross3(r, xn, rx); cross3(r, rx, rrx); cross3(r, v, rv); cross3(r, rv, rrv);
+                for (int k = 0; k < 3; ++k) {
+                    float warped = xn[k] + ca * rx[k] + cb * rrx[k] + (v[k] + cb * rv[k] + cc * rrv[k]);
+                    if (isnan(warped)) warped = xn[k];
+                    delta[k] = warped - xn[k];
+                    if (box_units) delta[k] *= ext[k];
+                    canon[k] = pos[k] + delta[k];
                 }
-                dense(h, h_dim, params + L[2], L[3] >= 0 ? params + L[3] : 0, (int)L[1], 1, next);
-                h_dim = (int)L[1];
-                float *t = h; h = next; next = t;
+            } else {
+                for (int k = 0; k < 3; ++k) canon[k] = pos[k];
             }
-            float v[3], r[3];
-            dense(h, h_dim, params + spec[6], spec[7] >= 0 ? params + spec[7] : 0, 3, 0, v);
-            dense(h, h_dim, params + spec[8], spec[9] >= 0 ? params + spec[9] : 0, 3, 0, r);
-            float theta = sqrtf(fmaxf(r[0] * r[0] + r[1] * r[1] + r[2] * r[2], eps));
-            float sn = sinf(theta), cs = cosf(theta);
-            float ca = sn / theta, cb = (1.0f - cs) / (theta * theta), cc = (theta - sn) / (theta * theta * theta);
-            float rx[3], rrx[3], rv[3], rrv[3], warped;
-            cross3(r, xn, rx); cross3(r, rx, rrx); cross3(r, v, rv); cross3(r, rv, rrv);
+            int inside = 1;
             for (int k = 0; k < 3; ++k) {
-                warped = xn[k] + ca * rx[k] + cb * rrx[k] + (v[k] + cb * rv[k] + cc * rrv[k]);
-                if (isnan(warped)) warped = xn[k];
-                delta[k] = warped - xn[k];
-                if (box_units) delta[k] *= ext[k];
-                canon[k] = pos[k] + delta[k];
+                xs[q][k] = (canon[k] - lo[k]) / (hi[k] - lo[k]);
+                inside &= (xs[q][k] > 0.0f) & (xs[q][k] < 1.0f);
             }
-        } else {
-            for (int k = 0; k < 3; ++k) canon[k] = pos[k];
+            if (!inside) xs[q][0] = xs[q][1] = xs[q][2] = 0.0f;
+            inside_out[p] = inside ? 1.0f : 0.0f;
+            if (offset_out) for (int k = 0; k < 3; ++k) offset_out[3 * p + k] = delta[k];
         }
-        /* the field: box-normalise (0 outside the open unit cube), encode, density MLP, colour MLP */
-        float x[3];
-        int inside = 1;
-        for (int k = 0; k < 3; ++k) {
-            x[k] = (canon[k] - lo[k]) / (hi[k] - lo[k]);
-            inside &= (x[k] > 0.0f) & (x[k] < 1.0f);
-        }
-        if (!inside) x[0] = x[1] = x[2] = 0.0f;
-        float *h = a, *next = b;
-        for (int l = 0; l < n_levels; ++l) {
-            int64_t rows[8];
-            float frac[3], w[8], acc[MAXW];
-            corner_rows(x, l < n_dense, scales[l], res[l], sizes[l], offsets[l], rows, frac);
-            corner_weights(frac, w, 0);
-            for (int q = 0; q < width; ++q) acc[q] = 0.0f;
-            for (int c = 0; c < 8; ++c) {
-                const float *row = table + rows[c] * width;
-                for (int q = 0; q < width; ++q) acc[q] += w[c] * row[q];
-            }
-            for (int f = 0; f < feats; ++f) {
-                float s = 0.0f;
-                for (int k = 0; k < n_grids; ++k) s += acc[k * feats + f] * blend[p * n_grids + k];
-                h[l * feats + f] = s;
-            }
-        }
-        int h_dim = n_levels * feats;
-        for (int l = 0; l < n_dens; ++l) {
-            const int64_t *L = dens + 1 + 5 * l;
-            dense(h, h_dim, params + L[2], L[3] >= 0 ? params + L[3] : 0, (int)L[1], (int)L[4], next);
-            h_dim = (int)L[1];
-            float *t = h; h = next; next = t;
-        }
-        sigma_out[p] = inside ? expf(h[0]) : 0.0f;
-        if (offset_out) for (int k = 0; k < 3; ++k) offset_out[3 * p + k] = delta[k];
-        if (geo_out) for (int q = 1; q < h_dim; ++q) geo_out[p * (h_dim - 1) + q - 1] = h[q];
-        if (rgb_out) {
-            const float *d = directions + 3 * p;
-            for (int q = h_dim - 1; q >= 1; --q) h[q + 2] = h[q];  /* cat((d + 1) / 2, geo) in place */
-            for (int k = 0; k < 3; ++k) h[k] = (d[k] + 1.0f) / 2.0f;
-            int g_dim = h_dim + 2;
-            /* pad_with_ones: the first layer may be wider (tcnn's padding to a multiple of 16); the extra inputs
-               are constant ones, so the same weights see the same values as in the eager field */
-            const int c_in = n_col > 0 ? (int)col[1] : g_dim;
-            for (int q = g_dim; q < c_in; ++q) h[q] = 1.0f;
-            if (c_in > g_dim) g_dim = c_in;
-            for (int l = 0; l < n_col; ++l) {
-                const int64_t *L = col + 1 + 5 * l;
-                dense(h, g_dim, params + L[2], L[3] >= 0 ? params + L[3] : 0, (int)L[1], (int)L[4], next);
-                g_dim = (int)L[1];
-                float *t = h; h = next; next = t;
-            }
-            for (int k = 0; k < 3; ++k) rgb_out[3 * p + k] = 1.0f / (1.0f + expf(-h[k]));
-        }
+        encode_group(xs, gn, blend + g * n_grids, table, n_levels, n_grids, feats, scales, res, sizes, offsets,
+                     n_dense, features + g * n_levels * feats);
     }
 }
+
+#define MAXF 16  /* posenc frequencies at most */
+
+/* sin(x) for |x| < ~1e4 in plain float arithmetic the compiler vectorises (libm's sinf is a call per value):
+   Cody-Waite reduction by pi/2 in three parts (the first exact in float), then the minimax polynomials of sin and cos on [-pi/4, pi/4].
+   Within ~1 ulp of sinf over the posenc's arguments (|x| < 2 pi 2^(n-1)). */
+static inline float sin_vec(float x) {
+    const float k = rintf(x * 0.636619772367581f);
+    float r = x - k * 1.5703125f;  /* 8 significant bits: k * this is exact for |k| < 2^16 */
+    r = r - k * 4.837512969970703125e-4f;
+    r = r - k * 7.54978995489188216e-8f;
+    const float r2 = r * r;
+    const float s = r + r * r2 * (-1.6666654611e-1f + r2 * (8.3321608736e-3f + r2 * -1.9515295891e-4f));
+    const float c = 1.0f - 0.5f * r2 + r2 * r2 * (4.166664568298827e-2f + r2 * (-1.388731625493765e-3f
+                                                                           + r2 * 2.443315711809948e-5f));
+    const int q = (int)k & 3;
+    const float v = (q & 1) ? c : s;
+    return (q & 2) ? -v : v;
+}
+
+/* deformation.windowed_posenc of the box-normalised positions: out [N, 6 n_freq (+ 3)] = all sines (axis-major,
+   each band times its window), then sin(arg + pi/2) likewise (the twin adds pi/2 in float32 before its sine,
+   and so does this), then (include_input) u = 2 pi x_n. window: [n_freq] band weights. */
+void posenc(const float *positions, int64_t n, const float *fparams, int n_freq, const float *window,
+            int include_input, float *out, int n_threads) {
+    const float *lo = fparams, *hi = fparams + 3;
+    const int width = 6 * n_freq + (include_input ? 3 : 0);
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t p = 0; p < n; ++p) {
+        float u[3], a[3 * MAXF], b[3 * MAXF], w[3 * MAXF];
+        float *o = out + p * width;
+        for (int k = 0; k < 3; ++k) u[k] = 6.2831854820251465f * ((positions[3 * p + k] - lo[k]) / (hi[k] - lo[k]));
+        for (int k = 0; k < 3; ++k)
+            for (int f = 0; f < n_freq; ++f) {
+                a[k * n_freq + f] = u[k] * (float)(1 << f);
+                w[k * n_freq + f] = window[f];
+            }
+        const int m = 3 * n_freq;
+        for (int j = 0; j < m; ++j) b[j] = a[j] + 1.5707963705062866f;
+        for (int j = 0; j < m; ++j) o[j] = sin_vec(a[j]) * w[j];
+        for (int j = 0; j < m; ++j) o[m + j] = sin_vec(b[j]) * w[j];
+        if (include_input) for (int k = 0; k < 3; ++k) o[2 * m + k] = u[k];
+    }
+}
+
+/* --- front-to-back visibility (early ray termination) over packed samples ---------------------------------- */
+
+/* The next samples to evaluate: up to `slab` per alive ray, from next[i] on (ray i's samples are
+   first[i] .. first[i] + count[i] - 1). Writes their ids and ray ids, in packed order, their midpoints'
+   world positions o + d t_mid, their rays' directions and timesteps; advances next[]; returns how many. */
+int64_t slab_take(int64_t n_rays, const int64_t *first, const int64_t *count, int64_t *next, const uint8_t *alive,
+                  int64_t slab, const float *o, const float *d, const int64_t *timesteps, const float *t_starts,
+                  const float *t_ends, int64_t *ids, int64_t *ray_ids, float *positions, float *directions,
+                  int64_t *sample_timesteps) {
+    int64_t m = 0;
+    for (int64_t i = 0; i < n_rays; ++i) {
+        if (!alive[i] || next[i] >= count[i]) continue;
+        int64_t stop = next[i] + slab < count[i] ? next[i] + slab : count[i];
+        for (int64_t j = next[i]; j < stop; ++j, ++m) {
+            int64_t s = first[i] + j;
+            float tm = 0.5f * (t_starts[s] + t_ends[s]);
+            ids[m] = s;
+            ray_ids[m] = i;
+            for (int a = 0; a < 3; ++a) positions[3 * m + a] = o[3 * i + a] + d[3 * i + a] * tm;
+            for (int a = 0; a < 3; ++a) directions[3 * m + a] = d[3 * i + a];
+            sample_timesteps[m] = timesteps[i];
+        }
+        next[i] = stop;
+    }
+    return m;
+}
+
+/* After evaluating those samples (sigma [m]; rgb, offset [m, 3] or NULL): a sample is kept when its alpha
+   1 - exp(-tau) >= alpha_threshold and the transmittance before it, exp(-optical depth), >= eps; the ray's
+   optical depth (float64) grows by every evaluated tau, and the ray stops once exp(-depth) < eps (eps > 0).
+   Kept samples' values are written to the full arrays at their ids. */
+void slab_update(int64_t m, const int64_t *ids, const int64_t *ray_ids, const float *sigma, const float *rgb,
+                 const float *offset, const float *t_starts, const float *t_ends, float alpha_threshold, double eps,
+                 double *optical_depth, uint8_t *alive, uint8_t *keep, float *all_sigma, float *all_rgb,
+                 float *all_offset) {
+    for (int64_t q = 0; q < m; ++q) {
+        const int64_t s = ids[q], i = ray_ids[q];
+        const float tau = sigma[q] * (t_ends[s] - t_starts[s]);
+        const int visible = (1.0f - expf(-tau)) >= alpha_threshold && exp(-optical_depth[i]) >= eps;
+        optical_depth[i] += (double)tau;
+        keep[s] = (uint8_t)visible;
+        if (visible && all_sigma) {
+            all_sigma[s] = sigma[q];
+            if (all_rgb) for (int a = 0; a < 3; ++a) all_rgb[3 * s + a] = rgb[3 * q + a];
+            if (all_offset) for (int a = 0; a < 3; ++a) all_offset[3 * s + a] = offset[3 * q + a];
+        }
+    }
+    if (eps > 0.0)  /* a ray's samples are consecutive: once per ray */
+        for (int64_t q = 0; q < m; ++q)
+            if (q + 1 == m || ray_ids[q + 1] != ray_ids[q]) alive[ray_ids[q]] = exp(-optical_depth[ray_ids[q]]) >= eps;
+}
+
 /* --- ray marching through the occupancy grid ------------------------------------------------------------ */
 
 /* Sample j of ray i sits at t_start = t0 + (k_first + j) step; it is kept when its midpoint's cell is

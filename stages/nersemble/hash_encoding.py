@@ -169,7 +169,7 @@ class TorchHashEnsemble(HashEnsembleEncoding):
         return self.interpolated(x).transpose(0, 1)
 
     def forward(self, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
-        if self.table.shape[1] <= fast.MAX_WIDTH and fast.applies(x, blend, self.table):
+        if fast.fits(self) and fast.applies(x, blend, self.table):
             return fast.fused_hash_encoding(self, x, blend)  # the CPU kernels; this method is their twin
         return self.reference_forward(x, blend)
 

@@ -27,10 +27,13 @@ from .packed import segment_cumsum, segment_sum
 from .rays import camera_rays, pixel_centers, scale_world_2_cam
 from .rendering import render_samples
 from .sampling import RaySamples, march_rays
-from .schedules import cosine_window
 
 
 VISIBILITY_SLAB = 16  # samples per ray evaluated at once by front-to-back early termination
+# The fast path's slabs: 8 samples per ray first (most rays of a trained head stop within them), doubling to
+# 64 for the rays still alive (translucent ones, where every sample is needed and per-slab overhead counts).
+FAST_SLABS = (8, 64)
+QUERY_BLOCK = 4096  # samples per batched no-grad query on the CPU fast path: its intermediates stay in cache
 
 
 @dataclass(frozen=True)
@@ -153,20 +156,50 @@ class NeRSembleModel(nn.Module):
         return sigma.float(), rgb.float(), offset.float()
 
     def _fast_nograd(self, positions: torch.Tensor) -> bool:
-        """No autograd wanted, float32 on a CPU, and the fused C kernels are there: one C pass per sample."""
+        """No autograd wanted, float32 on a CPU, and the C kernels are there: the batched no-grad query."""
         return (not torch.is_grad_enabled() and fast.applies(positions, self.field.encoding.table)
                 and fast.query_supported(self))
 
     def _fast_query(self, positions: torch.Tensor, directions: torch.Tensor | None, timesteps: torch.Tensor,
                     windows: Windows, want_offset: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`query` (or with ``directions`` None, :meth:`density`) through :func:`fast.query_nograd`."""
-        codes = window = None
+        """:meth:`query` (or with ``directions`` None, :meth:`density`) with the elementwise chain in C.
+
+        The MLPs run as batched matrix products (torch's GEMM is far faster than per-sample loops in C); the
+        posenc before them and the SE(3) warp, box normalisation and hash encoding between them run per sample
+        in C (:func:`fast.warp_encode`), so none of their many [N, ...] intermediates reaches memory. Blocks of
+        ``QUERY_BLOCK`` samples keep every intermediate in cache.
+        """
+        n = positions.shape[0]
+        deformation, eps, box_units = None, 0.0, False
         if self.deformation is not None:
             c = self.config.deformation
-            codes = self.codes.deformation(timesteps)
-            window = cosine_window(windows.deformation, c.n_frequencies).repeat(3)
-        return fast.query_nograd(self, positions, directions, codes, window, self.blend_weights(timesteps, windows),
-                                 want_offset)
+            deformation = fast.NoGradDeformation(self.deformation, self.codes.deformation.weight, self.scene_box)
+            eps, box_units = c.exp_map_eps, c.offset_units == "box"
+        # One timestep for every sample (a render): the codes' share of the deformation is one bias row.
+        codes_at: torch.Tensor | int = timesteps
+        if n and bool((timesteps == timesteps[0]).all()):
+            codes_at = int(timesteps[0])
+        field = fast.NoGradField(self.field)
+        fparams = fast.box_params(self.scene_box, eps)
+        blend = self.blend_weights(timesteps, windows)
+        shifted = None if directions is None else (directions + 1.0) / 2.0
+        parts = []
+        for i in range(0, n, QUERY_BLOCK):
+            block = slice(i, i + QUERY_BLOCK)
+            screw = None
+            if deformation is not None:
+                screw = deformation(positions[block], codes_at if isinstance(codes_at, int) else codes_at[block],
+                                    windows.deformation)
+            features, inside, offset = fast.warp_encode(self.field.encoding, positions[block], screw, blend[block],
+                                                        fparams, box_units, want_offset)
+            sigma, rgb = field(features, inside, None if shifted is None else shifted[block])
+            parts.append((sigma, rgb, offset))
+        if not parts:
+            return (torch.zeros(0), None if directions is None else torch.zeros(0, 3),
+                    torch.zeros(0, 3) if want_offset else None)
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
 
     # --- rays -------------------------------------------------------------------------------------------
 
@@ -202,6 +235,8 @@ class NeRSembleModel(nn.Module):
                 threshold = self.occupancy.alpha_threshold(s.alpha_threshold) if cull_alpha else 0.0
                 keep, values = self._visible(samples, rays_o, rays_d, timesteps, windows, threshold,
                                              full_query=not self.training)
+                if bool(keep.all()):  # nothing culled (a render whose rays all stay translucent): no copies
+                    return samples, values
                 return samples.select(keep), (None if values is None else values.select(keep))
         return samples, None
 
@@ -214,6 +249,8 @@ class NeRSembleModel(nn.Module):
         ``full_query`` evaluates colour and offset too and returns them for every sample (zeros where skipped).
         """
         eps = self.config.sampler.early_stop_eps
+        if self._fast_nograd(rays_o):
+            return self._visible_fast(samples, rays_o, rays_d, timesteps, windows, alpha_threshold, full_query)
         n_rays = rays_o.shape[0]
         ray_ids = samples.ray_indices
         counts = torch.bincount(ray_ids, minlength=n_rays)
@@ -248,6 +285,34 @@ class NeRSembleModel(nn.Module):
                 optical_depth += segment_sum(tau.double(), part.ray_indices, n_rays)
                 alive = torch.exp(-optical_depth) >= eps
             keep[ids] = visible
+        return keep, values
+
+    def _visible_fast(self, samples: RaySamples, rays_o: torch.Tensor, rays_d: torch.Tensor, timesteps: torch.Tensor,
+                      windows: Windows, alpha_threshold: float,
+                      full_query: bool) -> tuple[torch.Tensor, Queried | None]:
+        """:meth:`_visible` with the slab bookkeeping in C (:class:`fast.FrontToBack`); the same samples are kept.
+
+        Which samples are kept depends only on each sample's alpha and the optical depth in front of it, not on
+        how many samples per ray a slab evaluates: a ray stops once it is opaque, and every sample behind that
+        point would have been dropped anyway. The slab size trades evaluations wasted behind that point against
+        per-slab overhead; it does not change the result.
+        """
+        eps = self.config.sampler.early_stop_eps
+        state = fast.FrontToBack(samples.ray_indices, samples.t_starts, samples.t_ends, rays_o, rays_d, timesteps,
+                                 full_query)
+        slab = FAST_SLABS[0] if eps > 0 else max(int(state.counts.max()), 1)
+        while True:
+            ids, ray_ids, positions, directions, part_t = state.take(slab)
+            if ids.numel() == 0:
+                break
+            slab = min(slab * 2, FAST_SLABS[1])
+            if full_query:
+                sigma, rgb, offset = self._fast_query(positions, directions, part_t, windows)
+            else:
+                sigma, rgb, offset = self._fast_query(positions, None, part_t, windows, want_offset=False)
+            state.update(ids, ray_ids, sigma, rgb, offset, alpha_threshold, eps)
+        keep = state.keep.bool()
+        values = Queried(state.sigma, state.rgb, state.offset) if full_query else None
         return keep, values
 
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, timesteps: torch.Tensor | int,

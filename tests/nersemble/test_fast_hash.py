@@ -7,6 +7,7 @@ plus the fallback when no compiler is found and the cache key that keeps stale b
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -30,13 +31,14 @@ def _kernels_or_skip() -> None:
         pytest.fail(f"a compiler is present but the kernels did not build: {fast._state['failed']}")
 
 
-def _inputs(n: int = 500, seed: int = 0) -> tuple[TorchHashEnsemble, torch.Tensor, torch.Tensor]:
+def _inputs(n: int = 500, seed: int = 0, config: HashEnsembleConfig = CONFIG,
+            ) -> tuple[TorchHashEnsemble, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    encoding = TorchHashEnsemble(CONFIG)
+    encoding = TorchHashEnsemble(config)
     x = torch.rand(n, 3, generator=gen)
     x[:5] = torch.tensor([0.0, 1.0, 0.5]) + torch.zeros(5, 3)  # box faces: the dense levels' wrap-around
-    blend = torch.randn(n, CONFIG.n_grids, generator=gen)
+    blend = torch.randn(n, config.n_grids, generator=gen)
     return encoding, x, blend
 
 
@@ -45,19 +47,24 @@ def test_layout_has_dense_and_hashed_levels():
     assert 0 < layout.n_dense < CONFIG.n_levels
 
 
-def test_fused_forward_matches_the_torch_twin():
+# Rows of 8, 16 and 64 columns with 2 features take the kernels' vectorised readers, 6 and 3 x 3 the generic loop.
+@pytest.mark.parametrize(("n_grids", "features"), [(4, 2), (8, 2), (32, 2), (3, 2), (3, 3)])
+def test_fused_forward_matches_the_torch_twin(n_grids, features):
     _kernels_or_skip()
-    encoding, x, blend = _inputs()
+    config = replace(CONFIG, n_grids=n_grids, features_per_level=features)
+    encoding, x, blend = _inputs(config=config)
     fused = encoding(x, blend)
     twin = encoding.reference_forward(x, blend)
-    assert fused.shape == twin.shape == (x.shape[0], CONFIG.n_levels * CONFIG.features_per_level)
+    assert fused.shape == twin.shape == (x.shape[0], config.n_levels * config.features_per_level)
     torch.testing.assert_close(fused, twin, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_gradients_match_the_torch_twin():
+@pytest.mark.parametrize(("n_grids", "features"), [(4, 2), (32, 2), (3, 2)])  # vector rows of 8, 64; generic 6
+def test_fused_gradients_match_the_torch_twin(n_grids, features):
     _kernels_or_skip()
-    encoding, x, blend = _inputs()
-    grad_out = torch.randn(x.shape[0], CONFIG.n_levels * CONFIG.features_per_level)
+    config = replace(CONFIG, n_grids=n_grids, features_per_level=features)
+    encoding, x, blend = _inputs(config=config)
+    grad_out = torch.randn(x.shape[0], config.n_levels * config.features_per_level)
     grads = []
     for forward in (encoding.forward, encoding.reference_forward):
         xi, bi = x.clone().requires_grad_(True), blend.clone().requires_grad_(True)
