@@ -1,7 +1,8 @@
 """A render that runs out of GPU memory stops with the values to lower, for export and evaluate alike.
 
-No GPU here: the field query raises torch's ``OutOfMemoryError`` from where a CUDA allocation would fail (inside
-the chunk loop of ``render_image``), and the real model, camera and render path do the rest.
+No GPU here: the model's forward pass over one chunk raises torch's ``OutOfMemoryError``, as a CUDA allocation
+inside the chunk loop of ``render_image`` would (on either query path, eager or fast), and the real model, camera
+and render path do the rest.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def test_out_of_gpu_memory_in_a_render_names_chunk_and_substeps(monkeypatch):
     def exhausted(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
 
-    monkeypatch.setattr(model, "query", exhausted)
+    monkeypatch.setattr(model, "forward", exhausted)
     with pytest.raises(PipelineError) as error:
         render_view(model, view, 2, chunk=64)
     message = str(error.value)
