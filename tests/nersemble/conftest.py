@@ -6,9 +6,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import pytest
+
+if TYPE_CHECKING:
+    from stages.nersemble.model import NeRSembleModel
 
 
 @pytest.fixture
@@ -28,3 +32,36 @@ def rerun_under_interpreter() -> Callable[[str], None]:
         assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
 
     return run
+
+
+@pytest.fixture
+def fast_kernels() -> None:
+    """The fast path's C kernels are built: skip without a compiler, fail when one is present and the build failed."""
+    from stages.nersemble import fast
+
+    if fast.compiler() is None:
+        pytest.skip("no C compiler on PATH: the fast path cannot be built here")
+    if fast.library() is None:
+        pytest.fail(f"a compiler is present but the kernels did not build: {fast._state['failed']}")
+
+
+@pytest.fixture
+def scaled_preview_model() -> Callable[..., "NeRSembleModel"]:
+    """A 3-timestep preview model in a cube of half-size ``half``, its weights scaled up from the init (30x for
+    the tables, 3x elsewhere) so every term of the chain matters and rays terminate inside the box."""
+    import torch
+
+    from stages.nersemble.config import preset
+    from stages.nersemble.model import NeRSembleModel
+
+    def build(half: float, **overrides) -> NeRSembleModel:
+        torch.manual_seed(0)
+        config = preset("preview").with_overrides(**overrides)
+        box = torch.tensor([[-half] * 3, [half] * 3])
+        model = NeRSembleModel(config, 3, box, backend="torch")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(30.0 if p.numel() > 100_000 else 3.0)
+        return model
+
+    return build

@@ -4,36 +4,18 @@ the deformation on and off; and whole renders through both paths."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from stages.core.cameras import look_at
 from stages.nersemble import fast
-from stages.nersemble.config import preset
 from stages.nersemble.model import NeRSembleModel
 from stages.nersemble.rays import scene_box_from_cameras
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def _kernels():
-    if fast.compiler() is None:
-        pytest.skip("no C compiler on PATH: the fast path cannot be built here")
-    if fast.library() is None:
-        pytest.fail(f"a compiler is present but the kernels did not build: {fast._state['failed']}")
-
-
-def _model(**overrides) -> NeRSembleModel:
-    torch.manual_seed(0)
-    config = preset("preview").with_overrides(**overrides)
-    box = torch.tensor([[-2.0, -2.0, -2.0], [2.0, 2.0, 2.0]])
-    model = NeRSembleModel(config, 3, box, backend="torch")
-    with torch.no_grad():  # larger weights than the init, so every term of the chain matters
-        for p in model.parameters():
-            p.mul_(30.0 if p.numel() > 100_000 else 3.0)
-    return model
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fast_kernels")
 
 
 def _inputs(n: int = 400):
@@ -57,8 +39,8 @@ def _twin(model, p, d, t, windows, monkeypatch):
 
 @pytest.mark.parametrize("step", [0, 1500, None])
 @pytest.mark.parametrize("deformation", [True, False])
-def test_fused_query_matches_the_eager_model(step, deformation, monkeypatch):
-    model = _model(**({} if deformation else {"deformation.enabled": False}))
+def test_fused_query_matches_the_eager_model(step, deformation, monkeypatch, scaled_preview_model):
+    model = scaled_preview_model(2.0, **({} if deformation else {"deformation.enabled": False}))
     assert fast.query_supported(model)
     p, d, t = _inputs()
     fused, twin, fused_density, twin_density = _twin(model, p, d, t, model.windows(step), monkeypatch)
@@ -72,8 +54,7 @@ def test_fused_query_matches_the_eager_model(step, deformation, monkeypatch):
 
 def _unpadded_copy(model: NeRSembleModel) -> NeRSembleModel:
     """``model`` with the colour MLP's first layer cut to its 18 real inputs: a field from before the padding."""
-    old = _model()
-    old.load_state_dict(model.state_dict())
+    old = copy.deepcopy(model)
     first = model.field.color_mlp[0]
     n_real = 3 + model.config.field.geo_feat_dim
     narrow = torch.nn.Linear(n_real, first.out_features, bias=first.bias is not None)
@@ -83,9 +64,9 @@ def _unpadded_copy(model: NeRSembleModel) -> NeRSembleModel:
     return old
 
 
-def test_padded_colour_inputs_are_ones(monkeypatch):
+def test_padded_colour_inputs_are_ones(monkeypatch, scaled_preview_model):
     """The preset's colour MLP takes 32 inputs, 14 of them constant ones: its first-layer bias."""
-    model = _model()
+    model = scaled_preview_model(2.0)
     assert model.field.color_mlp[0].in_features == 32
     p, d, t = _inputs()
     windows = model.windows(None)
@@ -98,12 +79,12 @@ def test_padded_colour_inputs_are_ones(monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["unpadded field", "old checkpoint loaded"])
-def test_fused_query_matches_an_unpadded_colour_mlp(how, monkeypatch):
+def test_fused_query_matches_an_unpadded_colour_mlp(how, monkeypatch, scaled_preview_model):
     """Fields from before the padding: an 18-wide first layer, or its checkpoint loaded into a padded field."""
-    old = _unpadded_copy(_model())
+    old = _unpadded_copy(scaled_preview_model(2.0))
     assert old.field.color_mlp[0].in_features == 18
     if how == "old checkpoint loaded":
-        model = _model()
+        model = scaled_preview_model(2.0)
         model.load_state_dict(old.state_dict())  # the field pads the 18 columns with zero weights
         assert model.field.color_mlp[0].in_features == 32
     else:
@@ -121,15 +102,15 @@ def test_fused_query_matches_an_unpadded_colour_mlp(how, monkeypatch):
     torch.testing.assert_close(fused[1], reference, rtol=1e-4, atol=1e-5)
 
 
-def test_grad_mode_keeps_the_autograd_path():
-    model = _model()
+def test_grad_mode_keeps_the_autograd_path(scaled_preview_model):
+    model = scaled_preview_model(2.0)
     p, d, t = _inputs(50)
     sigma, rgb, _ = model.query(p, d, t, model.windows(None))
     assert sigma.requires_grad and rgb.requires_grad
 
 
-def test_render_image_matches_the_reference_render(monkeypatch):
-    model = _model(step_size=0.2)
+def test_render_image_matches_the_reference_render(monkeypatch, scaled_preview_model):
+    model = scaled_preview_model(2.0, step_size=0.2)
     K = np.array([[40.0, 0.0, 12.0], [0.0, 40.0, 16.0], [0.0, 0.0, 1.0]])
     w2c = look_at(np.array([0.0, 0.0, 1.0]), np.zeros(3))
     fused = model.render_image(K, w2c, 24, 32, 1)

@@ -8,37 +8,16 @@ import pytest
 import torch
 
 from stages.nersemble import fast
-from stages.nersemble.config import preset
 from stages.nersemble.deformation import windowed_posenc
-from stages.nersemble.model import NeRSembleModel
 from stages.nersemble.sampling import march_rays
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def _kernels():
-    if fast.compiler() is None:
-        pytest.skip("no C compiler on PATH: the fast path cannot be built here")
-    if fast.library() is None:
-        pytest.fail(f"a compiler is present but the kernels did not build: {fast._state['failed']}")
-
-
-def _model(**overrides) -> NeRSembleModel:
-    torch.manual_seed(0)
-    config = preset("preview").with_overrides(**overrides)
-    box = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
-    model = NeRSembleModel(config, 3, box, backend="torch")
-    with torch.no_grad():  # a denser field than the init, so rays terminate inside the box
-        for p in model.parameters():
-            p.mul_(30.0 if p.numel() > 100_000 else 3.0)
-    return model
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fast_kernels")
 
 
 @pytest.mark.parametrize("step", [0, 300, None])
-def test_lean_deformation_equals_screw_axis(step):
+def test_lean_deformation_equals_screw_axis(step, scaled_preview_model):
     """Posenc in C (its own vectorised sine) and the split-weight MLP against the eager screw axis."""
-    model = _model()
+    model = scaled_preview_model(1.0)
     gen = torch.Generator().manual_seed(1)
     positions = torch.rand(500, 3, generator=gen) * 2.0 - 1.0
     t = torch.randint(0, 3, (500,), generator=gen)
@@ -64,8 +43,8 @@ def _rays(n: int = 300):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_front_to_back_keeps_the_reference_samples(training, monkeypatch):
-    model = _model(**{"sampler.step_size": 0.02})
+def test_front_to_back_keeps_the_reference_samples(training, monkeypatch, scaled_preview_model):
+    model = scaled_preview_model(1.0, **{"sampler.step_size": 0.02})
     with torch.no_grad():  # raw densities of +-several: opaque patches that stop rays, and empty space
         model.field.encoding.table.uniform_(-1.0, 1.0, generator=torch.Generator().manual_seed(4))
         model.codes.blend.weight.fill_(1.0)
