@@ -145,9 +145,9 @@ def plan_depth(store: CaptureStore, config: DepthConfig) -> DepthPlan:
     sources = choose_sources(views, config.neighbours, config.max_neighbour_angle)
     warnings = [f"camera {views.serials[ref]}: no neighbouring camera within {config.max_neighbour_angle:g} deg "
                 "sees the subject; its depth maps are all invalid" for ref, srcs in sources.items() if not srcs]
-    return DepthPlan(method, device, views, sources, worker_count(config, device, views.count, store.height, store.width),
-                     holdout,
-                     [store.camera_index(s) for s in train], warnings)
+    workers = worker_count(config, device, views.count, store.height, store.width)
+    return DepthPlan(method, device, views, sources, workers, holdout, [store.camera_index(s) for s in train],
+                     warnings)
 
 
 # --- the stage --------------------------------------------------------------------------------------------------

@@ -304,11 +304,10 @@ def matte_sequence(work_dir: str | os.PathLike[str] | SequenceWorkDir, config: M
                      lambda run, plan: _run_matte(run, plan, config, progress))
 
 
-# Measured (tracemalloc, plate and fused methods, 802x550 and 1604x1100): one frame's matting holds about 72
-# uint8 frames' worth of float temporaries (colour distances, guided-filter boxes), ~370 MB at 1604x1100, and its
-# temporal window keeps 3 float frames (12 more). The workers chosen automatically share this budget; the model
-# and the runtime take the rest of the stage's 4 GB (fused matting peaked at 1.1 GB at 192x128, nearly all of it
-# onnxruntime's, benchmarks/scale.py).
+# One frame's matting holds float temporaries (colour distances, guided-filter boxes) worth several dozen uint8
+# frames, and its temporal window keeps a few float frames more (measured with tracemalloc, plate and fused, the
+# figures in benchmarks/EXPERIMENTS.md). The workers chosen automatically share this budget; the model and
+# onnxruntime, a fixed cost whatever the frame size, take the rest of the stage's 4 GB.
 FRAME_WORKING_SET = 90  # uint8 frames per worker
 WORKERS_MEMORY_BUDGET = 5 << 29  # 2.5 GiB
 
