@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.cpu_scene import HEIGHT, WIDTH, SyntheticSource, build, holdout_psnr, split  # noqa: E402
 from stages.nersemble import fast  # noqa: E402
 from stages.nersemble.config import preset  # noqa: E402
+from stages.nersemble.optim import choose_fused  # noqa: E402
 from stages.rendering.paths import render_intrinsics, rig_frame, turntable_path  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,6 +62,7 @@ def time_training(trainer, state: dict, steps: int) -> dict:
     """``steps`` steps from a copy of ``state`` (model, optimiser, trainer state, generator)."""
     trainer.model.load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optimizer"])
+    choose_fused(trainer.optimizer)  # the path now in use: the saved state carries the warm-up's choice
     trainer.state = copy.deepcopy(state["trainer"])
     trainer.generator.set_state(state["generator"])
     samples = 0.0

@@ -19,7 +19,10 @@ per step is extrapolated to the preset's step count.
 
 Writes benchmarks/results/scale.json ({"rows": [...], "ingest_vs_decode_compress": ratio, ...}) and scale.md.
 Captures are cached under benchmarks/results/scale/ (ignored by git): rendering 1604 x 1100 takes long, and the
-estimate is printed before it starts.
+estimate is printed before it starts. Only ``--distinct-frames`` poses are rendered and looped back and forth
+over the frames: no stage's cost depends on which pose a frame shows, and a 73-frame capture at 1604 x 1100 would
+otherwise take hours to render. ``--matte`` and ``--calibrate`` choose the methods measured, so the slow ones can
+be left out of long runs, and ``--combine`` merges the rows of several runs into one table and fit.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ CODECS = ("zstd", "lz4", "none")
 TYPICAL = {"cameras": 16, "frames": 430, "height": 1604, "width": 1100}
 ARCHIVE_SEQUENCES = 9400
 EXPORT_FRAMES = 24
+METHODS = {"calibrate": ("colmap", "provided"), "matte": ("plate", "fused")}
 MEMORY_GOAL_MB = 4096
 
 
@@ -69,7 +73,8 @@ def even(value: int) -> int:
 
 
 def synthesis_estimate(height: int, width: int, cameras: int, frames: int) -> float:
-    """Seconds to render the capture, from one frame rendered now (video encoding runs beside it)."""
+    """Seconds to render ``frames`` distinct poses of every camera, from one frame rendered now (video encoding
+    runs beside it)."""
     from pipeline.synthetic import SERIALS, render_subject, rig_cameras
 
     params = rig_cameras(width, height, SERIALS[:1])
@@ -78,22 +83,27 @@ def synthesis_estimate(height: int, width: int, cameras: int, frames: int) -> fl
     return (time.perf_counter() - started) * cameras * (frames + 1)
 
 
-def cached_capture(height: int, width: int, cameras: int, frames: int) -> tuple[Path, dict]:
+def cached_capture(height: int, width: int, cameras: int, frames: int, distinct: int) -> tuple[Path, dict]:
     """The synthetic capture for this size, rendered once and kept; returns its sequence folder and synth info."""
     from pipeline.synthetic import synthesize_capture
 
-    folder = CACHE / "captures" / f"{height}x{width}-c{cameras}-f{frames}"
+    distinct = min(distinct, frames)
+    for longer in sorted(CACHE.glob(f"captures/{height}x{width}-c{cameras}-f*-d{distinct}/synthesis.json"),
+                         key=lambda p: json.loads(p.read_text())["frames"]):
+        info = json.loads(longer.read_text())
+        if info["frames"] >= frames:  # the stages read the first frames only: a longer capture serves
+            return longer.parent / "archive" / "001" / "sequences" / "EXP-1-head", info
+    folder = CACHE / "captures" / f"{height}x{width}-c{cameras}-f{frames}-d{distinct}"
     info_path = folder / "synthesis.json"
     sequence_dir = folder / "archive" / "001" / "sequences" / "EXP-1-head"
-    if info_path.is_file():
-        return sequence_dir, json.loads(info_path.read_text())
-    estimate = synthesis_estimate(height, width, cameras, frames)
-    print(f"synthesising {cameras} cameras x {frames} frames at {height}x{width}: about {estimate / 60:.1f} min "
-          f"(cached in {folder.relative_to(REPO)})", flush=True)
+    estimate = synthesis_estimate(height, width, cameras, distinct)
+    print(f"synthesising {cameras} cameras x {frames} frames ({distinct} distinct poses) at {height}x{width}: "
+          f"about {estimate / 60:.1f} min (cached in {folder.relative_to(REPO)})", flush=True)
     started = time.perf_counter()
-    synthesize_capture(folder / "archive", cameras=cameras, frames=frames, width=width, height=height)
+    synthesize_capture(folder / "archive", cameras=cameras, frames=frames, width=width, height=height,
+                       distinct_frames=distinct)
     info = {"seconds": round(time.perf_counter() - started, 2), "estimate_seconds": round(estimate, 2),
-            "cameras": cameras, "frames": frames, "height": height, "width": width}
+            "cameras": cameras, "frames": frames, "distinct_frames": distinct, "height": height, "width": width}
     info_path.write_text(json.dumps(info, indent=2))
     return sequence_dir, info
 
@@ -262,7 +272,8 @@ def row(size: str, frames: int, cameras: int, stage: str, result: dict, output_f
 
 
 def measure(sequence_dir: Path, height: int, width: int, cameras: int, frames: int, stages: list[str],
-            codecs: list[str], steps: int, workers: int, repeats: int = 1) -> list[dict]:
+            codecs: list[str], steps: int, workers: int, repeats: int = 1,
+            methods: dict[str, tuple[str, ...]] | None = None) -> list[dict]:
     """Every wanted stage on one (size, frames) in a fresh work folder, in pipeline order."""
     size = f"{height}x{width}"
     work_root = CACHE / "work" / f"{size}-c{cameras}-f{frames}"
@@ -307,13 +318,14 @@ def measure(sequence_dir: Path, height: int, width: int, cameras: int, frames: i
             rows += list(best.values())
             if root != work_root:
                 subprocess.run(["rm", "-rf", str(root)], check=True)
+    methods = {**METHODS, **(methods or {})}
     if "calibrate" in stages:
-        stage_row("calibrate:colmap", {"kind": "calibrate", "mode": "colmap"}, images, STAGE_OUTPUTS["calibrate"])
-        stage_row("calibrate:provided", {"kind": "calibrate", "mode": "provided"}, images,
-                  STAGE_OUTPUTS["calibrate"])
+        # provided runs last whatever the order asked: the later stages use the rig's own calibration
+        for mode in sorted(methods["calibrate"], key=lambda m: m == "provided"):
+            stage_row(f"calibrate:{mode}", {"kind": "calibrate", "mode": mode}, images, STAGE_OUTPUTS["calibrate"])
     if "matte" in stages:
-        stage_row("matte:plate", {"kind": "matte", "method": "plate"}, images, STAGE_OUTPUTS["matte"])
-        stage_row("matte:fused", {"kind": "matte", "method": "fused"}, images, STAGE_OUTPUTS["matte"])
+        for method in methods["matte"]:
+            stage_row(f"matte:{method}", {"kind": "matte", "method": method}, images, STAGE_OUTPUTS["matte"])
     if "depth" in stages:
         stage_row("depth", {"kind": "depth"}, images, STAGE_OUTPUTS["depth"])
     if "optimize" in stages:
@@ -445,9 +457,10 @@ def _bytes(value: float | None) -> str:
 
 def markdown(result: dict) -> str:
     lines = [f"# Scale benchmark ({result['date']}, {result['machine']})", "",
-             f"Command: `{result['command']}`", "",
-             "| size (HxW) | frames | stage | seconds | CPU s | frames/s | peak RSS MB | store bytes |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"Command: `{result['command']}`", ""]
+    lines += [f"- combines `{c}`" for c in result.get("combined", [])] + ([""] if result.get("combined") else [])
+    lines += ["| size (HxW) | frames | stage | seconds | CPU s | frames/s | peak RSS MB | store bytes |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         rate = r.get("frames_per_s") if r.get("frames_per_s") is not None else r.get("steps_per_s")
         flag = " (over 4 GB)" if (r.get("peak_rss_mb") or 0) > MEMORY_GOAL_MB else ""
@@ -489,11 +502,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="ingest and its baseline alternate this many times; the fastest of each is kept")
     parser.add_argument("--workers", type=int, default=0, help="decoders for the baseline; 0: as ingest chooses")
+    parser.add_argument("--distinct-frames", type=int, default=6,
+                        help="poses rendered per camera, looped over the frames (cost does not depend on the pose)")
+    parser.add_argument("--matte", default=",".join(METHODS["matte"]), help="matte methods measured")
+    parser.add_argument("--calibrate", default=",".join(METHODS["calibrate"]), help="calibrate modes measured")
+    parser.add_argument("--combine", nargs="+", metavar="JSON",
+                        help="merge the rows of these earlier runs into --out (nothing is measured)")
     parser.add_argument("--out", default=str(RESULTS / "scale.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child_main(json.loads(args.child))
+        return
+    command = "benchmarks/scale.py " + " ".join(sys.argv[1:])
+    if args.combine:
+        runs = [json.loads(Path(path).read_text()) for path in args.combine]
+        write_result([r for run in runs for r in run["rows"]], [s for run in runs for s in run["synthesis"]],
+                     command, Path(args.out), combined=[run["command"] for run in runs])
         return
 
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
@@ -502,18 +527,28 @@ def main() -> None:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise SystemExit(f"--stages: unknown {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    methods = {"matte": tuple(m for m in args.matte.split(",") if m),
+               "calibrate": tuple(m for m in args.calibrate.split(",") if m)}
+    for stage, chosen in methods.items():
+        if any(m not in METHODS[stage] for m in chosen):
+            raise SystemExit(f"--{stage}: choose from {', '.join(METHODS[stage])}, got {','.join(chosen)}")
     codecs = sorted({*args.codecs.split(","), "zstd"}, key=CODECS.index)
     workers = args.workers or min(args.cameras, os.cpu_count() or 1)
 
     rows, synthesis = [], []
     for height, width in sizes:
         height, width = even(height), even(width)
-        sequence_dir, info = cached_capture(height, width, args.cameras, max(frame_counts))
+        sequence_dir, info = cached_capture(height, width, args.cameras, max(frame_counts), args.distinct_frames)
         synthesis.append(info)
         for frames in frame_counts:
             rows += measure(sequence_dir, height, width, args.cameras, frames, stages, codecs, args.steps, workers,
-                            args.repeats)
+                            args.repeats, methods)
+    write_result(rows, synthesis, command, Path(args.out))
 
+
+def write_result(rows: list[dict], synthesis: list[dict], command: str, out: Path,
+                 combined: list[str] | None = None) -> None:
+    """Fit, extrapolate and write the JSON and markdown of these rows."""
     fits = fit(rows)
     ratio, by_run = ingest_ratio(rows)
     cpu_ratio, cpu_by_run = ingest_ratio(rows, cpu=True)
@@ -524,13 +559,14 @@ def main() -> None:
     except ImportError:
         device = "cpu"
     result = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {device}",
-              "command": "benchmarks/scale.py " + " ".join(sys.argv[1:]), "rows": rows,
+              "command": command, "rows": rows,
               "ingest_vs_decode_compress": ratio, "ingest_vs_decode_compress_by_run": by_run,
               "ingest_vs_decode_compress_cpu": cpu_ratio, "ingest_vs_decode_compress_cpu_by_run": cpu_by_run,
               "fits": fits,
               "extrapolated": extrapolate(fits, rows), "synthesis": synthesis, "typical_sequence": TYPICAL,
               "archive_sequences": ARCHIVE_SEQUENCES}
-    out = Path(args.out)
+    if combined:
+        result["combined"] = combined
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(result))

@@ -211,6 +211,17 @@ def frame_times(frames: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, frames) if frames > 1 else np.zeros(frames)
 
 
+def looped_frames(frames: int, distinct: int) -> np.ndarray:
+    """Which of ``distinct`` poses each of ``frames`` frames shows, going back and forth (0, 1, .., d-1, d-2, ..,
+    1, 0, 1, ..) so the motion stays continuous: a long capture for cost benchmarks at a fraction of the
+    rendering, whose per-frame cost does not depend on the pose."""
+    if distinct < 2 or distinct >= frames:
+        return np.arange(frames)
+    period = 2 * (distinct - 1)
+    phase = np.arange(frames) % period
+    return np.where(phase < distinct, phase, period - phase)
+
+
 # --- rendering --------------------------------------------------------------------------------------------
 
 
@@ -397,11 +408,12 @@ def synthesize_capture(out_root: str | Path, *, participant: str = "001", sequen
                        cameras: int | Sequence[str] = 16, frames: int = 24, width: int = 220, height: int = 320,
                        fps: float = 73.0, seed: int = 0, crf: int = 18, layout: str = "nersemble",
                        rows: int | None = None, serial_format: str | None = None,
-                       plates: bool = True) -> SyntheticCapture:
+                       plates: bool = True, distinct_frames: int | None = None) -> SyntheticCapture:
     """Write a raw capture in the NeRSemble v2 layout plus ``ground_truth.zarr``; returns its paths.
 
     ``layout``, ``rows`` and ``serial_format`` make another rig (:func:`rig_layout`); the defaults give the
-    NeRSemble rig with its real serials. ``plates=False`` writes no background plates.
+    NeRSemble rig with its real serials. ``plates=False`` writes no background plates. ``distinct_frames``
+    renders only that many poses and loops them (:func:`looped_frames`), for captures too long to render.
     Cameras are rendered one after another while the previous camera's video encodes in a worker thread
     (ffmpeg runs in its own process), which keeps both CPU cores busy.
     """
@@ -413,7 +425,9 @@ def synthesize_capture(out_root: str | Path, *, participant: str = "001", sequen
     else:
         serials = list(positions)
         params = layout_cameras(positions, width, height, seed=seed)
-    times = frame_times(frames)
+    poses = looped_frames(frames, distinct_frames or frames)
+    pose_times = frame_times(int(poses.max()) + 1)
+    times = pose_times[poses]
     paths = _capture_paths(Path(out_root), participant, sequence, serials)
     if not plates:
         paths = replace(paths, background_paths={})
@@ -426,7 +440,8 @@ def synthesize_capture(out_root: str | Path, *, participant: str = "001", sequen
     with ThreadPoolExecutor(max_workers=1) as encoder:
         pending: Future | None = None
         for index, serial in enumerate(paths.cameras):
-            plate, renders = _render_camera(params, serial, width, height, times, seed)
+            plate, distinct = _render_camera(params, serial, width, height, pose_times, seed)
+            renders = [distinct[pose] for pose in poses]
             if plates:
                 _write_plate(paths.background_paths[serial], plate)
             truth["alpha"][index] = np.stack([r.alpha for r in renders])

@@ -113,7 +113,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.slab_take.restype = i64
     lib.slab_update.argtypes = [i64, p, p, p, p, p, p, p, ctypes.c_float, ctypes.c_double, p, p, p, p, p, p]
     lib.slab_update.restype = None
-    lib.march.argtypes = [p, p, p, p, p, i64, ctypes.c_float, p, p, i32, i32, i32, i32, p, p, p, p, p, i32]
+    lib.march.argtypes = [p, p, p, p, p, i64, ctypes.c_float, p, p, i32, i32, i32, i32, p, p, p, p, p, p, i32]
     lib.march.restype = None
 
 
@@ -449,11 +449,12 @@ def march_occupied(rays_o: torch.Tensor, rays_d: torch.Tensor, t0: torch.Tensor,
     n_rays = o.shape[0]
     args = (_ptr(o), _ptr(d), _ptr(t0), _ptr(k_first), _ptr(counts), n_rays, float(step_size), _ptr(box), _ptr(occ),
             *occ.shape)
-    kept = torch.empty(n_rays, dtype=torch.int64)
-    lib.march(*args, 0, _ptr(kept), None, None, None, None, torch.get_num_threads())
+    kept, span = torch.empty(n_rays, dtype=torch.int64), torch.empty(n_rays, 2, dtype=torch.int64)
+    lib.march(*args, 0, _ptr(kept), _ptr(span), None, None, None, None, torch.get_num_threads())
     first = torch.cumsum(kept, 0) - kept
     total = int(kept.sum())
     ray_indices = torch.empty(total, dtype=torch.int64)
     t_starts, t_ends = torch.empty(total), torch.empty(total)
-    lib.march(*args, 1, None, _ptr(first), _ptr(ray_indices), _ptr(t_starts), _ptr(t_ends), torch.get_num_threads())
+    lib.march(*args, 1, None, _ptr(span), _ptr(first), _ptr(ray_indices), _ptr(t_starts), _ptr(t_ends),
+              torch.get_num_threads())
     return ray_indices, t_starts, t_ends

@@ -359,37 +359,52 @@ void slab_update(int64_t m, const int64_t *ids, const int64_t *ray_ids, const fl
 
 /* --- ray marching through the occupancy grid ------------------------------------------------------------ */
 
+/* The grid cell of a box-normalised coordinate, clamped into the grid: the torch twin's index. */
+static inline int64_t cell(float unit, int64_t res) {
+    const int64_t v = (int64_t)(unit * (float)res);
+    return v < 0 ? 0 : (v < res - 1 ? v : res - 1);
+}
+
 /* Sample j of ray i sits at t_start = t0 + (k_first + j) step; it is kept when its midpoint's cell is
-   occupied. Pass 1 (fill == 0) counts the kept samples per ray; pass 2 writes them at out_first[i]. */
+   occupied. Pass 1 (fill == 0) counts the kept samples per ray and notes the span [first, last] of steps
+   they lie in; pass 2 walks only that span and writes them at out_first[i]. */
 void march(const float *o, const float *d, const float *t0, const int64_t *k_first, const int64_t *count,
            int64_t n_rays, float step, const float *aabb, const uint8_t *occ, int r0, int r1, int r2, int fill,
-           int64_t *kept, const int64_t *out_first, int64_t *ray_indices, float *t_starts, float *t_ends,
-           int n_threads) {
+           int64_t *kept, int64_t *span, const int64_t *out_first, int64_t *ray_indices, float *t_starts,
+           float *t_ends, int n_threads) {
+    const float lo[3] = {aabb[0], aabb[1], aabb[2]};
     const float ext[3] = {aabb[3] - aabb[0], aabb[4] - aabb[1], aabb[5] - aabb[2]};
-    const int64_t res[3] = {r0, r1, r2};
     #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 64)
     for (int64_t i = 0; i < n_rays; ++i) {
-        int64_t m = 0, at = fill ? out_first[i] : 0;
-        for (int64_t j = 0; j < count[i]; ++j) {
-            const float ts = t0[i] + (float)(k_first[i] + j) * step;
+        /* the ray in locals: the output stores may alias the inputs, which would reload them every step */
+        const float ox = o[3 * i], oy = o[3 * i + 1], oz = o[3 * i + 2];
+        const float dx = d[3 * i], dy = d[3 * i + 1], dz = d[3 * i + 2];
+        const float start = t0[i];
+        const int64_t k0 = k_first[i];
+        const int64_t begin = fill ? span[2 * i] : 0, end = fill ? span[2 * i + 1] + 1 : count[i];
+        int64_t m = 0, at = fill ? out_first[i] : 0, first = -1, last = -2;
+        for (int64_t j = begin; j < end; ++j) {
+            const float ts = start + (float)(k0 + j) * step;
             const float te = ts + step;
             const float tm = 0.5f * (ts + te);
-            int64_t c[3];
-            for (int a = 0; a < 3; ++a) {
-                const float unit = (o[3 * i + a] + d[3 * i + a] * tm - aabb[a]) / ext[a];
-                int64_t v = (int64_t)(unit * (float)res[a]);
-                v = v < 0 ? 0 : v;
-                c[a] = v < res[a] - 1 ? v : res[a] - 1;
-            }
-            if (!occ[(c[0] * r1 + c[1]) * r2 + c[2]]) continue;
+            const int64_t cx = cell((ox + dx * tm - lo[0]) / ext[0], r0);
+            const int64_t cy = cell((oy + dy * tm - lo[1]) / ext[1], r1);
+            const int64_t cz = cell((oz + dz * tm - lo[2]) / ext[2], r2);
+            if (!occ[(cx * r1 + cy) * r2 + cz]) continue;
             if (fill) {
                 ray_indices[at + m] = i;
                 t_starts[at + m] = ts;
                 t_ends[at + m] = te;
             }
+            if (first < 0) first = j;
+            last = j;
             ++m;
         }
-        if (!fill) kept[i] = m;
+        if (!fill) {
+            kept[i] = m;
+            span[2 * i] = first < 0 ? 0 : first;
+            span[2 * i + 1] = last;
+        }
     }
 }
 """

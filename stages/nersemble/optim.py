@@ -4,14 +4,31 @@ from __future__ import annotations
 
 import torch
 
+from . import fast
 from .config import NeRSembleConfig
 from .model import NeRSembleModel
 
 
 def build_optimizer(model: NeRSembleModel, config: NeRSembleConfig | None = None) -> torch.optim.Adam:
-    """Adam (eps 1e-15, no weight decay) over ``model.param_groups``."""
+    """Adam (eps 1e-15, no weight decay) over ``model.param_groups``, fused where :func:`choose_fused` says."""
     o = (config or model.config).optim
-    return torch.optim.Adam(model.param_groups(config), betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay)
+    optimizer = torch.optim.Adam(model.param_groups(config), betas=o.betas, eps=o.adam_eps,
+                                 weight_decay=o.weight_decay)
+    return choose_fused(optimizer)
+
+
+def choose_fused(optimizer: torch.optim.Adam) -> torch.optim.Adam:
+    """Run each group with torch's fused Adam on the CPU fast path, the plain one elsewhere.
+
+    The hash tables are most of the parameters and the CPU's Adam makes one pass over them per elementwise op;
+    the fused kernel makes one in all, with the same update up to float rounding. The reference path
+    (``NERSEMBLE_FAST=0``) keeps the plain Adam as its twin. Call it again after ``load_state_dict``, which
+    restores the saving run's choice.
+    """
+    for group in optimizer.param_groups:
+        on_cpu = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in group["params"])
+        group["fused"] = True if fast.requested() and on_cpu else None
+    return optimizer
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: NeRSembleConfig) -> torch.optim.lr_scheduler.LambdaLR:

@@ -32,7 +32,7 @@ import torch
 from .config import NeRSembleConfig
 from .losses import nersemble_losses
 from .model import NeRSembleModel
-from .optim import build_lr_scheduler, build_optimizer
+from .optim import build_lr_scheduler, build_optimizer, choose_fused
 
 CHECKPOINT_FORMAT = 1
 _HASH_TAG = b"NERSEMBLE-SHA256"  # then 32 bytes of SHA-256 over everything before the tag
@@ -335,6 +335,7 @@ class Trainer:
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        choose_fused(self.optimizer)  # this run's path, not the saving run's
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])

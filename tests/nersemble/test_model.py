@@ -88,6 +88,33 @@ def test_param_groups_and_step_lr():
     assert optimizer.param_groups[1]["lr"] == pytest.approx(1e-3 * 0.5**2)  # constant within a period
 
 
+def test_fast_path_adam_is_fused_and_takes_the_plain_adams_steps(monkeypatch):
+    """The CPU fast path fuses Adam's passes over the tables; the update is the same up to float rounding, and
+    a state saved by either path resumes under the path now in use."""
+    from stages.nersemble import fast
+    from stages.nersemble.optim import choose_fused
+
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(fast.ENV, flag)
+        torch.manual_seed(0)
+        model = _small_model()
+        optimizer = build_optimizer(model)
+        assert all(g["fused"] is (True if flag == "1" else None) for g in optimizer.param_groups)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for param in model.parameters():
+                param.grad = torch.randn(param.shape, generator=gen) * (torch.rand(param.shape, generator=gen) > 0.7)
+            optimizer.step()
+        runs[flag] = ([p.detach().clone() for p in model.parameters()], optimizer.state_dict())
+    for plain, fused in zip(runs["0"][0], runs["1"][0], strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-7)
+    monkeypatch.setenv(fast.ENV, "0")
+    optimizer.load_state_dict(runs["1"][1])  # a fast-path checkpoint resumed on the reference path
+    assert all(g["fused"] for g in optimizer.param_groups)  # the saving run's choice came back with it
+    assert all(g["fused"] is None for g in choose_fused(optimizer).param_groups)
+
+
 def test_occupancy_updates_on_schedule_and_frustum_mask():
     model = _small_model(step_size=0.1, box_size=0.8)  # larger than the views: its corners are unseen
     rig = _rig()

@@ -231,3 +231,20 @@ def test_plate_matches_the_videos_background(capture: syn.SyntheticCapture):
             background = cv2.erode((alpha[index, frame] == 0).astype(np.uint8), kernel) > 0  # away from edges
             assert background.mean() > 0.1
             assert np.abs(image.astype(float) - plate)[background].mean() < 6.0
+
+
+def test_looped_frames_go_back_and_forth_over_the_distinct_poses():
+    assert syn.looped_frames(9, 3).tolist() == [0, 1, 2, 1, 0, 1, 2, 1, 0]
+    assert syn.looped_frames(4, 4).tolist() == [0, 1, 2, 3]  # as many poses as frames: no loop
+    assert syn.looped_frames(1, 6).tolist() == [0]
+
+
+def test_a_looped_capture_repeats_its_poses_in_video_and_ground_truth(tmp_path: Path):
+    capture = syn.synthesize_capture(tmp_path, cameras=2, frames=5, width=48, height=64, distinct_frames=3)
+    alpha, depth, _ = _truth(capture)
+    assert capture.frame_times == [0.0, 0.5, 1.0, 0.5, 0.0]
+    np.testing.assert_array_equal(depth[:, 1], depth[:, 3])
+    np.testing.assert_array_equal(alpha[:, 0], alpha[:, 4])
+    assert not np.array_equal(depth[:, 0], depth[:, 2])
+    video = next(iter(capture.video_paths.values()))
+    assert count_frames(video) == 5
