@@ -133,10 +133,23 @@ def child_main(spec: dict) -> None:
     started = time.perf_counter()
     detail = run_spec(spec)
     wall = time.perf_counter() - started
-    self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    self_peak = own_peak_rss_mb()
     children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print("RESULT " + json.dumps({"seconds": wall, "cpu_seconds": round(cpu_seconds() - cpu_started, 3),
                                   "peak_rss_mb": self_peak, "child_peak_rss_mb": children_peak, **detail}))
+
+
+def own_peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's ``ru_maxrss`` also counts the parent's memory this child was
+    forked with (it survives the exec), so the benchmark's own footprint would show in every stage; the memory
+    map's high-water mark (``VmHWM``) starts at the exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cpu_seconds() -> float:
@@ -507,7 +520,8 @@ def main() -> None:
     parser.add_argument("--matte", default=",".join(METHODS["matte"]), help="matte methods measured")
     parser.add_argument("--calibrate", default=",".join(METHODS["calibrate"]), help="calibrate modes measured")
     parser.add_argument("--combine", nargs="+", metavar="JSON",
-                        help="merge the rows of these earlier runs into --out (nothing is measured)")
+                        help="merge the rows of these earlier runs into --out (nothing is measured); where two "
+                             "runs measured the same size, frames and stage, the later one is kept")
     parser.add_argument("--out", default=str(RESULTS / "scale.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -517,8 +531,9 @@ def main() -> None:
     command = "benchmarks/scale.py " + " ".join(sys.argv[1:])
     if args.combine:
         runs = [json.loads(Path(path).read_text()) for path in args.combine]
-        write_result([r for run in runs for r in run["rows"]], [s for run in runs for s in run["synthesis"]],
-                     command, Path(args.out), combined=[run["command"] for run in runs])
+        rows = {(r["size"], r["frames"], r["stage"]): r for run in runs for r in run["rows"]}  # later runs win
+        write_result(list(rows.values()), [s for run in runs for s in run["synthesis"]], command, Path(args.out),
+                     combined=[run["command"] for run in runs])
         return
 
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]

@@ -113,7 +113,7 @@ class ImageCache:
         if pairs is None:
             pairs = torch.randint(0, n_views * n_t, (self.count,), generator=self.generator).tolist()
         self.pairs = list(pairs)
-        rgb, alpha, depth, views, times, sizes = [], [], [], [], [], []
+        rgb, alpha, depth, views, times, widths = [], [], [], [], [], []
         for pair in self.pairs:
             view, t = divmod(pair, n_t)
             image = self.source.load(view, t)
@@ -125,23 +125,27 @@ class ImageCache:
             rgb.append(torch.from_numpy(np.ascontiguousarray(image.rgb)).reshape(-1, 3))
             alpha.append(torch.from_numpy(np.ascontiguousarray(a)).reshape(-1))
             depth.append(torch.from_numpy(d).reshape(-1))
-            views.append(torch.full((h * w,), view, dtype=torch.long))
-            times.append(torch.full((h * w,), t, dtype=torch.long))
-            sizes.append(w)
+            views.append(view)
+            times.append(t)
+            widths.append(w)
             self.has_alpha = image.alpha is not None
             self.has_depth = image.depth is not None
         self.rgb = torch.cat(rgb).to(self.device)
         self.alpha = torch.cat(alpha).to(self.device)
         self.depth = torch.cat(depth).to(self.device)
-        self.view = torch.cat(views).to(self.device)
-        self.time = torch.cat(times).to(self.device)
-        self.pixel = torch.cat([torch.arange(r.shape[0]) for r in rgb]).to(self.device)
-        self.width = torch.cat([torch.full((r.shape[0],), w) for r, w in zip(rgb, sizes)]).to(self.device)
+        # Per image, not per pixel: a ray's image is found from its index among the concatenated pixels, which
+        # keeps the cache at the images' own bytes (per-pixel view, time and pixel indices cost 32 bytes a pixel).
+        counts = torch.tensor([r.shape[0] for r in rgb])
+        self.image_start = (torch.cumsum(counts, 0) - counts).to(self.device)
+        self.image_view = torch.tensor(views, dtype=torch.long, device=self.device)
+        self.image_time = torch.tensor(times, dtype=torch.long, device=self.device)
+        self.image_width = torch.tensor(widths, dtype=torch.long, device=self.device)
 
     def sample(self, n_rays: int) -> dict[str, torch.Tensor]:
         """A uniform ray batch: origins/directions in model units, targets on white, depth as distance."""
         idx = torch.randint(0, self.rgb.shape[0], (n_rays,), generator=self.generator).to(self.device)
-        view, pixel, width = self.view[idx], self.pixel[idx], self.width[idx]
+        image = torch.searchsorted(self.image_start, idx, right=True) - 1
+        view, pixel, width = self.image_view[image], idx - self.image_start[image], self.image_width[image]
         u = (pixel % width).float() + 0.5
         v = torch.div(pixel, width, rounding_mode="floor").float() + 0.5
         K = self.K[view]
@@ -156,7 +160,7 @@ class ImageCache:
         return {
             "origins": self.origin[view],
             "directions": directions,
-            "timesteps": self.time[idx],
+            "timesteps": self.image_time[image],
             "rgb": rgb * alpha[:, None] + (1.0 - alpha[:, None]),  # composited on the white background
             "alpha": alpha if self.has_alpha else None,
             # z-depth -> distance along the unit ray, in model units (0 stays "no depth")

@@ -135,9 +135,9 @@ def test_slab_ids_equal_the_masked_selection():
 
 
 @pytest.mark.parametrize("stratified", [False, True])
-def test_fused_marching_skips_empty_blocks_and_keeps_exactly_the_torch_samples(stratified, monkeypatch):
-    """A head-like grid: one occupied blob and a few stray cells in mostly empty space, sides that are not a
-    multiple of the skipped blocks, rays from every side (some along an axis, some grazing the box)."""
+def test_fused_marching_of_a_sparse_grid_keeps_exactly_the_torch_samples(stratified, monkeypatch):
+    """A head-like grid: one occupied blob and a few stray cells in mostly empty space, so the second pass walks
+    short spans; rays from every side (some along an axis, some grazing the box, some missing everything)."""
     from stages.nersemble.sampling import march_rays
 
     gen = torch.Generator().manual_seed(6)
@@ -147,7 +147,7 @@ def test_fused_marching_skips_empty_blocks_and_keeps_exactly_the_torch_samples(s
     occupied[torch.randint(0, 37, (12,), generator=gen), torch.randint(0, 20, (12,), generator=gen),
              torch.randint(0, 29, (12,), generator=gen)] = True
     occupied[36, 19, 28] = occupied[0, 0, 0] = True  # corner cells: the partial last blocks
-    occupied[8, 2:5, 3:6] = occupied[31, 16:19, 23:26] = True  # a block's first cell, seen from either side
+    occupied[8, 2:5, 3:6] = occupied[31, 16:19, 23:26] = True  # lone cells, met from either side
     d = torch.nn.functional.normalize(torch.randn(600, 3, generator=gen), dim=-1)
     o = -3.0 * d + torch.randn(600, 3, generator=gen) * 0.6
     d[:3], o[:3] = torch.eye(3), torch.tensor([[-4.0, 0.1, 0.2], [0.3, -4.0, 0.1], [0.2, 0.2, -4.0]])
