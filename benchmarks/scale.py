@@ -558,11 +558,12 @@ def main() -> None:
         for frames in frame_counts:
             rows += measure(sequence_dir, height, width, args.cameras, frames, stages, codecs, args.steps, workers,
                             args.repeats, methods)
+            write_result(rows, synthesis, command, Path(args.out), quiet=True)  # an interrupted run keeps its rows
     write_result(rows, synthesis, command, Path(args.out))
 
 
 def write_result(rows: list[dict], synthesis: list[dict], command: str, out: Path,
-                 combined: list[str] | None = None) -> None:
+                 combined: list[str] | None = None, quiet: bool = False) -> None:
     """Fit, extrapolate and write the JSON and markdown of these rows."""
     fits = fit(rows)
     ratio, by_run = ingest_ratio(rows)
@@ -585,7 +586,8 @@ def write_result(rows: list[dict], synthesis: list[dict], command: str, out: Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    if not quiet:
+        print(markdown(result))
 
 
 if __name__ == "__main__":
