@@ -105,6 +105,7 @@ class NeRSembleModel(nn.Module):
         # With the triton encoding, marching and compositing run fused Triton kernels too (where the encoding's
         # kernels run); False keeps their torch twins, e.g. to time one against the other.
         self.fused_packed = True
+        self._nograd_copies: tuple[tuple, tuple] | None = None  # (weights' versions, copies): _nograd_mlps
 
     # --- schedules and precision ----------------------------------------------------------------------
 
@@ -170,16 +171,15 @@ class NeRSembleModel(nn.Module):
         ``QUERY_BLOCK`` samples keep every intermediate in cache.
         """
         n = positions.shape[0]
-        deformation, eps, box_units = None, 0.0, False
+        deformation, field = self._nograd_mlps()
+        eps, box_units = 0.0, False
         if self.deformation is not None:
             c = self.config.deformation
-            deformation = fast.NoGradDeformation(self.deformation, self.codes.deformation.weight, self.scene_box)
             eps, box_units = c.exp_map_eps, c.offset_units == "box"
         # One timestep for every sample (a render): the codes' share of the deformation is one bias row.
         codes_at: torch.Tensor | int = timesteps
         if n and bool((timesteps == timesteps[0]).all()):
             codes_at = int(timesteps[0])
-        field = fast.NoGradField(self.field)
         fparams = fast.box_params(self.scene_box, eps)
         blend = self.blend_weights(timesteps, windows)
         shifted = None if directions is None else (directions + 1.0) / 2.0
@@ -200,6 +200,20 @@ class NeRSembleModel(nn.Module):
         if len(parts) == 1:
             return parts[0]
         return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
+
+    def _nograd_mlps(self) -> tuple[fast.NoGradDeformation | None, fast.NoGradField]:
+        """The MLP copies the fast query runs, rebuilt only when a weight changed: a render makes dozens of
+        queries with the same weights. Every in-place change (an optimiser step, ``load_state_dict``) moves a
+        tensor's version counter, and a move to other storage changes its address; either rebuilds them."""
+        weights = [*self.field.density_mlp.parameters(), *self.field.color_mlp.parameters(), self.scene_box]
+        if self.deformation is not None:
+            weights += [*self.deformation.parameters(), self.codes.deformation.weight]
+        key = tuple((w.data_ptr(), w._version) for w in weights)
+        if self._nograd_copies is None or self._nograd_copies[0] != key:
+            deformation = (None if self.deformation is None else
+                           fast.NoGradDeformation(self.deformation, self.codes.deformation.weight, self.scene_box))
+            self._nograd_copies = (key, (deformation, fast.NoGradField(self.field)))
+        return self._nograd_copies[1]
 
     # --- rays -------------------------------------------------------------------------------------------
 

@@ -52,6 +52,38 @@ def test_fused_query_matches_the_eager_model(step, deformation, monkeypatch, sca
     assert bool((fused[0] > 0).any()) and bool((fused[0] == 0).any())  # both inside and outside the box
 
 
+def test_fused_query_follows_every_change_of_the_weights(monkeypatch, scaled_preview_model):
+    """The fast query reuses its copies of the MLPs between queries; an optimiser step, a loaded state dict or
+    a hand edit of any MLP weight must show in the next query."""
+    model = scaled_preview_model(2.0)
+    other = scaled_preview_model(2.0)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.mul_(0.7)
+    p, d, t = _inputs()
+    windows = model.windows(None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=10.0)
+
+    def step() -> None:
+        for param in model.parameters():
+            param.grad = torch.ones_like(param)
+        optimizer.step()
+
+    def hand_edit() -> None:
+        with torch.no_grad():
+            model.deformation.layers[1].weight.mul_(1.5)
+            model.field.color_mlp[0].weight.mul_(1.5)
+
+    for change in (step, lambda: model.load_state_dict(other.state_dict()), hand_edit):
+        with torch.no_grad():
+            before = model.query(p, d, t, windows)
+        change()
+        fused, twin, _, _ = _twin(model, p, d, t, windows, monkeypatch)
+        assert not torch.allclose(fused[1], before[1])
+        torch.testing.assert_close(fused[1], twin[1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fused[0], twin[0], rtol=1e-4, atol=1e-5 * float(twin[0].abs().max()))
+
+
 def _unpadded_copy(model: NeRSembleModel) -> NeRSembleModel:
     """``model`` with the colour MLP's first layer cut to its 18 real inputs: a field from before the padding."""
     old = copy.deepcopy(model)
