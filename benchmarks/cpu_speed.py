@@ -15,7 +15,7 @@ runs, interleaved old/new/old/new so both see the same machine load (the medians
 
 ``--quality-steps N`` also trains both paths from scratch for N steps with every seed of ``--seeds`` and scores
 the hold-out cameras (PSNR against the exact images, after the official occupancy filter): equal quality means
-the fast path's PSNRs lie within the reference's seed spread. ``--profile`` writes torch-profiler tables of a
+each seed's fast-minus-reference difference is smaller than the reference's spread over seeds. ``--profile`` writes torch-profiler tables of a
 training step and a render, per path, to benchmarks/results/cpu_profile.md.
 
 Writes benchmarks/results/cpu_speed.json (``train_samples_per_s_ratio``, ``render_rays_per_s_ratio``: new / old,
