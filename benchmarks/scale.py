@@ -365,6 +365,7 @@ def images(row_: dict) -> float:
 def fit(rows: list[dict]) -> dict[str, dict]:
     """Per stage, least squares: seconds = fixed + per_image * images + per_megapixel * Mpx, as far as the rows
     tell these apart (a per-image term matters where a model works at its own resolution, as rembg does), the
+    same line for CPU seconds (what the work costs in core-seconds, which a busy machine disturbs far less), the
     log-log exponent of seconds over pixels, and stored bytes per pixel."""
     fits = {}
     for stage in sorted({r["stage"] for r in rows}):
@@ -373,7 +374,6 @@ def fit(rows: list[dict]) -> dict[str, dict]:
             continue
         mpx = np.array([pixels(r) / 1e6 for r in good])
         count = np.array([images(r) for r in good])
-        seconds = np.array([r["seconds"] for r in good])
         sizes = {r["size"] for r in good}
         if len(sizes) >= 2 and len(set(count)) >= 2 and len(good) >= 3:
             design, basis = np.stack([np.ones_like(mpx), count, mpx], 1), "fixed + per image + per pixel"
@@ -382,11 +382,15 @@ def fit(rows: list[dict]) -> dict[str, dict]:
         else:
             design, basis = np.stack([np.zeros_like(mpx), np.zeros_like(mpx), mpx], 1), \
                 "one size and count measured: proportional to pixels"
+        seconds = np.array([r["seconds"] for r in good])
         coef = np.linalg.lstsq(design, seconds, rcond=None)[0]
+        cpu = np.array([r.get("cpu_seconds") or np.nan for r in good])
+        cpu_coef = None if np.isnan(cpu).any() else np.linalg.lstsq(design, cpu, rcond=None)[0]
         exponent = float(np.polyfit(np.log(mpx), np.log(seconds), 1)[0]) if len(set(mpx)) >= 2 else None
         stored = [r["store_bytes"] / pixels(r) for r in good if r.get("store_bytes")]
         fits[stage] = {"fixed_seconds": float(coef[0]), "seconds_per_image": float(coef[1]),
                        "seconds_per_megapixel": float(coef[2]), "basis": basis,
+                       "cpu_line": None if cpu_coef is None else [float(c) for c in cpu_coef],
                        "exponent": None if exponent is None else round(exponent, 3), "points": len(good),
                        "bytes_per_pixel": float(np.mean(stored)) if stored else None,
                        "peak_rss_mb": max(r["peak_rss_mb"] or 0 for r in good)}
@@ -409,19 +413,25 @@ def extrapolate(fits: dict[str, dict], rows: list[dict]) -> dict:
         if stage.startswith("decode+compress") or stage.startswith("synthesize"):
             continue
         if stage == "optimize":
-            rates = [r["steps_per_s"] for r in rows if r["stage"] == "optimize" and r.get("steps_per_s")]
-            if not rates:
+            runs = [r for r in rows if r["stage"] == "optimize" and r.get("steps_per_s")]
+            if not runs:
                 continue
-            seconds = preset_steps() / float(np.median(rates))
+            seconds = preset_steps() / float(np.median([r["steps_per_s"] for r in runs]))
+            cpu_per_step = [r["cpu_seconds"] / r["steps"] for r in runs if r.get("cpu_seconds") and r.get("steps")]
+            cpu_seconds = preset_steps() * float(np.median(cpu_per_step)) if cpu_per_step else None
             note = f"{preset_steps()} steps (the default preset) at the measured steps/s"
             stored = None
         else:
             mpx = export_mpx if stage == "export" else sequence_mpx
             count = 96 if stage == "export" else TYPICAL["cameras"] * TYPICAL["frames"]
             seconds = max(0.0, f["fixed_seconds"] + f["seconds_per_image"] * count + f["seconds_per_megapixel"] * mpx)
+            line = f.get("cpu_line")
+            cpu_seconds = None if line is None else max(0.0, line[0] + line[1] * count + line[2] * mpx)
             note = f["basis"]
             stored = None if f["bytes_per_pixel"] is None else f["bytes_per_pixel"] * mpx * 1e6
         table[stage] = {"sequence_hours": seconds / 3600, "archive_hours": seconds * ARCHIVE_SEQUENCES / 3600,
+                        "sequence_cpu_hours": None if cpu_seconds is None else cpu_seconds / 3600,
+                        "archive_cpu_hours": None if cpu_seconds is None else cpu_seconds * ARCHIVE_SEQUENCES / 3600,
                         "sequence_bytes": stored,
                         "archive_bytes": None if stored is None else stored * ARCHIVE_SEQUENCES, "basis": note}
     return table
@@ -494,10 +504,16 @@ def markdown(result: dict) -> str:
     typical = TYPICAL
     lines += ["", f"## Extrapolated: one sequence ({typical['cameras']} x {typical['frames']} frames at "
                   f"{typical['height']}x{typical['width']}) and the archive ({ARCHIVE_SEQUENCES} sequences)", "",
-              "| stage | per sequence | archive | bytes per sequence | archive bytes | basis |",
-              "| --- | --- | --- | --- | --- | --- |"]
+              "Hours on this machine (wall), and core-hours (CPU time: what the work costs whatever the core count).",
+              "",
+              "| stage | per sequence | archive | core-hours per sequence | archive core-hours | bytes per sequence "
+              "| archive bytes | basis |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for stage, e in result["extrapolated"].items():
+        cpu = e.get("sequence_cpu_hours")
         lines.append(f"| {stage} | {_hours(e['sequence_hours'])} | {_hours(e['archive_hours'])} | "
+                     f"{'' if cpu is None else _hours(cpu)} | "
+                     f"{'' if cpu is None else _hours(e['archive_cpu_hours'])} | "
                      f"{_bytes(e['sequence_bytes'])} | {_bytes(e['archive_bytes'])} | {e['basis']} |")
     lines += ["", "Synthesis (not a pipeline stage, cached): " + ", ".join(
         f"{s['height']}x{s['width']} x {s['frames']} frames {s['seconds']} s" for s in result["synthesis"]), ""]
