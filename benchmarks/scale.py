@@ -211,7 +211,7 @@ def run_spec(spec: dict) -> dict:
         from stages.export.stage import export_sequence
 
         fps = 24.0
-        report = export_sequence(work, ExportConfig(seconds=EXPORT_FRAMES / fps, fps=fps, holdout=False))
+        report = export_sequence(work, ExportConfig(seconds=spec["frames"] / fps, fps=fps, holdout=False))
         return {"rendered_frames": report.get("frames")}
     else:
         raise ValueError(f"unknown stage {kind!r}")
@@ -286,7 +286,7 @@ def row(size: str, frames: int, cameras: int, stage: str, result: dict, output_f
 
 def measure(sequence_dir: Path, height: int, width: int, cameras: int, frames: int, stages: list[str],
             codecs: list[str], steps: int, workers: int, repeats: int = 1,
-            methods: dict[str, tuple[str, ...]] | None = None) -> list[dict]:
+            methods: dict[str, tuple[str, ...]] | None = None, export_frames: int = EXPORT_FRAMES) -> list[dict]:
     """Every wanted stage on one (size, frames) in a fresh work folder, in pipeline order."""
     size = f"{height}x{width}"
     work_root = CACHE / "work" / f"{size}-c{cameras}-f{frames}"
@@ -345,7 +345,8 @@ def measure(sequence_dir: Path, height: int, width: int, cameras: int, frames: i
         stage_row("optimize", {"kind": "optimize", "steps": steps}, steps, STAGE_OUTPUTS["optimize"])
         rows[-1]["steps_per_s"] = rows[-1].pop("frames_per_s")
     if "export" in stages:
-        stage_row("export", {"kind": "export"}, EXPORT_FRAMES, STAGE_OUTPUTS["export"])
+        stage_row("export", {"kind": "export", "frames": export_frames}, export_frames, STAGE_OUTPUTS["export"])
+        rows[-1]["export_frames"] = export_frames
     return rows
 
 
@@ -354,12 +355,12 @@ def measure(sequence_dir: Path, height: int, width: int, cameras: int, frames: i
 
 def pixels(row_: dict) -> float:
     height, width = parse_size(row_["size"])
-    count = EXPORT_FRAMES if row_["stage"] == "export" else row_["cameras"] * row_["frames"]
-    return float(count * height * width)
+    return images(row_) * height * width
 
 
 def images(row_: dict) -> float:
-    return float(EXPORT_FRAMES if row_["stage"] == "export" else row_["cameras"] * row_["frames"])
+    return float(row_.get("export_frames", EXPORT_FRAMES) if row_["stage"] == "export"
+                 else row_["cameras"] * row_["frames"])
 
 
 def fit(rows: list[dict]) -> dict[str, dict]:
@@ -528,6 +529,8 @@ def main() -> None:
     parser.add_argument("--cameras", type=int, default=16)
     parser.add_argument("--codecs", default=",".join(CODECS), help="ingest codecs to compare (zstd always runs)")
     parser.add_argument("--steps", type=int, default=300, help="optimize steps measured")
+    parser.add_argument("--export-frames", type=int, default=EXPORT_FRAMES,
+                        help="turntable frames rendered by export (its cost is per rendered pixel)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="ingest and its baseline alternate this many times; the fastest of each is kept")
     parser.add_argument("--workers", type=int, default=0, help="decoders for the baseline; 0: as ingest chooses")
@@ -573,7 +576,7 @@ def main() -> None:
         synthesis.append(info)
         for frames in frame_counts:
             rows += measure(sequence_dir, height, width, args.cameras, frames, stages, codecs, args.steps, workers,
-                            args.repeats, methods)
+                            args.repeats, methods, args.export_frames)
             write_result(rows, synthesis, command, Path(args.out), quiet=True)  # an interrupted run keeps its rows
     write_result(rows, synthesis, command, Path(args.out))
 
