@@ -105,7 +105,7 @@ class NeRSembleModel(nn.Module):
         # With the triton encoding, marching and compositing run fused Triton kernels too (where the encoding's
         # kernels run); False keeps their torch twins, e.g. to time one against the other.
         self.fused_packed = True
-        self._nograd_copies: tuple[tuple, tuple] | None = None  # (weights' versions, copies): _nograd_mlps
+        self._frozen_mlps: tuple | None = None  # set while render_image runs: _nograd_mlps
 
     # --- schedules and precision ----------------------------------------------------------------------
 
@@ -202,18 +202,14 @@ class NeRSembleModel(nn.Module):
         return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
 
     def _nograd_mlps(self) -> tuple[fast.NoGradDeformation | None, fast.NoGradField]:
-        """The MLP copies the fast query runs, rebuilt only when a weight changed: a render makes dozens of
-        queries with the same weights. Every in-place change (an optimiser step, ``load_state_dict``) moves a
-        tensor's version counter, and a move to other storage changes its address; either rebuilds them."""
-        weights = [*self.field.density_mlp.parameters(), *self.field.color_mlp.parameters(), self.scene_box]
-        if self.deformation is not None:
-            weights += [*self.deformation.parameters(), self.codes.deformation.weight]
-        key = tuple((w.data_ptr(), w._version) for w in weights)
-        if self._nograd_copies is None or self._nograd_copies[0] != key:
-            deformation = (None if self.deformation is None else
-                           fast.NoGradDeformation(self.deformation, self.codes.deformation.weight, self.scene_box))
-            self._nograd_copies = (key, (deformation, fast.NoGradField(self.field)))
-        return self._nograd_copies[1]
+        """The MLP copies the fast query runs: built per query, except while :meth:`render_image` holds one set
+        for all of its chunks' queries (no weight changes during a render). A cache keyed on the tensors'
+        version counters would go stale: torch's fused optimisers update parameters without moving them."""
+        if self._frozen_mlps is not None:
+            return self._frozen_mlps
+        deformation = (None if self.deformation is None else
+                       fast.NoGradDeformation(self.deformation, self.codes.deformation.weight, self.scene_box))
+        return deformation, fast.NoGradField(self.field)
 
     # --- rays -------------------------------------------------------------------------------------------
 
@@ -439,6 +435,8 @@ class NeRSembleModel(nn.Module):
         try:
             device = self.scene_box.device
             chunk = chunk or self.config.eval.chunk
+            if fast.query_supported(self) and fast.applies(self.field.encoding.table):
+                self._frozen_mlps = self._nograd_mlps()
             rays = camera_rays(K, world_2_cam, pixel_centers(width, height, device), self.config.scene.world_scale)
             parts: dict[str, list[torch.Tensor]] = {"rgb": [], "alpha": [], "depth": []}
             for start in range(0, rays.origins.shape[0], chunk):
@@ -447,6 +445,7 @@ class NeRSembleModel(nn.Module):
                 for key in parts:
                     parts[key].append(out[key])
         finally:
+            self._frozen_mlps = None
             self.train(was_training)
         scale = self.config.scene.world_scale
         alpha = torch.cat(parts["alpha"])

@@ -53,8 +53,11 @@ def test_fused_query_matches_the_eager_model(step, deformation, monkeypatch, sca
 
 
 def test_fused_query_follows_every_change_of_the_weights(monkeypatch, scaled_preview_model):
-    """The fast query reuses its copies of the MLPs between queries; an optimiser step, a loaded state dict or
-    a hand edit of any MLP weight must show in the next query."""
+    """The fast query's copies of the MLPs must never go stale: after an optimiser step (torch's fused Adam
+    updates parameters without moving their version counters), a loaded state dict, an in-place edit, or a
+    render (which holds one set of copies while it runs), the next query sees the current weights."""
+    from stages.nersemble.optim import build_optimizer
+
     model = scaled_preview_model(2.0)
     other = scaled_preview_model(2.0)
     with torch.no_grad():
@@ -62,9 +65,11 @@ def test_fused_query_follows_every_change_of_the_weights(monkeypatch, scaled_pre
             param.mul_(0.7)
     p, d, t = _inputs()
     windows = model.windows(None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=10.0)
+    K = torch.tensor([[20.0, 0.0, 8.0], [0.0, 20.0, 8.0], [0.0, 0.0, 1.0]])
+    w2c = torch.eye(4)
+    w2c[2, 3] = 6.0
 
-    def step() -> None:
+    def step(optimizer: torch.optim.Optimizer) -> None:
         for param in model.parameters():
             param.grad = torch.ones_like(param)
         optimizer.step()
@@ -74,9 +79,14 @@ def test_fused_query_follows_every_change_of_the_weights(monkeypatch, scaled_pre
             model.deformation.layers[1].weight.mul_(1.5)
             model.field.color_mlp[0].weight.mul_(1.5)
 
-    for change in (step, lambda: model.load_state_dict(other.state_dict()), hand_edit):
+    adam = build_optimizer(model)
+    assert all(g["fused"] for g in adam.param_groups)
+    changes = (lambda: step(adam), lambda: step(torch.optim.SGD(model.parameters(), lr=10.0)),
+               lambda: model.load_state_dict(other.state_dict()), hand_edit)
+    for change in changes:
         with torch.no_grad():
             before = model.query(p, d, t, windows)
+            model.render_image(K, w2c, 16, 16, 0)
         change()
         fused, twin, _, _ = _twin(model, p, d, t, windows, monkeypatch)
         assert not torch.allclose(fused[1], before[1])
