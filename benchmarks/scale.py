@@ -359,8 +359,34 @@ def pixels(row_: dict) -> float:
 
 
 def images(row_: dict) -> float:
-    return float(row_.get("export_frames", EXPORT_FRAMES) if row_["stage"] == "export"
-                 else row_["cameras"] * row_["frames"])
+    if row_["stage"] == "export":
+        return float(row_.get("export_frames", EXPORT_FRAMES))
+    return float(images_for(row_["stage"], row_["cameras"], row_["frames"]))
+
+
+def images_for(stage: str, cameras: int, frames: int) -> int:
+    """The images a stage works through: every camera's frames, except calibration, which matches a fixed
+    number of timesteps spread over the sequence whatever its length."""
+    if stage.startswith("calibrate"):
+        from stages.calibrate.config import CalibrateConfig
+
+        return cameras * min(frames, CalibrateConfig().timesteps)
+    return cameras * frames
+
+
+def nonnegative_line(design: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0: a term that comes out negative (a noisy row can make a
+    per-image term pay back time) is dropped and the rest refitted. Costs are never negative, and with as many
+    rows as terms an unconstrained fit would only interpolate the noise."""
+    active = [j for j in range(design.shape[1]) if design[:, j].any()]
+    while True:
+        coef = np.zeros(design.shape[1])
+        if active:
+            coef[active] = np.linalg.lstsq(design[:, active], y, rcond=None)[0]
+        negative = [j for j in active if coef[j] < 0]
+        if not negative:
+            return coef
+        active.remove(min(negative, key=lambda j: coef[j]))
 
 
 def fit(rows: list[dict]) -> dict[str, dict]:
@@ -377,16 +403,18 @@ def fit(rows: list[dict]) -> dict[str, dict]:
         count = np.array([images(r) for r in good])
         sizes = {r["size"] for r in good}
         if len(sizes) >= 2 and len(set(count)) >= 2 and len(good) >= 3:
-            design, basis = np.stack([np.ones_like(mpx), count, mpx], 1), "fixed + per image + per pixel"
+            design = np.stack([np.ones_like(mpx), count, mpx], 1)
         elif len(set(mpx)) >= 2:
-            design, basis = np.stack([np.ones_like(mpx), np.zeros_like(mpx), mpx], 1), "fixed + per pixel"
+            design = np.stack([np.ones_like(mpx), np.zeros_like(mpx), mpx], 1)
         else:
-            design, basis = np.stack([np.zeros_like(mpx), np.zeros_like(mpx), mpx], 1), \
-                "one size and count measured: proportional to pixels"
+            design = np.stack([np.zeros_like(mpx), np.zeros_like(mpx), mpx], 1)
         seconds = np.array([r["seconds"] for r in good])
-        coef = np.linalg.lstsq(design, seconds, rcond=None)[0]
+        coef = nonnegative_line(design, seconds)
+        basis = " + ".join(name for name, c in zip(("fixed", "per image", "per pixel"), coef, strict=True) if c > 0)
+        if not design[:, 0].any():
+            basis = "one size and count measured: proportional to pixels"
         cpu = np.array([r.get("cpu_seconds") or np.nan for r in good])
-        cpu_coef = None if np.isnan(cpu).any() else np.linalg.lstsq(design, cpu, rcond=None)[0]
+        cpu_coef = None if np.isnan(cpu).any() else nonnegative_line(design, cpu)
         exponent = float(np.polyfit(np.log(mpx), np.log(seconds), 1)[0]) if len(set(mpx)) >= 2 else None
         stored = [r["store_bytes"] / pixels(r) for r in good if r.get("store_bytes")]
         fits[stage] = {"fixed_seconds": float(coef[0]), "seconds_per_image": float(coef[1]),
@@ -407,8 +435,7 @@ def preset_steps() -> int:
 
 def extrapolate(fits: dict[str, dict], rows: list[dict]) -> dict:
     """Hours (and bytes) per stage for a typical sequence and for the archive, from the fitted lines."""
-    sequence_mpx = TYPICAL["cameras"] * TYPICAL["frames"] * TYPICAL["height"] * TYPICAL["width"] / 1e6
-    export_mpx = 96 * TYPICAL["height"] * TYPICAL["width"] / 1e6  # a 4 s turntable at 24 fps
+    # export: a 4 s turntable at 24 fps, 96 frames
     table = {}
     for stage, f in fits.items():
         if stage.startswith("decode+compress") or stage.startswith("synthesize"):
@@ -423,8 +450,8 @@ def extrapolate(fits: dict[str, dict], rows: list[dict]) -> dict:
             note = f"{preset_steps()} steps (the default preset) at the measured steps/s"
             stored = None
         else:
-            mpx = export_mpx if stage == "export" else sequence_mpx
-            count = 96 if stage == "export" else TYPICAL["cameras"] * TYPICAL["frames"]
+            count = 96 if stage == "export" else images_for(stage, TYPICAL["cameras"], TYPICAL["frames"])
+            mpx = count * TYPICAL["height"] * TYPICAL["width"] / 1e6
             seconds = max(0.0, f["fixed_seconds"] + f["seconds_per_image"] * count + f["seconds_per_megapixel"] * mpx)
             line = f.get("cpu_line")
             cpu_seconds = None if line is None else max(0.0, line[0] + line[1] * count + line[2] * mpx)
