@@ -176,19 +176,32 @@ def test_slab_ids_equal_the_masked_selection():
         assert torch.equal(_slab_ids(first, counts, alive, start, 16), masked)
 
 
+def _assert_marching_matches_the_twin(o, d, aabb, step, occupied, stratified, monkeypatch, min_samples):
+    """The C marcher and the torch one keep the same samples, bit for bit."""
+    from stages.nersemble.sampling import march_rays
+
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv(fast.ENV, flag)
+        runs.append(march_rays(o, d, aabb, step, 0.2, 100.0, occupied=occupied, stratified=stratified,
+                               generator=torch.Generator().manual_seed(5)))
+    fused, twin = runs
+    assert len(twin) > min_samples
+    assert torch.equal(fused.ray_indices, twin.ray_indices)
+    assert torch.equal(fused.t_starts, twin.t_starts) and torch.equal(fused.t_ends, twin.t_ends)
+
+
 @pytest.mark.parametrize("stratified", [False, True])
 def test_fused_marching_of_a_sparse_grid_keeps_exactly_the_torch_samples(stratified, monkeypatch):
     """A head-like grid: one occupied blob and a few stray cells in mostly empty space, so the second pass walks
     short spans; rays from every side (some along an axis, some grazing the box, some missing everything)."""
-    from stages.nersemble.sampling import march_rays
-
     gen = torch.Generator().manual_seed(6)
     aabb = torch.tensor([[-1.0, -1.2, -0.8], [1.0, 1.1, 1.3]])
     occupied = torch.zeros(37, 20, 29, dtype=torch.bool)
     occupied[12:25, 6:15, 9:21] = torch.rand(13, 9, 12, generator=gen) > 0.3
     occupied[torch.randint(0, 37, (12,), generator=gen), torch.randint(0, 20, (12,), generator=gen),
              torch.randint(0, 29, (12,), generator=gen)] = True
-    occupied[36, 19, 28] = occupied[0, 0, 0] = True  # corner cells: the partial last blocks
+    occupied[36, 19, 28] = occupied[0, 0, 0] = True  # corner cells
     occupied[8, 2:5, 3:6] = occupied[31, 16:19, 23:26] = True  # lone cells, met from either side
     d = torch.nn.functional.normalize(torch.randn(600, 3, generator=gen), dim=-1)
     o = -3.0 * d + torch.randn(600, 3, generator=gen) * 0.6
@@ -197,33 +210,15 @@ def test_fused_marching_of_a_sparse_grid_keeps_exactly_the_torch_samples(stratif
     d[3:7] = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0], [-1.0, 0, 0], [1.0, 0.02, 0.01],
                                                          [-1.0, 0.01, -0.02]]), dim=-1)
     o[3:7] = torch.tensor([[-3.0, -0.8, -0.47], [3.0, -0.8, -0.47], [-3.0, 0.78, 0.95], [3.0, 0.83, 1.0]])
-    runs = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv(fast.ENV, flag)
-        runs.append(march_rays(o, d, aabb, 0.013, 0.2, 100.0, occupied=occupied, stratified=stratified,
-                               generator=torch.Generator().manual_seed(7)))
-    fused, twin = runs
-    assert len(twin) > 500
-    assert torch.equal(fused.ray_indices, twin.ray_indices)
-    assert torch.equal(fused.t_starts, twin.t_starts) and torch.equal(fused.t_ends, twin.t_ends)
+    _assert_marching_matches_the_twin(o, d, aabb, 0.013, occupied, stratified, monkeypatch, min_samples=500)
 
 
 @pytest.mark.parametrize("stratified", [False, True])
 def test_fused_marching_equals_the_torch_marching(stratified, monkeypatch):
-    from stages.nersemble.sampling import march_rays
-
     gen = torch.Generator().manual_seed(4)
     aabb = torch.tensor([[-1.0, -1.5, -1.0], [1.0, 1.0, 2.0]])
     o = torch.randn(300, 3, generator=gen) * 0.5 + torch.tensor([0.0, 0.0, -4.0])
     d = torch.nn.functional.normalize(torch.randn(300, 3, generator=gen) * 0.3 + torch.tensor([0.0, 0.0, 1.0]), dim=-1)
     d[0] = torch.tensor([0.0, 0.0, 1.0])  # axis-parallel: inf/nan slabs
     occupied = torch.rand(8, 8, 8, generator=gen) > 0.5
-    runs = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv(fast.ENV, flag)
-        runs.append(march_rays(o, d, aabb, 0.05, 0.2, 100.0, occupied=occupied, stratified=stratified,
-                               generator=torch.Generator().manual_seed(5)))
-    fused, twin = runs
-    assert len(twin) > 1000
-    assert torch.equal(fused.ray_indices, twin.ray_indices)
-    assert torch.equal(fused.t_starts, twin.t_starts) and torch.equal(fused.t_ends, twin.t_ends)
+    _assert_marching_matches_the_twin(o, d, aabb, 0.05, occupied, stratified, monkeypatch, min_samples=1000)
