@@ -58,11 +58,8 @@ def stop_process():
 def prefect_server(tmp_path):
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    # SQLite serialises writes: on a busy 2-core machine a writer (workers registering, runs reporting) can wait
-    # past the default 10 s, and the server then answers "database is locked" and workers back off for a minute.
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api_url,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
-           "PREFECT_SERVER_DATABASE_TIMEOUT": "60"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false"}
     log = open(tmp_path / "server.log", "wb")
     process = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
