@@ -51,12 +51,56 @@ def _start_worker(env: dict, pool: str, name: str, log_dir: Path) -> subprocess.
                             cwd=log_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _ctrl_c(worker: subprocess.Popen) -> int:
-    """Ctrl-C as a terminal sends it, twice: SIGINT to the launcher's process group; its exit status."""
+def _descendants(pid: int) -> list[str]:
+    """Command lines of the processes below ``pid``: the Prefect worker and the flow runs it still has."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we looked
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    lines = []
+    for child in found:
+        try:
+            command = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        lines.append(f"{child}: {command}")
+    return lines
+
+
+def _wait_until_idle(worker: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the worker runs no flow: a finished run's state is final a moment before its process has exited."""
+    deadline = time.monotonic() + timeout
+    while len(_descendants(worker.pid)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def _ctrl_c(worker: subprocess.Popen) -> int | str:
+    """Ctrl-C as a terminal sends it, twice: SIGINT to the launcher's process group; its exit status.
+
+    A worker still running a minute later is killed, so that nothing outlives the test, and described instead.
+    """
     for _ in range(2):
         os.killpg(worker.pid, signal.SIGINT)
         time.sleep(0.2)
-    return worker.wait(timeout=60)
+    try:
+        return worker.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        tree = _descendants(worker.pid)
+        for pid in [worker.pid, *(int(line.split(":")[0]) for line in tree)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        worker.wait()
+        return "still running 60 s after Ctrl-C, with: " + " | ".join(tree)
 
 
 def _client():
@@ -134,6 +178,8 @@ def test_the_archive_fans_out_over_cpu_and_gpu_workers(prefect_server, prefect_c
             again_rows = _summary(again.id)
             sequence_runs_after = _flow_runs("process-sequence")
     finally:
+        for worker in workers:
+            _wait_until_idle(worker)
         exits = [_ctrl_c(worker) if worker.poll() is None else worker.returncode for worker in workers]
     logs = "\n".join(f"== {log.name}\n{log.read_text()[-2500:]}" for log in sorted(tmp_path.glob("*-?.log")))
 
