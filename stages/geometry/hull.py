@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from stages.geometry.views import Views, project, rig_centre, sample_nearest
 
@@ -125,9 +124,34 @@ def depth_bounds(views: Views, index: int, hull: Hull) -> tuple[torch.Tensor, to
     far = torch.full((height * width,), float("-inf"), device=views.device).scatter_reduce(
         0, flat, z[keep], reduce="amax")
     radius = int(np.ceil(VOXEL_RADIUS * hull.voxel * float(torch.maximum(K[0, 0], K[1, 1])) / float(z[keep].min())))
-    near = -F.max_pool2d(-near.view(1, 1, height, width), 2 * radius + 1, stride=1, padding=radius)[0, 0]
-    far = F.max_pool2d(far.view(1, 1, height, width), 2 * radius + 1, stride=1, padding=radius)[0, 0]
+    near = -window_max(-near.view(height, width), radius)
+    far = window_max(far.view(height, width), radius)
     found = torch.isfinite(near) & torch.isfinite(far)
     near = torch.where(found, (near - hull.voxel).clamp_min(1e-6), zero)
     far = torch.where(found, far + hull.voxel, zero)
     return near, far
+
+
+def window_max(image: torch.Tensor, radius: int) -> torch.Tensor:
+    """Max over the (2 radius + 1)^2 square around each pixel of an (H, W) image, -inf beyond its edges.
+
+    The same values as a stride-1 ``max_pool2d``, which takes (2 radius + 1)^2 comparisons per pixel. The radius
+    is a voxel's footprint in pixels, which grows with the frame size, so that pooling's cost per pixel grew with
+    the frame's area. One axis at a time, by doubling spans, it takes O(log radius) per pixel.
+    """
+    return _running_max(_running_max(image, radius, 1), radius, 0)
+
+
+def _running_max(image: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """Max over ``radius`` neighbours either side along ``dim``: maxima of spans 1, 2, 4, .. then two overlapping
+    spans cover each window."""
+    length, size = image.shape[dim], 2 * radius + 1
+    edge = list(image.shape)
+    edge[dim] = radius
+    spans = torch.cat([image.new_full(edge, float("-inf")), image, image.new_full(edge, float("-inf"))], dim)
+    span = 1  # spans[i] is the max of the padded image over [i, i + span)
+    while 2 * span <= size:
+        count = spans.shape[dim] - span
+        spans = torch.maximum(spans.narrow(dim, 0, count), spans.narrow(dim, span, count))
+        span *= 2
+    return torch.maximum(spans.narrow(dim, 0, length), spans.narrow(dim, size - span, length))

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import zarr
 from typer.testing import CliRunner
 
@@ -27,7 +28,7 @@ from stages.depth.colmap import (ColmapUnavailableError, colmap_has_cuda, prepar
                                  write_colmap_array)
 from stages.depth.consistency import filter_consistent
 from stages.geometry.views import make_views
-from stages.geometry.hull import depth_bounds, visual_hull
+from stages.geometry.hull import depth_bounds, visual_hull, window_max
 from stages.depth.sweep import _aggregate, _refine, _window_sum
 from stages.ingest.stage import ingest_sequence
 from storage import CaptureStore, SequenceWorkDir, StageRecord
@@ -350,3 +351,17 @@ def test_parabola_refinement_finds_the_vertex_between_hypotheses():
     found, best, interior = _refine(volume, inverse, float(inverse[1] - inverse[0]))
     assert bool(interior.all())
     assert float(found[0, 0]) == pytest.approx(true_inverse, abs=1e-5)
+
+
+@pytest.mark.parametrize("radius", [0, 1, 3, 8, 20])
+def test_window_max_equals_max_pooling(radius):
+    """The hull's depth bounds are unchanged by the O(log radius) window max: it equals stride-1 max pooling,
+    with the empty pixels' infinities and windows reaching past the edges (radius 20 is wider than the image)."""
+    image = torch.full((23, 31), float("-inf"))
+    hits = torch.rand(23, 31) < 0.05
+    image[hits] = torch.rand(int(hits.sum()))
+    image[5, 7] = float("inf")
+    pooled = F.max_pool2d(image[None, None], 2 * radius + 1, stride=1, padding=radius)[0, 0]
+    assert torch.equal(window_max(image, radius), pooled)
+    assert torch.equal(-window_max(-image, radius), -F.max_pool2d(-image[None, None], 2 * radius + 1, stride=1,
+                                                                  padding=radius)[0, 0])
