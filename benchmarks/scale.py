@@ -389,6 +389,24 @@ def nonnegative_line(design: np.ndarray, y: np.ndarray) -> np.ndarray:
         active.remove(min(negative, key=lambda j: coef[j]))
 
 
+def as_line(coef: np.ndarray) -> dict[str, float]:
+    """A fitted cost line's terms by name."""
+    return {"fixed_seconds": float(coef[0]), "seconds_per_image": float(coef[1]),
+            "seconds_per_megapixel": float(coef[2])}
+
+
+def line_seconds(line: dict[str, float], count: float, mpx: float) -> float:
+    """A cost line's seconds for ``count`` images of ``mpx`` megapixels in all."""
+    return max(0.0, line["fixed_seconds"] + line["seconds_per_image"] * count + line["seconds_per_megapixel"] * mpx)
+
+
+def exponent(mpx: np.ndarray, seconds: np.ndarray) -> float | None:
+    """The log-log slope of seconds over pixels: 1 is linear, above 1 grows faster (None from one size)."""
+    if len(set(mpx)) < 2:
+        return None
+    return round(float(np.polyfit(np.log(mpx), np.log(seconds), 1)[0]), 3)
+
+
 def fit(rows: list[dict]) -> dict[str, dict]:
     """Per stage, least squares: seconds = fixed + per_image * images + per_megapixel * Mpx, as far as the rows
     tell these apart (a per-image term matters where a model works at its own resolution, as rembg does), the
@@ -414,13 +432,12 @@ def fit(rows: list[dict]) -> dict[str, dict]:
         if not design[:, 0].any():
             basis = "one size and count measured: proportional to pixels"
         cpu = np.array([r.get("cpu_seconds") or np.nan for r in good])
-        cpu_coef = None if np.isnan(cpu).any() else nonnegative_line(design, cpu)
-        exponent = float(np.polyfit(np.log(mpx), np.log(seconds), 1)[0]) if len(set(mpx)) >= 2 else None
+        cpu_known = not np.isnan(cpu).any()
         stored = [r["store_bytes"] / pixels(r) for r in good if r.get("store_bytes")]
-        fits[stage] = {"fixed_seconds": float(coef[0]), "seconds_per_image": float(coef[1]),
-                       "seconds_per_megapixel": float(coef[2]), "basis": basis,
-                       "cpu_line": None if cpu_coef is None else [float(c) for c in cpu_coef],
-                       "exponent": None if exponent is None else round(exponent, 3), "points": len(good),
+        fits[stage] = {**as_line(coef), "basis": basis,
+                       "cpu": as_line(nonnegative_line(design, cpu)) if cpu_known else None,
+                       "exponent": exponent(mpx, seconds), "cpu_exponent": exponent(mpx, cpu) if cpu_known else None,
+                       "points": len(good),
                        "bytes_per_pixel": float(np.mean(stored)) if stored else None,
                        "peak_rss_mb": max(r["peak_rss_mb"] or 0 for r in good)}
     return fits
@@ -452,9 +469,8 @@ def extrapolate(fits: dict[str, dict], rows: list[dict]) -> dict:
         else:
             count = 96 if stage == "export" else images_for(stage, TYPICAL["cameras"], TYPICAL["frames"])
             mpx = count * TYPICAL["height"] * TYPICAL["width"] / 1e6
-            seconds = max(0.0, f["fixed_seconds"] + f["seconds_per_image"] * count + f["seconds_per_megapixel"] * mpx)
-            line = f.get("cpu_line")
-            cpu_seconds = None if line is None else max(0.0, line[0] + line[1] * count + line[2] * mpx)
+            seconds = line_seconds(f, count, mpx)
+            cpu_seconds = None if f["cpu"] is None else line_seconds(f["cpu"], count, mpx)
             note = f["basis"]
             stored = None if f["bytes_per_pixel"] is None else f["bytes_per_pixel"] * mpx * 1e6
         table[stage] = {"sequence_hours": seconds / 3600, "archive_hours": seconds * ARCHIVE_SEQUENCES / 3600,
@@ -523,12 +539,12 @@ def markdown(result: dict) -> str:
                   f"{result.get('ingest_vs_decode_compress_cpu')} (per run: "
                   f"{result.get('ingest_vs_decode_compress_cpu_by_run')})", "",
               "## Fitted cost", "",
-              "| stage | s per Mpx | s per image | fixed s | exponent | bytes per px | peak RSS MB | basis |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| stage | s per Mpx | s per image | fixed s | exponent | CPU exponent | bytes per px | peak RSS MB | basis |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for stage, f in result["fits"].items():
         bpp = "" if f["bytes_per_pixel"] is None else f"{f['bytes_per_pixel']:.3f}"
         lines.append(f"| {stage} | {f['seconds_per_megapixel']:.4f} | {f['seconds_per_image']:.4f} | "
-                     f"{f['fixed_seconds']:.2f} | {f['exponent']} | {bpp} | {f['peak_rss_mb']} | {f['basis']} |")
+                     f"{f['fixed_seconds']:.2f} | {f['exponent']} | {f.get('cpu_exponent')} | {bpp} | {f['peak_rss_mb']} | {f['basis']} |")
     typical = TYPICAL
     lines += ["", f"## Extrapolated: one sequence ({typical['cameras']} x {typical['frames']} frames at "
                   f"{typical['height']}x{typical['width']}) and the archive ({ARCHIVE_SEQUENCES} sequences)", "",
@@ -578,7 +594,8 @@ def main() -> None:
     if args.combine:
         runs = [json.loads(Path(path).read_text()) for path in args.combine]
         rows = {(r["size"], r["frames"], r["stage"]): r for run in runs for r in run["rows"]}  # later runs win
-        write_result(list(rows.values()), [s for run in runs for s in run["synthesis"]], command, Path(args.out),
+        synthesis = {(s["height"], s["width"], s["frames"]): s for run in runs for s in run["synthesis"]}
+        write_result(list(rows.values()), list(synthesis.values()), command, Path(args.out),
                      combined=[run["command"] for run in runs])
         return
 
