@@ -224,7 +224,7 @@ def query_supported(model) -> bool:  # noqa: ANN001 - NeRSembleModel
     encoding = model.field.encoding
     frequencies = model.deformation.config.n_frequencies if model.deformation is not None else 0
     return (type(encoding) is TorchHashEnsemble and fits(encoding) and frequencies <= MAX_FREQUENCIES
-            and _relu_mlp(model.field.density_mlp) is not None and _relu_mlp(model.field.color_mlp) is not None)
+            and _is_relu_mlp(model.field.density_mlp) and _is_relu_mlp(model.field.color_mlp))
 
 
 def fits(encoding) -> bool:  # noqa: ANN001 - TorchHashEnsemble
@@ -326,16 +326,20 @@ class NoGradDeformation:
         return torch.addmm(self.head_b, h, self.head_w)
 
 
-def _relu_mlp(sequential: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
-    """(weight [in, out], bias) per layer of a ``Linear, ReLU, ..., Linear`` Sequential; None for any other."""
+def _is_relu_mlp(sequential: torch.nn.Module) -> bool:
+    """Whether a Sequential is ``Linear, ReLU, ..., Linear`` (checked per query: no weights are copied)."""
     modules = list(sequential)
     linears, relus = modules[0::2], modules[1::2]
-    if not all(isinstance(m, torch.nn.Linear) for m in linears) or not all(isinstance(m, torch.nn.ReLU) for m in relus):
-        return None
-    if len(relus) != len(linears) - 1:
+    return (all(isinstance(m, torch.nn.Linear) for m in linears) and all(isinstance(m, torch.nn.ReLU) for m in relus)
+            and len(relus) == len(linears) - 1)
+
+
+def _relu_mlp(sequential: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+    """(weight [in, out], bias) per layer of a ``Linear, ReLU, ..., Linear`` Sequential; None for any other."""
+    if not _is_relu_mlp(sequential):
         return None
     return [(m.weight.detach().float().t().contiguous(), None if m.bias is None else m.bias.detach().float())
-            for m in linears]
+            for m in list(sequential)[0::2]]
 
 
 def _run(layers: list[tuple[torch.Tensor, torch.Tensor | None]], h: torch.Tensor) -> torch.Tensor:

@@ -153,6 +153,9 @@ void hash_backward(const float *x, const float *blend, const float *table, const
                    const int64_t *sizes, const int64_t *offsets, int n_dense, float *grad_x, float *grad_blend,
                    float *grad_table, int n_threads) {
     const int width = n_grids * feats;
+    /* One thread: the table's gradient is scattered in the same pass, from the same corners, in the same
+       order as the separate pass below would (the same sums); threads would race on shared rows. */
+    float *const scatter = (n_threads == 1) ? grad_table : 0;
     if (grad_x || grad_blend) {
         #pragma omp parallel for num_threads(n_threads) schedule(static)
         for (int64_t p = 0; p < n; ++p) {
@@ -174,6 +177,10 @@ void hash_backward(const float *x, const float *blend, const float *table, const
                     if (grad_blend)
                         for (int k = 0; k < n_grids; ++k)
                             for (int f = 0; f < feats; ++f) gb[k] += w[c] * row[k * feats + f] * g[f];
+                    if (scatter) {
+                        float *grow = scatter + rows[c] * width;
+                        for (int col = 0; col < width; ++col) grow[col] += w[c] * gi[col];
+                    }
                 }
                 for (int a = 0; a < 3; ++a) gx[a] += gf[a] * scales[l];
             }
@@ -183,7 +190,7 @@ void hash_backward(const float *x, const float *blend, const float *table, const
                 for (int k = 0; k < n_grids; ++k) grad_blend[p * n_grids + k] = gb[k];
         }
     }
-    if (grad_table) {
+    if (grad_table && !(scatter && (grad_x || grad_blend))) {
         for (int64_t p = 0; p < n; ++p) {
             int64_t rows[8];
             float frac[3], w[8], gi[MAXW];

@@ -105,7 +105,7 @@ class NeRSembleModel(nn.Module):
         # With the triton encoding, marching and compositing run fused Triton kernels too (where the encoding's
         # kernels run); False keeps their torch twins, e.g. to time one against the other.
         self.fused_packed = True
-        self._frozen_mlps: tuple | None = None  # set while render_image runs: _nograd_mlps
+        self._frozen_mlps: tuple | None = None  # set inside _mlps_frozen: _nograd_mlps
 
     # --- schedules and precision ----------------------------------------------------------------------
 
@@ -202,14 +202,28 @@ class NeRSembleModel(nn.Module):
         return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
 
     def _nograd_mlps(self) -> tuple[fast.NoGradDeformation | None, fast.NoGradField]:
-        """The MLP copies the fast query runs: built per query, except while :meth:`render_image` holds one set
-        for all of its chunks' queries (no weight changes during a render). A cache keyed on the tensors'
-        version counters would go stale: torch's fused optimisers update parameters without moving them."""
+        """The MLP copies the fast query runs: built per query, except while :meth:`_mlps_frozen` holds one set
+        for a span of queries in which the weights cannot change. A cache keyed on the tensors' version
+        counters would go stale: torch's fused optimisers update parameters without moving them."""
         if self._frozen_mlps is not None:
             return self._frozen_mlps
         deformation = (None if self.deformation is None else
                        fast.NoGradDeformation(self.deformation, self.codes.deformation.weight, self.scene_box))
         return deformation, fast.NoGradField(self.field)
+
+    @contextlib.contextmanager
+    def _mlps_frozen(self):
+        """One set of no-grad MLP copies for every fast query inside: a render, one visibility pass or one
+        occupancy update, none of which changes the weights. Nested uses keep the outermost set."""
+        if self._frozen_mlps is not None or not (fast.applies(self.field.encoding.table)
+                                                 and fast.query_supported(self)):
+            yield
+            return
+        self._frozen_mlps = self._nograd_mlps()
+        try:
+            yield
+        finally:
+            self._frozen_mlps = None
 
     # --- rays -------------------------------------------------------------------------------------------
 
@@ -311,16 +325,17 @@ class NeRSembleModel(nn.Module):
         state = fast.FrontToBack(samples.ray_indices, samples.t_starts, samples.t_ends, rays_o, rays_d, timesteps,
                                  full_query)
         slab = FAST_SLABS[0] if eps > 0 else max(int(state.counts.max()), 1)
-        while True:
-            ids, ray_ids, positions, directions, part_t = state.take(slab)
-            if ids.numel() == 0:
-                break
-            slab = min(slab * 2, FAST_SLABS[1])
-            if full_query:
-                sigma, rgb, offset = self._fast_query(positions, directions, part_t, windows)
-            else:
-                sigma, rgb, offset = self._fast_query(positions, None, part_t, windows, want_offset=False)
-            state.update(ids, ray_ids, sigma, rgb, offset, alpha_threshold, eps)
+        with self._mlps_frozen():
+            while True:
+                ids, ray_ids, positions, directions, part_t = state.take(slab)
+                if ids.numel() == 0:
+                    break
+                slab = min(slab * 2, FAST_SLABS[1])
+                if full_query:
+                    sigma, rgb, offset = self._fast_query(positions, directions, part_t, windows)
+                else:
+                    sigma, rgb, offset = self._fast_query(positions, None, part_t, windows, want_offset=False)
+                state.update(ids, ray_ids, sigma, rgb, offset, alpha_threshold, eps)
         keep = state.keep.bool()
         values = Queried(state.sigma, state.rgb, state.offset) if full_query else None
         return keep, values
@@ -370,7 +385,8 @@ class NeRSembleModel(nn.Module):
             t = randint(self.n_timesteps, (points.shape[0],), points.device, generator)
             return self.density(points, t, windows, mixed_precision=False) * step_size
 
-        return self.occupancy.update(step, occ_eval, generator)
+        with self._mlps_frozen():
+            return self.occupancy.update(step, occ_eval, generator)
 
     def set_training_cameras(self, intrinsics: Sequence[np.ndarray], world_2_cams: Sequence[np.ndarray],
                              sizes: Sequence[tuple[int, int]]) -> None:
@@ -435,17 +451,15 @@ class NeRSembleModel(nn.Module):
         try:
             device = self.scene_box.device
             chunk = chunk or self.config.eval.chunk
-            if fast.query_supported(self) and fast.applies(self.field.encoding.table):
-                self._frozen_mlps = self._nograd_mlps()
             rays = camera_rays(K, world_2_cam, pixel_centers(width, height, device), self.config.scene.world_scale)
             parts: dict[str, list[torch.Tensor]] = {"rgb": [], "alpha": [], "depth": []}
-            for start in range(0, rays.origins.shape[0], chunk):
-                sl = slice(start, start + chunk)
-                out = self.forward(rays.origins[sl], rays.directions[sl], timestep, step=step)
-                for key in parts:
-                    parts[key].append(out[key])
+            with self._mlps_frozen():
+                for start in range(0, rays.origins.shape[0], chunk):
+                    sl = slice(start, start + chunk)
+                    out = self.forward(rays.origins[sl], rays.directions[sl], timestep, step=step)
+                    for key in parts:
+                        parts[key].append(out[key])
         finally:
-            self._frozen_mlps = None
             self.train(was_training)
         scale = self.config.scene.world_scale
         alpha = torch.cat(parts["alpha"])

@@ -77,6 +77,24 @@ def test_fused_gradients_match_the_torch_twin(n_grids, features):
                                    msg=f"gradient of {name}")
 
 
+def test_gradients_do_not_depend_on_the_thread_count():
+    """One thread scatters the table's gradient in the positions' pass, more threads in a pass of its own: the
+    same sums in the same order, so every gradient is bit-for-bit the same."""
+    _kernels_or_skip()
+    encoding, x, blend = _inputs()
+    grad_out = torch.randn(x.shape[0], CONFIG.n_levels * CONFIG.features_per_level)
+    grads = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        xi, bi = x.clone().requires_grad_(True), blend.clone().requires_grad_(True)
+        encoding.table.grad = None
+        (encoding(xi, bi) * grad_out).sum().backward()
+        grads.append((xi.grad, bi.grad, encoding.table.grad.clone()))
+    torch.set_num_threads(1)
+    for one, two, name in zip(*grads, ("x", "blend", "table"), strict=True):
+        assert torch.equal(one, two), f"gradient of {name}"
+
+
 def test_fused_input_gradient_matches_finite_differences():
     """A second witness for d/dx: central differences in float64 of the fused forward (inside one cell)."""
     _kernels_or_skip()
