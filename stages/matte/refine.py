@@ -89,16 +89,19 @@ def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int, eps: float
     ``guide`` is (H, W, 3) float32 in [0, 1]. Inside a window the output follows the guide's colour edges;
     ``eps`` sets how strong an edge must be to be followed rather than smoothed across.
     """
-    guide = guide.astype(np.float32)
-    source = source.astype(np.float32)
+    # (H, W, 3) temporaries are written in place: at rig resolution each fresh one is ~20 MB of newly faulted
+    # pages, which made the per-pixel cost grow with the frame size (issue 22); the arithmetic is unchanged
+    guide = np.asarray(guide, dtype=np.float32)
+    source = np.asarray(source, dtype=np.float32)
     mean_i = _box(guide, radius)
     mean_p = _box(source, radius)
-    mean_ip = _box(guide * source[..., None], radius)
-    cov_ip = mean_ip - mean_i * mean_p[..., None]
+    cov_ip = _box(np.multiply(guide, source[..., None]), radius)
+    cov_ip -= mean_i * mean_p[..., None]
     products = {}
     for a in range(3):
         for b in range(a, 3):
-            products[a, b] = _box(guide[..., a] * guide[..., b], radius) - mean_i[..., a] * mean_i[..., b]
+            products[a, b] = _box(guide[..., a] * guide[..., b], radius)
+            products[a, b] -= mean_i[..., a] * mean_i[..., b]
     s00, s01, s02 = products[0, 0] + eps, products[0, 1], products[0, 2]
     s11, s12, s22 = products[1, 1] + eps, products[1, 2], products[2, 2] + eps
     # inverse of the symmetric 3x3 covariance via its adjugate
@@ -112,9 +115,12 @@ def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int, eps: float
     c0, c1, c2 = cov_ip[..., 0], cov_ip[..., 1], cov_ip[..., 2]
     a = np.stack([i00 * c0 + i01 * c1 + i02 * c2,
                   i01 * c0 + i11 * c1 + i12 * c2,
-                  i02 * c0 + i12 * c1 + i22 * c2], axis=-1) / det[..., None]
-    b = mean_p - channel_sum(a * mean_i)
-    return channel_sum(_box(a, radius) * guide) + _box(b, radius)
+                  i02 * c0 + i12 * c1 + i22 * c2], axis=-1)
+    a /= det[..., None]
+    b = mean_p - channel_sum(np.multiply(a, mean_i, out=mean_i))
+    box_a = _box(a, radius)
+    box_a *= guide
+    return channel_sum(box_a) + _box(b, radius)
 
 
 def refine_edges(frame: np.ndarray, alpha: np.ndarray, radius: int, eps: float, snap: float = 0.04) -> np.ndarray:

@@ -301,3 +301,34 @@ def test_guided_filter_snaps_a_blurry_mask_to_the_image_edge():
     jump_before, jump_after = blurry[0, 20] - blurry[0, 19], out[0, 20] - out[0, 19]
     assert jump_after > 0.3 and jump_after > 3 * jump_before  # the matte's edge moved onto the image's edge
     assert out[:, :19].max() < blurry[:, :19].max()
+
+
+def test_guided_filter_equals_the_textbook_per_window_solve_and_leaves_its_inputs_alone():
+    """The in-place arithmetic (issue 22) must still be He et al.'s filter, and must not write into the frame."""
+    rng = np.random.default_rng(3)
+    guide = cv2.GaussianBlur(rng.random((24, 20, 3), dtype=np.float32), (0, 0), 1.0)
+    source = (rng.random((24, 20)) > 0.5).astype(np.float32)
+    guide_before, source_before = guide.copy(), source.copy()
+    radius, eps = 2, 1e-3
+    out = guided_filter(guide, source, radius, eps)
+    assert np.array_equal(guide, guide_before) and np.array_equal(source, source_before)
+    padded_i = np.pad(guide.astype(np.float64), ((radius,) * 2, (radius,) * 2, (0, 0)), mode="symmetric")
+    padded_p = np.pad(source.astype(np.float64), radius, mode="symmetric")
+    h, w = source.shape
+    coef_a, coef_b = np.zeros((h, w, 3)), np.zeros((h, w))
+    for y in range(h):
+        for x in range(w):
+            win_i = padded_i[y:y + 2 * radius + 1, x:x + 2 * radius + 1].reshape(-1, 3)
+            win_p = padded_p[y:y + 2 * radius + 1, x:x + 2 * radius + 1].ravel()
+            mu, mp = win_i.mean(0), win_p.mean()
+            cov = (win_i - mu).T @ (win_i - mu) / len(win_p) + eps * np.eye(3)
+            coef_a[y, x] = np.linalg.solve(cov, (win_i * win_p[:, None]).mean(0) - mu * mp)
+            coef_b[y, x] = mp - coef_a[y, x] @ mu
+    pa = np.pad(coef_a, ((radius,) * 2, (radius,) * 2, (0, 0)), mode="symmetric")
+    pb = np.pad(coef_b, radius, mode="symmetric")
+    expected = np.zeros((h, w))
+    for y in range(h):
+        for x in range(w):
+            mean_a = pa[y:y + 2 * radius + 1, x:x + 2 * radius + 1].reshape(-1, 3).mean(0)
+            expected[y, x] = mean_a @ guide[y, x] + pb[y:y + 2 * radius + 1, x:x + 2 * radius + 1].mean()
+    assert np.abs(out - expected).max() < 1e-3
