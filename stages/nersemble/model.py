@@ -105,7 +105,7 @@ class NeRSembleModel(nn.Module):
         # With the triton encoding, marching and compositing run fused Triton kernels too (where the encoding's
         # kernels run); False keeps their torch twins, e.g. to time one against the other.
         self.fused_packed = True
-        self._frozen_mlps: tuple | None = None  # set inside _mlps_frozen: _nograd_mlps
+        self._frozen_mlps: tuple | None = None  # inside _mlps_frozen: () until the first query builds the set
 
     # --- schedules and precision ----------------------------------------------------------------------
 
@@ -205,21 +205,24 @@ class NeRSembleModel(nn.Module):
         """The MLP copies the fast query runs: built per query, except while :meth:`_mlps_frozen` holds one set
         for a span of queries in which the weights cannot change. A cache keyed on the tensors' version
         counters would go stale: torch's fused optimisers update parameters without moving them."""
-        if self._frozen_mlps is not None:
+        if self._frozen_mlps:
             return self._frozen_mlps
         deformation = (None if self.deformation is None else
                        fast.NoGradDeformation(self.deformation, self.codes.deformation.weight, self.scene_box))
-        return deformation, fast.NoGradField(self.field)
+        mlps = deformation, fast.NoGradField(self.field)
+        if self._frozen_mlps is not None:  # inside _mlps_frozen: the first query builds the set the rest reuse
+            self._frozen_mlps = mlps
+        return mlps
 
     @contextlib.contextmanager
     def _mlps_frozen(self):
         """One set of no-grad MLP copies for every fast query inside: a render, one visibility pass or one
-        occupancy update, none of which changes the weights. Nested uses keep the outermost set."""
-        if self._frozen_mlps is not None or not (fast.applies(self.field.encoding.table)
-                                                 and fast.query_supported(self)):
+        occupancy update, none of which changes the weights. Built by the first query, so a span without
+        queries (a step with no occupancy update) costs nothing. Nested uses keep the outermost set."""
+        if self._frozen_mlps is not None:
             yield
             return
-        self._frozen_mlps = self._nograd_mlps()
+        self._frozen_mlps = ()
         try:
             yield
         finally:
