@@ -50,6 +50,7 @@ STAGES = ("ingest", "calibrate", "matte", "depth", "optimize", "export")
 CODECS = ("zstd", "lz4", "none")
 TYPICAL = {"cameras": 16, "frames": 430, "height": 1604, "width": 1100}
 ARCHIVE_SEQUENCES = 9400
+TURNTABLE_FRAMES = 96  # the extrapolated export: a 4 s turntable at 24 fps
 EXPORT_FRAMES = 24
 METHODS = {"calibrate": ("colmap", "provided"), "matte": ("plate", "fused")}
 MEMORY_GOAL_MB = 4096
@@ -452,7 +453,6 @@ def preset_steps() -> int:
 
 def extrapolate(fits: dict[str, dict], rows: list[dict]) -> dict:
     """Hours (and bytes) per stage for a typical sequence and for the archive, from the fitted lines."""
-    # export: a 4 s turntable at 24 fps, 96 frames
     table = {}
     for stage, f in fits.items():
         if stage.startswith("decode+compress") or stage.startswith("synthesize"):
@@ -467,7 +467,7 @@ def extrapolate(fits: dict[str, dict], rows: list[dict]) -> dict:
             note = f"{preset_steps()} steps (the default preset) at the measured steps/s"
             stored = None
         else:
-            count = 96 if stage == "export" else images_for(stage, TYPICAL["cameras"], TYPICAL["frames"])
+            count = TURNTABLE_FRAMES if stage == "export" else images_for(stage, TYPICAL["cameras"], TYPICAL["frames"])
             mpx = count * TYPICAL["height"] * TYPICAL["width"] / 1e6
             seconds = line_seconds(f, count, mpx)
             cpu_seconds = None if f["cpu"] is None else line_seconds(f["cpu"], count, mpx)
