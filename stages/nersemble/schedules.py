@@ -6,6 +6,7 @@ window (Nerfies' ``posenc_window``) driven by a linear ramp over training steps,
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -47,7 +48,15 @@ def cosine_window(alpha: float, n: int, device: torch.device | str | None = None
     """Weights ``0.5 (1 - cos(pi clamp(alpha - k, 0, 1)))`` for k = 0..n-1.
 
     Band k is off while alpha <= k and fully on once alpha >= k + 1, so a ramp of alpha from 0 to n opens
-    the bands one after the other.
+    the bands one after the other. The tensor is shared between calls with the same arguments (read it,
+    never write it): a training step asks for the same few windows a dozen times, and on the CPU the seven
+    small ops that build one cost more than the posenc kernel that reads it.
     """
-    k = torch.arange(n, device=device, dtype=dtype)
-    return 0.5 * (1.0 - torch.cos(math.pi * torch.clamp(alpha - k, 0.0, 1.0)))
+    return _cosine_window(float(alpha), int(n), torch.device(device or "cpu"), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cosine_window(alpha: float, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable by later autograd-recorded ops
+        k = torch.arange(n, device=device, dtype=dtype)
+        return 0.5 * (1.0 - torch.cos(math.pi * torch.clamp(alpha - k, 0.0, 1.0)))

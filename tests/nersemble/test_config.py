@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from stages.nersemble.config import NeRSembleConfig, preset
 from stages.nersemble.schedules import Schedule, cosine_window
@@ -109,3 +110,11 @@ def test_cosine_window_values():
     w = cosine_window(2.25, 4)
     expected = [1.0, 1.0, 0.5 * (1 - math.cos(math.pi * 0.25)), 0.0]
     assert [round(float(v), 6) for v in w] == [round(v, 6) for v in expected]
+
+
+def test_a_cosine_window_first_built_in_inference_mode_serves_training():
+    with torch.inference_mode():
+        cosine_window(1.625, 3)
+    codes = torch.ones(3, requires_grad=True)
+    (codes * cosine_window(1.625, 3)).sum().backward()  # the shared window can be saved for backward
+    assert torch.equal(codes.grad, cosine_window(1.625, 3))
