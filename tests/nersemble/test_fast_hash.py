@@ -59,7 +59,7 @@ def test_fused_forward_matches_the_torch_twin(n_grids, features):
     torch.testing.assert_close(fused, twin, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("n_grids", "features"), [(4, 2), (32, 2), (3, 2)])  # vector rows of 8, 64; generic 6
+@pytest.mark.parametrize(("n_grids", "features"), [(4, 2), (32, 2), (3, 2)])  # constant sizes (4 x 2); run-time ones
 def test_fused_gradients_match_the_torch_twin(n_grids, features):
     _kernels_or_skip()
     config = replace(CONFIG, n_grids=n_grids, features_per_level=features)
