@@ -61,7 +61,9 @@ def config(rays: int):
 def time_training(trainer, state: dict, steps: int) -> dict:
     """``steps`` steps from a copy of ``state`` (model, optimiser, trainer state, generator)."""
     trainer.model.load_state_dict(state["model"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    # A copy: the optimiser adopts the state's tensors and steps them in place, so without it each repetition
+    # would start from the moments the previous one left.
+    trainer.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
     choose_fused(trainer.optimizer)  # the path now in use: the saved state carries the warm-up's choice
     trainer.state = copy.deepcopy(state["trainer"])
     trainer.generator.set_state(state["generator"])

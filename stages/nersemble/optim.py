@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from . import fast
@@ -29,6 +32,25 @@ def choose_fused(optimizer: torch.optim.Adam) -> torch.optim.Adam:
         on_cpu = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in group["params"])
         group["fused"] = True if fast.requested() and on_cpu else None
     return optimizer
+
+
+@contextlib.contextmanager
+def denormals_flushed() -> Iterator[None]:
+    """Flush denormal floats to zero on this thread for the block (a training step), then turn it off again.
+
+    Adam's moments of hash-table rows that no sample reaches decay by beta each step, and on their way to zero
+    they pass through the denormal range, where a CPU takes a slow microcode assist on every operation that
+    reads one: on a trained model that made the optimiser's pass over the tables several times slower, in
+    both paths. Values that small change no update (a moment of 1e-38 against eps 1e-15), and GPUs, tcnn's
+    kernels included, flush them anyway. Only the calling thread's mode is set: intra-op threads torch
+    started before keep theirs. A CPU without the flush-to-zero mode runs the block unchanged.
+    """
+    flushed = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: NeRSembleConfig) -> torch.optim.lr_scheduler.LambdaLR:

@@ -32,7 +32,7 @@ import torch
 from .config import NeRSembleConfig
 from .losses import nersemble_losses
 from .model import NeRSembleModel
-from .optim import build_lr_scheduler, build_optimizer, choose_fused
+from .optim import build_lr_scheduler, build_optimizer, choose_fused, denormals_flushed
 
 CHECKPOINT_FORMAT = 1
 _HASH_TAG = b"NERSEMBLE-SHA256"  # then 32 bytes of SHA-256 over everything before the tag
@@ -218,6 +218,10 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimisation step; returns the loss terms, ``psnr`` of the batch, ``samples`` per ray and ``rays``."""
+        with denormals_flushed():
+            return self._step()
+
+    def _step(self) -> dict[str, float]:
         cfg, step, model = self.config, self.state.step, self.model
         n_rays = self.rays_for_next_step()
         batch = self._ensure_cache().sample(n_rays)

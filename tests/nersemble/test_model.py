@@ -12,7 +12,7 @@ from stages.core.cameras import look_at
 from stages.nersemble.config import preset
 from stages.nersemble.losses import nersemble_losses
 from stages.nersemble.model import NeRSembleModel, timestep_index
-from stages.nersemble.optim import build_lr_scheduler, build_optimizer
+from stages.nersemble.optim import build_lr_scheduler, build_optimizer, denormals_flushed
 from stages.nersemble.rays import Rays, camera_rays, pixel_centers, scene_box_from_cameras
 
 RADIUS = 0.12  # metres: the synthetic sphere
@@ -113,6 +113,16 @@ def test_fast_path_adam_is_fused_and_takes_the_plain_adams_steps(monkeypatch):
     optimizer.load_state_dict(runs["1"][1])  # a fast-path checkpoint resumed on the reference path
     assert all(g["fused"] for g in optimizer.param_groups)  # the saving run's choice came back with it
     assert all(g["fused"] is None for g in choose_fused(optimizer).param_groups)
+
+
+def test_denormals_are_flushed_inside_a_training_step_only():
+    tiny = torch.full((64,), 1e-39)  # below float32's smallest normal
+    with denormals_flushed():
+        inside = tiny * 1.0
+    after = tiny * 1.0
+    if torch.set_flush_denormal(False):  # the default mode; True where the CPU has a flush-to-zero mode
+        assert torch.all(inside == 0)
+    assert torch.all(after == tiny)  # the caller's arithmetic is left as it was
 
 
 def test_occupancy_updates_on_schedule_and_frustum_mask():
