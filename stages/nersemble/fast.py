@@ -107,6 +107,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.hash_backward.restype = None
     lib.warp_encode.argtypes = [p, p, p, i64, p, i32, p, i32, i32, i32, p, p, p, p, i32, p, p, p, i32]
     lib.warp_encode.restype = None
+    lib.se3_warp.argtypes = [p, p, p, i64, ctypes.c_float, p, i32]
+    lib.se3_warp.restype = None
+    lib.se3_warp_backward.argtypes = [p, p, p, p, i64, ctypes.c_float, p, p, p, i32]
+    lib.se3_warp_backward.restype = None
     lib.posenc.argtypes = [p, i64, p, i32, p, i32, p, i32]
     lib.posenc.restype = None
     lib.slab_take.argtypes = [i64, p, p, p, p, i64, p, p, p, p, p, p, p, p, p, p]
@@ -212,6 +216,40 @@ class _FusedHash(torch.autograd.Function):
 def fused_hash_encoding(encoding, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
     """The ensemble's ``forward(x, blend)`` through the C kernels (callers check :func:`applies` first)."""
     return _FusedHash.apply(x, blend, encoding.table, _geometry(encoding))
+
+
+class _SE3Warp(torch.autograd.Function):
+    """The deformation's warp ``(x_n, v, r) -> R x_n + V v`` (NaN guarded) as one C pass each way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, v: torch.Tensor, r: torch.Tensor, eps: float):
+        x, v, r = x.contiguous(), v.contiguous(), r.contiguous()
+        out = torch.empty_like(x)
+        library().se3_warp(_ptr(x), _ptr(v), _ptr(r), x.shape[0], eps, _ptr(out), torch.get_num_threads())
+        ctx.save_for_backward(x, v, r)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, v, r = ctx.saved_tensors
+        grad_out = grad_out.float().contiguous()
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_v, grad_r = torch.empty_like(v), torch.empty_like(r)
+        library().se3_warp_backward(_ptr(x), _ptr(v), _ptr(r), _ptr(grad_out), x.shape[0], ctx.eps, _ptr(grad_x),
+                                    _ptr(grad_v), _ptr(grad_r), torch.get_num_threads())
+        return grad_x, grad_v, grad_r, None
+
+
+def se3_warp(x: torch.Tensor, v: torch.Tensor, r: torch.Tensor, eps: float) -> torch.Tensor:
+    """:meth:`stages.nersemble.deformation.SE3DeformationField.forward`'s warp of box-normalised ``x`` by the
+    screw axes ``(v, r)``, ``[N, 3]`` each, with gradients; callers check :func:`applies` first.
+
+    Its torch twin (``se3_exp``, the transform, the NaN guard) is some forty small ops forward and as many
+    autograd nodes back, over the few thousand samples of a training step: per-op overhead, not arithmetic.
+    """
+    return _SE3Warp.apply(x, v, r, float(eps))
 
 
 # --- the no-grad query: torch's matrix products for the MLPs, one C pass for the rest -----------------------

@@ -261,6 +261,77 @@ static inline void cross3(const float a[3], const float b[3], float out[3]) {
     out[2] = a[0] * b[1] - a[1] * b[0];
 }
 
+/* R(r) x + V(r) v, the SE(3) exponential of the screw axis (v, r) applied to x (deformation.se3_exp and the
+   transform, before the NaN guard): theta = sqrt(max(|r|^2, eps)), R = I + A [r] + B [r]^2,
+   V = I + B [r] + C [r]^2 with A = sin/theta, B = (1 - cos)/theta^2, C = (theta - sin)/theta^3. */
+static inline void se3_warp_point(const float x[3], const float *v, const float *r, float eps, float out[3]) {
+    float theta = sqrtf(fmaxf(r[0] * r[0] + r[1] * r[1] + r[2] * r[2], eps));
+    float sn = sinf(theta), cs = cosf(theta);
+    float ca = sn / theta, cb = (1.0f - cs) / (theta * theta), cc = (theta - sn) / (theta * theta * theta);
+    float rx[3], rrx[3], rv[3], rrv[3];
+    cross3(r, x, rx); cross3(r, rx, rrx); cross3(r, v, rv); cross3(r, rv, rrv);
+    for (int k = 0; k < 3; ++k) out[k] = x[k] + ca * rx[k] + cb * rrx[k] + (v[k] + cb * rv[k] + cc * rrv[k]);
+}
+
+/* SE3DeformationField's warp of box-normalised x [N, 3] by screw axes v, r [N, 3] each, NaN guard included:
+   out = R x + V v, or x where that is NaN. */
+void se3_warp(const float *x, const float *v, const float *r, int64_t n, float eps, float *out, int n_threads) {
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t p = 0; p < n; ++p) {
+        se3_warp_point(x + 3 * p, v + 3 * p, r + 3 * p, eps, out + 3 * p);
+        for (int k = 0; k < 3; ++k)
+            if (isnan(out[3 * p + k])) out[3 * p + k] = x[3 * p + k];
+    }
+}
+
+static inline double dot3d(const double a[3], const double b[3]) { return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]; }
+
+static inline void cross3d(const double a[3], const double b[3], double out[3]) {
+    out[0] = a[1] * b[2] - a[2] * b[1];
+    out[1] = a[2] * b[0] - a[0] * b[2];
+    out[2] = a[0] * b[1] - a[1] * b[0];
+}
+
+/* Gradients of se3_warp for v, r and (grad_x not NULL) x, from g = dL/dout; in double, since the Rodrigues
+   factors' derivatives cancel at small angles. With r x (r x y) = r (r.y) - |r|^2 y, s.out is
+   s.x + s.v + A s.(r x x) + B [(s.r)(r.x) - |r|^2 s.x] + B s.(r x v) + C [(s.r)(r.v) - |r|^2 s.v],
+   where s is g with the NaN-guarded components zeroed (those pass g to x instead); theta carries r's
+   gradient only where |r|^2 >= eps (torch's clamp passes it at equality). */
+void se3_warp_backward(const float *x, const float *v, const float *r, const float *grad_out, int64_t n, float eps,
+                       float *grad_x, float *grad_v, float *grad_r, int n_threads) {
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t p = 0; p < n; ++p) {
+        float raw[3];
+        se3_warp_point(x + 3 * p, v + 3 * p, r + 3 * p, eps, raw);
+        double s[3], xd[3], vd[3], rd[3], pass[3];
+        for (int k = 0; k < 3; ++k) {
+            const int guarded = isnan(raw[k]);
+            s[k] = guarded ? 0.0 : grad_out[3 * p + k];
+            pass[k] = guarded ? grad_out[3 * p + k] : 0.0;
+            xd[k] = x[3 * p + k]; vd[k] = v[3 * p + k]; rd[k] = r[3 * p + k];
+        }
+        const double rr = dot3d(rd, rd);
+        const int clamped = rr < (double)eps;
+        const double th = sqrt(clamped ? (double)eps : rr), sn = sin(th), cs = cos(th);
+        const double th2 = th * th, th3 = th2 * th;
+        const double ca = sn / th, cb = (1.0 - cs) / th2, cc = (th - sn) / th3;
+        const double da = (th * cs - sn) / th2, db = (th * sn - 2.0 * (1.0 - cs)) / th3;
+        const double dc = (1.0 - cs) / th3 - 3.0 * (th - sn) / (th3 * th);
+        double rx[3], rv[3], xs[3], vs[3], rs[3];
+        cross3d(rd, xd, rx); cross3d(rd, vd, rv); cross3d(xd, s, xs); cross3d(vd, s, vs); cross3d(rd, s, rs);
+        const double sr = dot3d(s, rd), sx = dot3d(s, xd), sv = dot3d(s, vd), rxd = dot3d(rd, xd), rvd = dot3d(rd, vd);
+        const double g_theta = da * dot3d(s, rx) + db * (sr * rxd - rr * sx + dot3d(s, rv)) + dc * (sr * rvd - rr * sv);
+        for (int k = 0; k < 3; ++k) {
+            double gr = ca * xs[k] + cb * (s[k] * rxd + xd[k] * sr - 2.0 * rd[k] * sx) + cb * vs[k]
+                        + cc * (s[k] * rvd + vd[k] * sr - 2.0 * rd[k] * sv);
+            if (!clamped) gr += g_theta * rd[k] / th;
+            grad_r[3 * p + k] = (float)gr;
+            grad_v[3 * p + k] = (float)(s[k] - cb * rs[k] + cc * (rd[k] * sr - rr * s[k]));
+            if (grad_x) grad_x[3 * p + k] = (float)(s[k] - ca * rs[k] + cb * (rd[k] * sr - rr * s[k]) + pass[k]);
+        }
+    }
+}
+
 /* The MLPs run as batched matrix products in torch (far faster than per-sample loops); this kernel does the
    elementwise rest of a sample in one pass: the SE(3) warp from the screw axis vr = [v, r] (deformation.se3_exp,
    the transform and the NaN guard), the offset (paper or box units), the field's box normalisation with its
@@ -283,16 +354,11 @@ void warp_encode(const float *positions, const float *vr, const float *blend, in
             if (vr) {
                 float ext[3], xn[3];
                 for (int k = 0; k < 3; ++k) { ext[k] = hi[k] - lo[k]; xn[k] = (pos[k] - lo[k]) / ext[k]; }
-                const float *v = vr + 6 * p, *r = vr + 6 * p + 3;
-                float theta = sqrtf(fmaxf(r[0] * r[0] + r[1] * r[1] + r[2] * r[2], eps));
-                float sn = sinf(theta), cs = cosf(theta);
-                float ca = sn / theta, cb = (1.0f - cs) / (theta * theta), cc = (theta - sn) / (theta * theta * theta);
-                float rx[3], rrx[3], rv[3], rrv[3];
-                cross3(r, xn, rx); cross3(r, rx, rrx); cross3(r, v, rv); cross3(r, rv, rrv);
+                float warped[3];
+                se3_warp_point(xn, vr + 6 * p, vr + 6 * p + 3, eps, warped);
                 for (int k = 0; k < 3; ++k) {
-                    float warped = xn[k] + ca * rx[k] + cb * rrx[k] + (v[k] + cb * rv[k] + cc * rrv[k]);
-                    if (isnan(warped)) warped = xn[k];
-                    delta[k] = warped - xn[k];
+                    if (isnan(warped[k])) warped[k] = xn[k];
+                    delta[k] = warped[k] - xn[k];
                     if (box_units) delta[k] *= ext[k];
                     canon[k] = pos[k] + delta[k];
                 }
