@@ -1,11 +1,14 @@
 """CPU speed of the NeRSemble preview: the eager torch reference path and the fast path side by side, one run.
 
-    .venv/bin/python benchmarks/cpu_speed.py [--rays 2048] [--warmup-steps 200] [--steps 10] [--reps 3]
+    .venv/bin/python benchmarks/cpu_speed.py [--rays 2048] [--warmup-steps 1500] [--steps 10] [--reps 3]
                                              [--quality-steps 0] [--seeds 0,1] [--profile]
 
 One in-memory synthetic capture (12 training cameras x ``--frames`` frames at 220x320, exact images; see
 benchmarks/cpu_scene.py) and one preview model warmed up for ``--warmup-steps`` steps, so the occupancy grid
-has pruned empty space as in a real run. From that same state, each path (``NERSEMBLE_FAST=0`` / fast) then
+has pruned empty space as in a real run. The default, 1500 steps, is a trained head: most steps of a preview and
+every export render a model like it (about a minute and a half of warm-up on the fast path). 200 steps gives the
+early fog, translucent everywhere, where the matrix products both paths share are most of a render. From that
+same state, each path (``NERSEMBLE_FAST=0`` / fast) then
 runs, interleaved old/new/old/new so both see the same machine load (the medians are reported):
 
 - training: ``--steps`` preview steps at a fixed ``--rays`` rays per step (no sample budget), from a copy of the
@@ -15,8 +18,8 @@ runs, interleaved old/new/old/new so both see the same machine load (the medians
 
 ``--quality-steps N`` also trains both paths from scratch for N steps with every seed of ``--seeds`` and scores
 the hold-out cameras (PSNR against the exact images, after the official occupancy filter): equal quality means
-each seed's fast-minus-reference difference is smaller than the reference's spread over seeds. ``--profile`` writes torch-profiler tables of a
-training step and a render, per path, to benchmarks/results/cpu_profile.md.
+each seed's fast-minus-reference difference is smaller than the reference's spread over seeds. ``--profile``
+writes torch-profiler tables of a training step and a render, per path, to benchmarks/results/cpu_profile.md.
 
 Writes benchmarks/results/cpu_speed.json (``train_samples_per_s_ratio``, ``render_rays_per_s_ratio``: new / old,
 beside the raw figures) and cpu_speed.md. One torch thread per path, as the preview on a shared CPU runs.
@@ -236,7 +239,18 @@ def speed_lines(result: dict) -> list[str]:
              f"| render rays/s (220x320) | {ref['render_rays_per_s']:.0f} | {new['render_rays_per_s']:.0f} | "
              f"{s['render_rays_per_s_ratio']:.2f}x |",
              f"| turntable frames/s (72x104) | {ref['turntable_frames_per_s']:.2f} | "
-             f"{new['turntable_frames_per_s']:.2f} | {s['turntable_frames_per_s_ratio']:.2f}x |", ""]
+             f"{new['turntable_frames_per_s']:.2f} | {s['turntable_frames_per_s_ratio']:.2f}x |", "",
+             "Each repetition's own ratio (the spread the medians hide): " + ", ".join(
+                 f"{label} {min(r):.2f}-{max(r):.2f}x" for label, r in repetition_ratios(ref["raw"], new["raw"])) + ".",
+             ""]
+
+
+def repetition_ratios(old: dict, new: dict) -> list[tuple[str, list[float]]]:
+    """Fast / reference within each repetition (the two ran back to back, under the same load)."""
+    return [("training samples/s", [n["samples_per_s"] / o["samples_per_s"] for o, n in zip(old["train"], new["train"],
+                                                                                          strict=True)]),
+            ("render", [o / n for o, n in zip(old["render_s"], new["render_s"], strict=True)]),
+            ("turntable", [o / n for o, n in zip(old["turntable_s"], new["turntable_s"], strict=True)])]
 
 
 def quality_lines(q: dict) -> list[str]:
@@ -255,7 +269,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rays", type=int, default=2048, help="rays per training step (fixed)")
     parser.add_argument("--frames", type=int, default=4, help="frames of the synthetic capture")
-    parser.add_argument("--warmup-steps", type=int, default=200)
+    parser.add_argument("--warmup-steps", type=int, default=1500, help="steps trained before timing (the state)")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per repetition and path")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions per path")
     parser.add_argument("--turntable-frames", type=int, default=8)

@@ -41,9 +41,9 @@ def denormals_flushed() -> Iterator[None]:
     Adam's moments of hash-table rows that no sample reaches decay by beta each step, and on their way to zero
     they pass through the denormal range, where a CPU takes a slow microcode assist on every operation that
     reads one: on a trained model that made the optimiser's pass over the tables several times slower, in
-    both paths. Values that small change no update (a moment of 1e-38 against eps 1e-15), and GPUs, tcnn's
-    kernels included, flush them anyway. Only the calling thread's mode is set: intra-op threads torch
-    started before keep theirs. A CPU without the flush-to-zero mode runs the block unchanged.
+    both paths. Values that small change no update (a moment of 1e-38 against eps 1e-15). Only the calling
+    thread's mode is set: intra-op threads torch started before keep theirs. A CPU without the flush-to-zero
+    mode runs the block unchanged.
     """
     flushed = torch.set_flush_denormal(True)
     try:
