@@ -49,8 +49,7 @@ def cosine_window(alpha: float, n: int, device: torch.device | str | None = None
 
     Band k is off while alpha <= k and fully on once alpha >= k + 1, so a ramp of alpha from 0 to n opens
     the bands one after the other. The tensor is shared between calls with the same arguments (read it,
-    never write it): a training step asks for the same few windows a dozen times, and on the CPU the seven
-    small ops that build one cost more than the posenc kernel that reads it.
+    never write it): a training step asks for the same few windows a dozen times, seven small ops each.
     """
     return _cosine_window(float(alpha), int(n), torch.device(device or "cpu"), dtype)
 

@@ -115,7 +115,7 @@ def test_fast_path_adam_is_fused_and_takes_the_plain_adams_steps(monkeypatch):
     assert all(g["fused"] is None for g in choose_fused(optimizer).param_groups)
 
 
-def test_denormals_are_flushed_inside_a_training_step_only():
+def test_denormals_are_flushed_inside_the_block_only():
     tiny = torch.full((64,), 1e-39)  # below float32's smallest normal
     with denormals_flushed():
         inside = tiny * 1.0
