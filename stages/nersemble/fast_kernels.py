@@ -162,10 +162,11 @@ static inline void find_rows(const float *x, int gn, const float *table, float *
         }
 }
 
-/* One sample's gradients for x and its blend row (and, with `scatter`, its share of the table's), from its
-   corner rows. Inlined with constant sizes for the preview's 4 grids x 2 features: gcc then unrolls the loops
-   and keeps the blend gradient in registers (at run-time sizes each of its sums went through the stack, one
-   store and reload per term). The products and sums are the same, in the same order, at any size. */
+/* One sample's gradients for x and its blend row (either may be NULL) and, with `scatter`, its share of the
+   table's, from its corner rows; the table is read only for the first two. Inlined with constant sizes for the
+   preview's 4 grids x 2 features: gcc then unrolls the loops and keeps the blend gradient in registers (at
+   run-time sizes each of its sums went through the stack, one store and reload per term). The products and
+   sums are the same, in the same order, at any size. */
 static inline __attribute__((always_inline)) void backward_sample(
         const int64_t rows[MAXL][8], const float frac[MAXL][3], const float *blend, const float *table,
         const float *grad_out, int n_levels, int n_grids, int feats, int width, const float *scales,
@@ -179,13 +180,17 @@ static inline __attribute__((always_inline)) void backward_sample(
             for (int f = 0; f < feats; ++f) gi[k * feats + f] = g[f] * blend[k];
         float gf[3] = {0.0f, 0.0f, 0.0f};
         for (int c = 0; c < 8; ++c) {
-            const float *row = table + rows[l][c] * width;
-            float dot = 0.0f;
-            for (int col = 0; col < width; ++col) dot += row[col] * gi[col];
-            for (int a = 0; a < 3; ++a) gf[a] += dw[a][c] * dot;
-            if (grad_blend)
-                for (int k = 0; k < n_grids; ++k)
-                    for (int f = 0; f < feats; ++f) gb[k] += w[c] * row[k * feats + f] * g[f];
+            if (grad_x || grad_blend) {
+                const float *row = table + rows[l][c] * width;
+                if (grad_x) {
+                    float dot = 0.0f;
+                    for (int col = 0; col < width; ++col) dot += row[col] * gi[col];
+                    for (int a = 0; a < 3; ++a) gf[a] += dw[a][c] * dot;
+                }
+                if (grad_blend)
+                    for (int k = 0; k < n_grids; ++k)
+                        for (int f = 0; f < feats; ++f) gb[k] += w[c] * row[k * feats + f] * g[f];
+            }
             if (scatter) {
                 float *grow = scatter + rows[l][c] * width;
                 for (int col = 0; col < width; ++col) grow[col] += w[c] * gi[col];
@@ -199,59 +204,47 @@ static inline __attribute__((always_inline)) void backward_sample(
         for (int k = 0; k < n_grids; ++k) grad_blend[k] = gb[k];
 }
 
+/* backward_sample over every sample, a group of corner rows found and prefetched at a time. */
+static void backward_pass(const float *x, const float *blend, const float *table, const float *grad_out, int64_t n,
+                          int n_levels, int n_grids, int feats, const float *scales, const int64_t *res,
+                          const int64_t *sizes, const int64_t *offsets, int n_dense, float *grad_x,
+                          float *grad_blend, float *scatter, int n_threads) {
+    const int width = n_grids * feats, lf = n_levels * feats;
+    const float *read = (grad_x || grad_blend) ? table : 0;
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t p0 = 0; p0 < n; p0 += GROUP) {
+        const int gn = n - p0 < GROUP ? (int)(n - p0) : GROUP;
+        int64_t rows[GROUP][MAXL][8];
+        float frac[GROUP][MAXL][3];
+        find_rows(x + 3 * p0, gn, read, scatter, width, n_levels, scales, res, sizes, offsets, n_dense, rows, frac);
+        for (int q = 0; q < gn; ++q) {
+            const int64_t p = p0 + q;
+            float *gxp = grad_x ? grad_x + 3 * p : 0, *gbp = grad_blend ? grad_blend + p * n_grids : 0;
+            if (feats == 2 && width == 8)
+                backward_sample(rows[q], frac[q], blend + p * n_grids, read, grad_out + p * lf, n_levels, 4, 2, 8,
+                                scales, gxp, gbp, scatter);
+            else
+                backward_sample(rows[q], frac[q], blend + p * n_grids, read, grad_out + p * lf, n_levels, n_grids,
+                                feats, width, scales, gxp, gbp, scatter);
+        }
+    }
+}
+
 /* Gradients for x [N, 3] and blend [N, K] (parallel over samples), then the table's (serial: deterministic). */
 void hash_backward(const float *x, const float *blend, const float *table, const float *grad_out, int64_t n,
                    int n_levels, int n_grids, int feats, const float *scales, const int64_t *res,
                    const int64_t *sizes, const int64_t *offsets, int n_dense, float *grad_x, float *grad_blend,
                    float *grad_table, int n_threads) {
-    const int width = n_grids * feats;
-    const int lf = n_levels * feats;
+    const int reads = grad_x || grad_blend;
     /* One thread: the table's gradient is scattered in the same pass, from the same corners, in the same
        order as the separate pass below would (the same sums); threads would race on shared rows. */
     float *const scatter = (n_threads == 1) ? grad_table : 0;
-    if (grad_x || grad_blend) {
-        #pragma omp parallel for num_threads(n_threads) schedule(static)
-        for (int64_t p0 = 0; p0 < n; p0 += GROUP) {
-            const int gn = n - p0 < GROUP ? (int)(n - p0) : GROUP;
-            int64_t rows[GROUP][MAXL][8];
-            float frac[GROUP][MAXL][3];
-            find_rows(x + 3 * p0, gn, table, scatter, width, n_levels, scales, res, sizes, offsets, n_dense, rows,
-                      frac);
-            for (int q = 0; q < gn; ++q) {
-                const int64_t p = p0 + q;
-                float *gxp = grad_x ? grad_x + 3 * p : 0, *gbp = grad_blend ? grad_blend + p * n_grids : 0;
-                if (feats == 2 && width == 8)
-                    backward_sample(rows[q], frac[q], blend + p * n_grids, table, grad_out + p * lf, n_levels,
-                                    4, 2, 8, scales, gxp, gbp, scatter);
-                else
-                    backward_sample(rows[q], frac[q], blend + p * n_grids, table, grad_out + p * lf, n_levels,
-                                    n_grids, feats, width, scales, gxp, gbp, scatter);
-            }
-        }
-    }
-    if (grad_table && !(scatter && (grad_x || grad_blend))) {
-        for (int64_t p0 = 0; p0 < n; p0 += GROUP) {
-            const int gn = n - p0 < GROUP ? (int)(n - p0) : GROUP;
-            int64_t rows[GROUP][MAXL][8];
-            float frac[GROUP][MAXL][3];
-            find_rows(x + 3 * p0, gn, 0, grad_table, width, n_levels, scales, res, sizes, offsets, n_dense, rows,
-                      frac);
-            for (int q = 0; q < gn; ++q) {
-                const int64_t p = p0 + q;
-                float w[8], gi[MAXW];
-                for (int l = 0; l < n_levels; ++l) {
-                    corner_weights(frac[q][l], w, 0);
-                    const float *g = grad_out + p * lf + l * feats;
-                    for (int k = 0; k < n_grids; ++k)
-                        for (int f = 0; f < feats; ++f) gi[k * feats + f] = g[f] * blend[p * n_grids + k];
-                    for (int c = 0; c < 8; ++c) {
-                        float *row = grad_table + rows[q][l][c] * width;
-                        for (int col = 0; col < width; ++col) row[col] += w[c] * gi[col];
-                    }
-                }
-            }
-        }
-    }
+    if (reads)
+        backward_pass(x, blend, table, grad_out, n, n_levels, n_grids, feats, scales, res, sizes, offsets, n_dense,
+                      grad_x, grad_blend, scatter, n_threads);
+    if (grad_table && !(scatter && reads))
+        backward_pass(x, blend, table, grad_out, n, n_levels, n_grids, feats, scales, res, sizes, offsets, n_dense,
+                      0, 0, grad_table, 1);
 }
 /* --- the no-grad query's per-sample chain around the MLPs ------------------------------------------------ */
 
