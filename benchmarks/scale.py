@@ -544,7 +544,7 @@ def markdown(result: dict) -> str:
     for stage, f in result["fits"].items():
         bpp = "" if f["bytes_per_pixel"] is None else f"{f['bytes_per_pixel']:.3f}"
         lines.append(f"| {stage} | {f['seconds_per_megapixel']:.4f} | {f['seconds_per_image']:.4f} | "
-                     f"{f['fixed_seconds']:.2f} | {f['exponent']} | {f.get('cpu_exponent')} | {bpp} | {f['peak_rss_mb']} | {f['basis']} |")
+                     f"{f['fixed_seconds']:.2f} | {f['exponent']} | {f['cpu_exponent']} | {bpp} | {f['peak_rss_mb']} | {f['basis']} |")
     typical = TYPICAL
     lines += ["", f"## Extrapolated: one sequence ({typical['cameras']} x {typical['frames']} frames at "
                   f"{typical['height']}x{typical['width']}) and the archive ({ARCHIVE_SEQUENCES} sequences)", "",

@@ -89,8 +89,8 @@ def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int, eps: float
     ``guide`` is (H, W, 3) float32 in [0, 1]. Inside a window the output follows the guide's colour edges;
     ``eps`` sets how strong an edge must be to be followed rather than smoothed across.
     """
-    # (H, W, 3) temporaries are written in place: at rig resolution each fresh one is ~20 MB of newly faulted
-    # pages, which made the per-pixel cost grow with the frame size (issue 22); the arithmetic is unchanged
+    # (H, W, 3) temporaries are written in place: at rig resolution each fresh one is tens of megabytes of newly
+    # faulted pages, which made the per-pixel cost grow with the frame size (issue 22); the arithmetic is unchanged
     guide = np.asarray(guide, dtype=np.float32)
     source = np.asarray(source, dtype=np.float32)
     mean_i = _box(guide, radius)
