@@ -33,9 +33,12 @@ def run_worker(args: list[str]) -> int:
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
-        if stopping:
-            return  # one signal is a graceful stop; a second one would be Prefect's SIGKILL
         stopping = True
+        # One signal is a graceful stop; a second one would be Prefect's SIGKILL. Later ones are ignored by the
+        # kernel, not by this handler: on its way out the interpreter puts the default disposition back in
+        # place of Python handlers, and a second Ctrl-C arriving then would kill this process with SIGINT.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(f"\nstopping the worker (PID {worker.pid}); it exits once it has stopped polling", flush=True)
         try:
             os.kill(worker.pid, signal.SIGINT)

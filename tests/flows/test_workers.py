@@ -217,3 +217,38 @@ def test_the_archive_fans_out_over_cpu_and_gpu_workers(prefect_server, prefect_c
 
     # Ctrl-C stops each worker cleanly, even pressed twice: no SIGKILL.
     assert exits == [0, 0, 0], f"{exits}\n{logs}"
+
+
+def _ignored_signals(pid: int) -> int:
+    """The SigIgn mask of a process: bit n - 1 set when signal n is ignored by the kernel."""
+    for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no SigIgn line for {pid}")
+
+
+def test_once_stopping_the_launcher_ignores_further_ctrl_c_even_while_it_exits(tmp_path):
+    """After the first Ctrl-C the launcher leaves later ones to the kernel to ignore. A Python handler would not
+    do: the interpreter puts the default disposition back on its way out, and a second Ctrl-C landing then
+    killed the launcher with SIGINT (the archive test above saw exit -2 once)."""
+    winding_down = ("import signal, sys, time; "
+                    "signal.signal(signal.SIGINT, lambda *a: (time.sleep(3), sys.exit(0))); time.sleep(60)")
+    script = ("import sys; import flows.worker as w; "
+              f"w.worker_command = lambda args: [sys.executable, '-c', {winding_down!r}]; sys.exit(w.run_worker([]))")
+    launcher = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 30
+        while not _descendants(launcher.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # the fake worker has installed its handler
+        os.kill(launcher.pid, signal.SIGINT)
+        deadline = time.monotonic() + 2
+        while not _ignored_signals(launcher.pid) & (1 << (signal.SIGINT - 1)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ignored = _ignored_signals(launcher.pid)
+        assert ignored & (1 << (signal.SIGINT - 1)) and ignored & (1 << (signal.SIGTERM - 1))
+        assert launcher.wait(timeout=30) == 0  # the worker wound down and exited 0; so does the launcher
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
