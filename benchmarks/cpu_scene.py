@@ -19,7 +19,8 @@ from pipeline.synthetic import SERIALS, frame_times, render_background, render_s
 from stages.nersemble.config import NeRSembleConfig  # noqa: E402
 from stages.nersemble.model import NeRSembleModel  # noqa: E402
 from stages.nersemble.rays import scene_box_from_cameras  # noqa: E402
-from stages.nersemble.trainer import Trainer, TrainImage, TrainView  # noqa: E402
+from stages.nersemble.image_cache import TrainImage, TrainView  # noqa: E402
+from stages.nersemble.trainer import Trainer  # noqa: E402
 from stages.optimize.config import PAPER_HOLDOUT_CAMERAS  # noqa: E402
 
 WIDTH, HEIGHT = 220, 320

@@ -166,7 +166,7 @@ class SphereSource:
 
     def __init__(self, n_cameras: int = 16, n_timesteps: int = 4, width: int = 1100, height: int = 1604,
                  distance_m: float = 1.0) -> None:
-        from stages.nersemble.trainer import TrainView  # noqa: PLC0415
+        from stages.nersemble.image_cache import TrainView  # noqa: PLC0415
 
         self.n_timesteps, self.width, self.height = n_timesteps, width, height
         focal = 1.4 * height
@@ -187,7 +187,7 @@ class SphereSource:
             self.views.append(TrainView(self.K, w2c, width, height))
 
     def load(self, view: int, timestep: int):
-        from stages.nersemble.trainer import TrainImage  # noqa: PLC0415
+        from stages.nersemble.image_cache import TrainImage  # noqa: PLC0415
 
         w2c = self.views[view].world_2_cam
         radius = 0.1 * (1.0 + 0.1 * timestep / max(self.n_timesteps - 1, 1))

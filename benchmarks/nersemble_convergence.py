@@ -36,7 +36,7 @@ from stages.core.devices import resolve_device  # noqa: E402
 from stages.evaluate.metrics import psnr, ssim  # noqa: E402
 from stages.evaluate.stage import evaluation_timesteps  # noqa: E402
 from stages.evaluate.truth import SyntheticTruth, matte_reference  # noqa: E402
-from stages.nersemble.trainer import load_checkpoint, save_checkpoint  # noqa: E402
+from stages.nersemble.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from stages.optimize.config import OptimizeConfig  # noqa: E402
 from stages.optimize.curves import line_panels_png  # noqa: E402
 from stages.optimize.stage import build_trainer, model_config, resolve_backend, split_cameras  # noqa: E402

@@ -1,75 +1,31 @@
-"""The training loop: rays from a rotating cache of (camera, timestep) images, checkpoints, progress.
+"""The training loop: optimisation steps on rays from an image cache, progress reports, resumable state.
 
-The loop only needs an :class:`ImageSource` (cameras plus a ``load(view, timestep)``), so it knows nothing
-about zarr or the work folder; ``stages/optimize.py`` adapts the capture store to it. As upstream (nerfstudio's
-cached datamanager), rays are drawn uniformly from ``train.images_per_batch`` images that are redrawn every
-``train.repeat_images + 1`` steps, so memory holds a few images, never the sequence.
+The loop only needs an :class:`~.image_cache.ImageSource` (cameras plus ``load(view, timestep)``), so it knows
+nothing about zarr or the work folder; ``stages/optimize`` adapts the capture store to it. Rays come from an
+:class:`~.image_cache.ImageCache` of ``train.images_per_batch`` images, redrawn every ``train.repeat_images + 1``
+steps (see ``image_cache``).
 
-Checkpoints hold plain tensors, numbers and strings only, so they load with ``torch.load(weights_only=True)``.
-Each file ends with a SHA-256 of everything before it, written last: a file cut short or with flipped bytes
-(tensor data or header) fails :func:`load_checkpoint` with :class:`CheckpointError` naming the file, before torch
-reads a byte of it, so a damaged checkpoint is never trained on or rendered from.
-
-Checkpoints written before the hash existed end without it. Such a file still loads when torch reads it whole
-(a file cut short does not: the zip directory torch needs sits at its end), with a warning that it was not
-verified: refusing it would force retraining every existing model. A file whose own contents say it was written
-with a hash (``content_hash`` in the dict) but that has lost its trailer is cut short, and refused.
+:meth:`Trainer.state_dict` is what goes into a checkpoint; the file format itself (content hash, verification,
+rebuilding a model for rendering) is ``checkpoint``'s, so readers of a trained model never import the loop.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
+from .checkpoint import CHECKPOINT_FORMAT
 from .config import NeRSembleConfig
+from .image_cache import ImageCache, ImageSource
 from .losses import nersemble_losses
 from .model import NeRSembleModel
 from .optim import build_lr_scheduler, build_optimizer, choose_fused, denormals_flushed
-
-CHECKPOINT_FORMAT = 1
-_HASH_TAG = b"NERSEMBLE-SHA256"  # then 32 bytes of SHA-256 over everything before the tag
-_HASHED_KEY = "content_hash"  # True in every checkpoint written with the trailer
-UNVERIFIED = "written before checksums; not verified (loaded as it is)"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is cut short, corrupt or not a checkpoint; the message names the file."""
-
-
-@dataclass(frozen=True)
-class TrainView:
-    """One training camera: metric OpenCV ``K`` and ``world_2_cam`` for ``width`` x ``height`` frames."""
-
-    K: np.ndarray
-    world_2_cam: np.ndarray
-    width: int
-    height: int
-
-
-@dataclass
-class TrainImage:
-    """One (camera, timestep) target: RGB uint8 (H, W, 3), alpha uint8 (H, W) or None, z-depth metres or None."""
-
-    rgb: np.ndarray
-    alpha: np.ndarray | None = None
-    depth: np.ndarray | None = None
-
-
-class ImageSource(Protocol):
-    """Where training images come from (the capture store in the pipeline, arrays in tests)."""
-
-    views: list[TrainView]
-    n_timesteps: int
-
-    def load(self, view: int, timestep: int) -> TrainImage: ...
 
 
 @dataclass(frozen=True)
@@ -90,86 +46,11 @@ class TrainingProgress:
 ProgressCallback = Callable[[TrainingProgress], None]
 
 
-class ImageCache:
-    """``count`` (view, timestep) images as tensors on the training device, redrawn on request."""
-
-    def __init__(self, source: ImageSource, count: int, world_scale: float, depth_range_m: tuple[float, float],
-                 device: torch.device, generator: torch.Generator, pairs: list[int] | None = None) -> None:
-        self.source, self.count, self.device, self.generator = source, count, device, generator
-        self.world_scale, self.depth_range_m = world_scale, depth_range_m
-        self.K = torch.as_tensor(np.stack([v.K for v in source.views]), dtype=torch.float32, device=device)
-        w2c = torch.as_tensor(np.stack([v.world_2_cam for v in source.views]), dtype=torch.float32, device=device)
-        self.rotation = w2c[:, :3, :3]
-        self.origin = -torch.einsum("cji,cj->ci", self.rotation, w2c[:, :3, 3]) * world_scale
-        self.refresh(pairs)
-
-    def refresh(self, pairs: list[int] | None = None) -> None:
-        """Draw ``count`` new (view, timestep) pairs uniformly (with replacement, as random batches do).
-
-        ``pairs`` (``view * n_timesteps + t``) reloads a given set instead: a resumed run continues with the
-        images the interrupted one had, so resuming is exact.
-        """
-        n_views, n_t = len(self.source.views), self.source.n_timesteps
-        if pairs is None:
-            pairs = torch.randint(0, n_views * n_t, (self.count,), generator=self.generator).tolist()
-        self.pairs = list(pairs)
-        rgb, alpha, depth, views, times, widths = [], [], [], [], [], []
-        for pair in self.pairs:
-            view, t = divmod(pair, n_t)
-            image = self.source.load(view, t)
-            h, w = image.rgb.shape[:2]
-            a = image.alpha if image.alpha is not None else np.full((h, w), 255, np.uint8)
-            d = image.depth if image.depth is not None else np.zeros((h, w), np.float32)
-            lo, hi = self.depth_range_m
-            d = np.where((d >= lo) & (d <= hi), d, 0.0).astype(np.float32)
-            rgb.append(torch.from_numpy(np.ascontiguousarray(image.rgb)).reshape(-1, 3))
-            alpha.append(torch.from_numpy(np.ascontiguousarray(a)).reshape(-1))
-            depth.append(torch.from_numpy(d).reshape(-1))
-            views.append(view)
-            times.append(t)
-            widths.append(w)
-            self.has_alpha = image.alpha is not None
-            self.has_depth = image.depth is not None
-        self.rgb = torch.cat(rgb).to(self.device)
-        self.alpha = torch.cat(alpha).to(self.device)
-        self.depth = torch.cat(depth).to(self.device)
-        # Per image, not per pixel: a ray's image is found from its index among the concatenated pixels, which
-        # keeps the cache at the images' own bytes (per-pixel view, time and pixel indices cost 32 bytes a pixel).
-        counts = torch.tensor([r.shape[0] for r in rgb])
-        self.image_start = (torch.cumsum(counts, 0) - counts).to(self.device)
-        self.image_view = torch.tensor(views, dtype=torch.long, device=self.device)
-        self.image_time = torch.tensor(times, dtype=torch.long, device=self.device)
-        self.image_width = torch.tensor(widths, dtype=torch.long, device=self.device)
-
-    def sample(self, n_rays: int) -> dict[str, torch.Tensor]:
-        """A uniform ray batch: origins/directions in model units, targets on white, depth as distance."""
-        idx = torch.randint(0, self.rgb.shape[0], (n_rays,), generator=self.generator).to(self.device)
-        image = torch.searchsorted(self.image_start, idx, right=True) - 1
-        view, pixel, width = self.image_view[image], idx - self.image_start[image], self.image_width[image]
-        u = (pixel % width).float() + 0.5
-        v = torch.div(pixel, width, rounding_mode="floor").float() + 0.5
-        K = self.K[view]
-        y = (v - K[:, 1, 2]) / K[:, 1, 1]
-        x = (u - K[:, 0, 2] - K[:, 0, 1] * y) / K[:, 0, 0]
-        cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)
-        cam = cam / torch.linalg.norm(cam, dim=-1, keepdim=True)
-        directions = torch.einsum("nj,nji->ni", cam, self.rotation[view])  # R^T d
-        alpha = self.alpha[idx].float() / 255.0
-        rgb = self.rgb[idx].float() / 255.0
-        z = self.depth[idx]
-        return {
-            "origins": self.origin[view],
-            "directions": directions,
-            "timesteps": self.image_time[image],
-            "rgb": rgb * alpha[:, None] + (1.0 - alpha[:, None]),  # composited on the white background
-            "alpha": alpha if self.has_alpha else None,
-            # z-depth -> distance along the unit ray, in model units (0 stays "no depth")
-            "depth": (z / cam[:, 2] * self.world_scale) if self.has_depth else None,
-        }
-
-
 @dataclass
 class TrainerState:
+    """Where training stands, beyond the weights and optimiser: saved in every checkpoint so a resumed run
+    reports, budgets and sizes its batches as if it had never stopped."""
+
     step: int = 0  # steps done
     history: list[dict[str, float]] = field(default_factory=list)  # one row per progress report
     elapsed_s: float = 0.0  # training time of all sessions, checkpoint writes excluded
@@ -341,6 +222,8 @@ class Trainer:
         }
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        """Resume from a :meth:`state_dict` (as ``checkpoint.load_checkpoint`` returns it): the next step draws the
+        same images and random numbers the interrupted run would have."""
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         choose_fused(self.optimizer)  # this run's path, not the saving run's
@@ -353,70 +236,3 @@ class Trainer:
                                   samples_per_ray=float(checkpoint.get("samples_per_ray", 0.0)))
         self.cache = None  # rebuilt at the next step with the same images
         self._resume_pairs = checkpoint.get("cached_images")
-
-
-def save_checkpoint(checkpoint: dict[str, Any]) -> bytes:
-    """The checkpoint's bytes: torch's file, then the tag and the SHA-256 of that file (written last)."""
-    buffer = io.BytesIO()
-    torch.save({**checkpoint, _HASHED_KEY: True}, buffer)
-    payload = buffer.getvalue()
-    return payload + _HASH_TAG + hashlib.sha256(payload).digest()
-
-
-def verify_checkpoint(data: bytes, name: str = "checkpoint") -> tuple[bytes, bool]:
-    """(torch payload, verified): verified when the content hash matches; False when there is no hash at all.
-
-    A hash that does not match is a :class:`CheckpointError`; a file without one is only a candidate (an old
-    checkpoint, or one cut short) that :func:`load_checkpoint` tells apart by reading it.
-    """
-    tail = len(_HASH_TAG) + 32
-    if len(data) < tail or data[-tail:-32] != _HASH_TAG:
-        return data, False
-    payload = data[:-tail]
-    if hashlib.sha256(payload).digest() != data[-32:]:
-        raise CheckpointError(f"{name}: corrupt checkpoint (its content hash does not match: bytes changed on disk)")
-    return payload, True
-
-
-def load_checkpoint(data: bytes, map_location: str | torch.device = "cpu", name: str = "checkpoint",
-                    warnings: list[str] | None = None) -> dict[str, Any]:
-    """A verified checkpoint from bytes, with weights-only loading (no pickled code runs).
-
-    ``name`` (the file) goes into the :class:`CheckpointError` of a damaged or unreadable checkpoint. A checkpoint
-    from before content hashes loads unverified, and says so in ``warnings`` (see the module doc).
-    """
-    payload, verified = verify_checkpoint(data, name)
-    try:
-        checkpoint = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - unreadable: say which file, not torch's advice
-        if not verified:
-            raise CheckpointError(f"{name}: not a complete checkpoint (no content hash at its end and unreadable: "
-                                  f"cut short, or not written by this pipeline)") from None
-        raise CheckpointError(f"{name}: cannot be read as a checkpoint ({type(error).__name__})") from None
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{name}: not a checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
-    if not verified:
-        if checkpoint.get(_HASHED_KEY):
-            raise CheckpointError(f"{name}: not a complete checkpoint (written with a content hash that is gone: "
-                                  f"cut short)")
-        if warnings is not None:
-            warnings.append(f"{name}: {UNVERIFIED}")
-    checkpoint.pop(_HASHED_KEY, None)
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu",
-                          backend: str = "auto", eval_substeps: int | None = None) -> NeRSembleModel:
-    """Rebuild the trained model (eval mode) from a checkpoint's config, box and weights.
-
-    ``eval_substeps`` replaces the trained config's render step (``sampler.eval_substeps``): the weights do not
-    depend on it, so a render may trade time for accuracy after training.
-    """
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"unknown checkpoint format {checkpoint.get('format')!r}")
-    config = NeRSembleConfig.from_dict(checkpoint["config"])
-    if eval_substeps is not None:
-        config = config.with_overrides({"sampler.eval_substeps": eval_substeps})
-    model = NeRSembleModel(config, int(checkpoint["n_timesteps"]), checkpoint["scene_box"], backend=backend)
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval()

@@ -39,17 +39,9 @@ from stages.core.devices import resolve_device, torch_threads
 from stages.core.interrupts import StopRequest, TrainingInterrupted, stop_on_signals
 from stages.nersemble import NeRSembleConfig, NeRSembleModel, preset, scene_box_from_cameras
 from stages.nersemble.hash_encoding import auto_backend, tcnn_available, triton_importable
-from stages.nersemble.trainer import (
-    ProgressCallback,
-    Trainer,
-    TrainImage,
-    TrainingProgress,
-    TrainView,
-    CheckpointError,
-    load_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-)
+from stages.nersemble.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from stages.nersemble.image_cache import TrainImage, TrainView
+from stages.nersemble.trainer import ProgressCallback, Trainer, TrainingProgress
 from stages.optimize.curves import training_curves_png
 from storage import CaptureStore, SequenceWorkDir
 

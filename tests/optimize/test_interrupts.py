@@ -19,7 +19,8 @@ from stages.ingest.config import IngestConfig
 from stages.ingest.stage import ingest_sequence
 from stages.matte.config import MatteConfig
 from stages.matte.stage import matte_sequence
-from stages.nersemble.trainer import CheckpointError, TrainingProgress, load_checkpoint
+from stages.nersemble.checkpoint import CheckpointError, load_checkpoint
+from stages.nersemble.trainer import TrainingProgress
 from stages.optimize.config import OptimizeConfig
 from stages.optimize.stage import (
     checkpoint_path,

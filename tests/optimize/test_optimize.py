@@ -16,7 +16,8 @@ from pipeline.synthetic import synthesize_capture
 from stages.calibrate.stage import calibrate_sequence
 from stages.ingest.stage import ingest_sequence
 from stages.matte.stage import matte_sequence
-from stages.nersemble.trainer import TrainingProgress, load_checkpoint
+from stages.nersemble.checkpoint import load_checkpoint
+from stages.nersemble.trainer import TrainingProgress
 from stages.optimize.stage import checkpoint_steps, load_trained_model, optimize_sequence
 from storage import CaptureStore, SequenceWorkDir
 
