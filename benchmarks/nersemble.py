@@ -44,7 +44,8 @@ from stages.evaluate.stage import evaluation_timesteps  # noqa: E402
 from stages.evaluate.truth import matte_reference  # noqa: E402
 from stages.evaluate.metrics import psnr, ssim  # noqa: E402
 from stages.nersemble import NeRSembleModel  # noqa: E402
-from stages.optimize.stage import build_trainer, model_config, resolve_backend, split_cameras  # noqa: E402
+from stages.optimize.stage import build_trainer, model_config, split_cameras  # noqa: E402
+from stages.rendering.backend import resolve_backend  # noqa: E402
 from storage import CaptureStore, SequenceWorkDir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -39,7 +39,8 @@ from stages.evaluate.truth import SyntheticTruth, matte_reference  # noqa: E402
 from stages.nersemble.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from stages.optimize.config import OptimizeConfig  # noqa: E402
 from stages.optimize.curves import line_panels_png  # noqa: E402
-from stages.optimize.stage import build_trainer, model_config, resolve_backend, split_cameras  # noqa: E402
+from stages.optimize.stage import build_trainer, model_config, split_cameras  # noqa: E402
+from stages.rendering.backend import resolve_backend  # noqa: E402
 from storage import CaptureStore  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -17,10 +17,9 @@ from __future__ import annotations
 import cv2  # noqa: F401 - before anything that may import pycolmap (their zlib builds clash)
 
 import os
-import re
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +37,17 @@ from stages.geometry.holdout import (HoldoutSet, check_depth_protocol, choose_ho
 from stages.core.devices import resolve_device, torch_threads
 from stages.core.interrupts import StopRequest, TrainingInterrupted, stop_on_signals
 from stages.nersemble import NeRSembleConfig, NeRSembleModel, preset, scene_box_from_cameras
-from stages.nersemble.hash_encoding import auto_backend, tcnn_available, triton_importable
-from stages.nersemble.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from stages.nersemble.checkpoint import save_checkpoint
 from stages.nersemble.image_cache import TrainImage, TrainView
 from stages.nersemble.trainer import ProgressCallback, Trainer, TrainingProgress
 from stages.optimize.curves import training_curves_png
+from stages.rendering.backend import resolve_backend
+from stages.rendering.checkpoints import checkpoint_path, checkpoint_steps, latest_checkpoint
+from stages.rendering.model import load_trained_model  # noqa: F401 - public here: README names it
 from storage import CaptureStore, SequenceWorkDir
 
 STAGE = "optimize"
 VERSION = "1"
-CHECKPOINTS = "checkpoints"
-_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
 HULL_TIMESTEPS = 6  # frames whose matte hulls bound the scene box and the occupancy grid
 HULL_PADDING_M = 0.03  # margin around the hull: hair and matte edges the hull may have shaved
 KEEP_CHECKPOINTS = 2  # the newest and the one before it: a damaged newest one never costs the whole run
@@ -68,19 +67,6 @@ class StoreImageSource:
         camera = self.indices[view]
         return TrainImage(rgb=self.store.read_frame(camera, timestep), alpha=self.store.read_alpha(camera, timestep),
                           depth=self.store.read_depth(camera, timestep) if self.use_depth else None)
-
-
-@dataclass
-class TrainedModel:
-    """A trained model ready to render, and what it was trained on."""
-
-    model: NeRSembleModel
-    config: NeRSembleConfig
-    step: int
-    train_cameras: list[str]
-    holdout_cameras: list[str]
-    n_timesteps: int
-    warnings: list[str] = field(default_factory=list)  # e.g. a checkpoint from before checksums, not verified
 
 
 # --- choices made before anything is written --------------------------------------------------------------
@@ -114,28 +100,6 @@ def plan_holdout(store: CaptureStore, config: OptimizeConfig) -> HoldoutSet:
     holdout = resolve_holdout(store, config.holdout_request(), STAGE)
     check_depth_protocol(store, holdout, STAGE, PRODUCED_BY["depth"])
     return holdout
-
-
-def resolve_backend(encoding: str, device: torch.device | str | None = None) -> str:
-    """The hash-encoding backend ``--encoding`` names on ``device`` (None: CUDA when torch sees a GPU).
-
-    auto: tcnn when it imports, else triton on CUDA, else torch. An explicit choice that cannot run here is
-    an error naming what is missing and the fallback.
-    """
-    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    if encoding == "auto":
-        return auto_backend("cuda" if on_cuda else "cpu")
-    if encoding == "tcnn" and not tcnn_available():
-        raise PipelineError("optimize --encoding tcnn: tinycudann does not import here (it needs CUDA and is "
-                            "not on the package index); use --encoding torch or auto")
-    if encoding == "triton" and not triton_importable():
-        raise PipelineError("optimize --encoding triton: the triton package does not import here (pip install "
-                            "triton; CUDA builds of torch bring it along); use --encoding torch or auto")
-    if encoding == "triton" and not on_cuda:
-        raise PipelineError(f"optimize --encoding triton: needs a CUDA GPU, and the device here is "
-                            f"{'cpu' if device is None else torch.device(device)} (torch.cuda.is_available() = "
-                            f"{torch.cuda.is_available()}); use --encoding torch or auto")
-    return encoding
 
 
 def matte_hull_points(store: CaptureStore, serials: list[str]) -> np.ndarray | None:
@@ -189,38 +153,6 @@ def hull_cell_mask(hull: np.ndarray, box: torch.Tensor, resolution: int, world_s
 # --- checkpoints ------------------------------------------------------------------------------------------
 
 
-def checkpoint_steps(work: SequenceWorkDir) -> list[int]:
-    """Steps of the checkpoints on disk, oldest first."""
-    found = [_CHECKPOINT_NAME.match(name) for name in work.listdir("nersemble", CHECKPOINTS)]
-    return sorted(int(m.group(1)) for m in found if m)
-
-
-def checkpoint_path(step: int) -> str:
-    return f"nersemble/{CHECKPOINTS}/step-{step:07d}.pt"
-
-
-def latest_checkpoint(work: SequenceWorkDir, map_location: str | torch.device = "cpu",
-                      skipped: list[str] | None = None, warnings: list[str] | None = None) -> dict | None:
-    """The newest checkpoint, verified; None if there is none.
-
-    With ``skipped`` (a resume), a damaged checkpoint is passed over for the next older one and its problem
-    appended there; without it (export, evaluate) a damaged newest checkpoint is a PipelineError naming it.
-    A checkpoint from before content hashes loads unverified, with a line in ``warnings`` saying so.
-    """
-    for step in reversed(checkpoint_steps(work)):
-        data = work.read_bytes(checkpoint_path(step))
-        if data is None:
-            continue
-        try:
-            return load_checkpoint(data, map_location, name=work.path(checkpoint_path(step)), warnings=warnings)
-        except CheckpointError as error:
-            if skipped is None:
-                raise PipelineError(f"{error}; run `{PRODUCED_BY['optimize']}` again (it resumes from the "
-                                    f"previous checkpoint) or delete the file") from None
-            skipped.append(f"{error}; skipped")
-    return None
-
-
 def _remove_checkpoints(work: SequenceWorkDir, keep: int | None = None) -> None:
     """Delete checkpoint files: all of them, or all but the ``KEEP_CHECKPOINTS`` newest up to step ``keep``."""
     if not work.is_local:
@@ -230,26 +162,6 @@ def _remove_checkpoints(work: SequenceWorkDir, keep: int | None = None) -> None:
     for step in steps:
         if step not in kept:
             Path(work.path(checkpoint_path(step))).unlink(missing_ok=True)
-
-
-def load_trained_model(sequence_work_dir: str | os.PathLike[str], device: str = "auto", encoding: str = "auto",
-                       eval_substeps: int | None = None) -> TrainedModel:
-    """The newest trained model of a sequence, on ``device``, in eval mode.
-
-    ``eval_substeps`` overrides the render step the model was trained with (None keeps it).
-    """
-    work = SequenceWorkDir(sequence_work_dir)
-    target = resolve_device(device, "render")
-    warnings: list[str] = []
-    checkpoint = latest_checkpoint(work, "cpu", warnings=warnings)
-    if checkpoint is None:
-        raise StageOrderError(f"{work.uri}: no trained model in nersemble/{CHECKPOINTS}/: run "
-                              f"`{PRODUCED_BY['optimize']}` first")
-    model = model_from_checkpoint(checkpoint, target, resolve_backend(encoding, target), eval_substeps)
-    return TrainedModel(model=model, config=model.config, step=int(checkpoint["step"]),
-                        train_cameras=list(checkpoint["train_cameras"]),
-                        holdout_cameras=list(checkpoint["holdout_cameras"]), n_timesteps=model.n_timesteps,
-                        warnings=warnings)
 
 
 # --- the stage --------------------------------------------------------------------------------------------

@@ -1,35 +1,73 @@
 """The trained model and the store's cameras, as export and evaluate need them.
 
-Export and evaluate only read the optimize stage's outputs through ``stages.optimize.stage.load_trained_model``
-(model, config, step, train/hold-out cameras, timesteps, warnings), so the checkpoint format stays the trainer's
-business.
+Export, evaluate and the viewer read the optimize stage's outputs only through :func:`load_trained_model` (model,
+config, step, train/hold-out cameras, timesteps, warnings). It lives here, in the shared room below the stages,
+on top of the checkpoint format (``stages.nersemble.checkpoint``) and the checkpoint folder layout
+(``checkpoints``), so nothing that reads a model imports the optimize stage; ``stages.optimize.stage`` imports it
+back under its documented name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from stages.core.errors import StageOrderError
 from stages.core.bookkeeping import PRODUCED_BY
 from stages.core.devices import resolve_device, torch_threads  # noqa: F401 - re-exported for export/evaluate
+from stages.core.errors import StageOrderError
 from stages.geometry.holdout import check_model_protocol
+from stages.nersemble.checkpoint import model_from_checkpoint
+from stages.nersemble.config import NeRSembleConfig
+from stages.nersemble.model import NeRSembleModel
+from stages.rendering.backend import resolve_backend
+from stages.rendering.checkpoints import CHECKPOINTS, latest_checkpoint
 from storage import CaptureStore, SequenceWorkDir
 
 
-def load_model(work: SequenceWorkDir, device: torch.device, stage: str, eval_substeps: int | None = None) -> Any:
-    """``stages.optimize.stage.load_trained_model`` (a ``TrainedModel``), or a StageOrderError naming the optimize command.
+@dataclass
+class TrainedModel:
+    """A trained model ready to render, and what it was trained on."""
 
-    ``eval_substeps``: march renders at the training step / this (None: as the model was trained).
+    model: NeRSembleModel
+    config: NeRSembleConfig
+    step: int
+    train_cameras: list[str]
+    holdout_cameras: list[str]
+    n_timesteps: int
+    warnings: list[str] = field(default_factory=list)  # e.g. a checkpoint from before checksums, not verified
+
+
+def load_trained_model(sequence_work_dir: str | os.PathLike[str], device: str = "auto", encoding: str = "auto",
+                       eval_substeps: int | None = None) -> TrainedModel:
+    """The newest trained model of a sequence, on ``device``, in eval mode.
+
+    ``eval_substeps`` overrides the render step the model was trained with (None keeps it).
     """
-    try:
-        from stages.optimize.stage import load_trained_model
-    except ImportError as error:  # the trainer is not part of this installation
-        raise StageOrderError(f"{work.uri}: the {stage} stage needs a trained model, and the optimize stage is not "
-                              f"available here ({error}); run `{PRODUCED_BY['optimize']}`") from None
+    work = SequenceWorkDir(sequence_work_dir)
+    target = resolve_device(device, "render")
+    warnings: list[str] = []
+    checkpoint = latest_checkpoint(work, "cpu", warnings=warnings)
+    if checkpoint is None:
+        raise StageOrderError(f"{work.uri}: no trained model in nersemble/{CHECKPOINTS}/: run "
+                              f"`{PRODUCED_BY['optimize']}` first")
+    model = model_from_checkpoint(checkpoint, target, resolve_backend(encoding, target), eval_substeps)
+    return TrainedModel(model=model, config=model.config, step=int(checkpoint["step"]),
+                        train_cameras=list(checkpoint["train_cameras"]),
+                        holdout_cameras=list(checkpoint["holdout_cameras"]), n_timesteps=model.n_timesteps,
+                        warnings=warnings)
+
+
+def load_model(work: SequenceWorkDir, device: torch.device, stage: str,
+               eval_substeps: int | None = None) -> TrainedModel:
+    """:func:`load_trained_model` on ``device``: the seam the export tests stand a model in at.
+
+    ``eval_substeps``: march renders at the training step / this (None: as the model was trained). ``stage`` named
+    the stage in the error for an installation without the optimize stage, which cannot happen since the loader
+    lives here; it stays so that callers and the tests' stand-ins keep one signature.
+    """
     return load_trained_model(work.uri, device=str(device), eval_substeps=eval_substeps)
 
 
@@ -52,7 +90,7 @@ def store_cameras(store: CaptureStore, stage: str) -> StoreCameras:
     return StoreCameras(list(store.cameras), intrinsics, world_2_cam, store.width, store.height)
 
 
-def check_model_fits(trained: Any, store: CaptureStore, stage: str) -> None:
+def check_model_fits(trained: TrainedModel, store: CaptureStore, stage: str) -> None:
     """The model must have been trained on this store: same timesteps, hold-out cameras that exist."""
     if trained.n_timesteps != store.n_frames:
         raise StageOrderError(f"{store.uri}: the trained model has {trained.n_timesteps} timesteps but the store has "
@@ -65,7 +103,7 @@ def check_model_fits(trained: Any, store: CaptureStore, stage: str) -> None:
 
 
 def load_checked_model(work: SequenceWorkDir, store: CaptureStore, device: torch.device, stage: str,
-                       eval_substeps: int | None, warnings: list[str]) -> Any:
+                       eval_substeps: int | None, warnings: list[str]) -> TrainedModel:
     """The trained model, refused unless it fits the store's cameras and was trained under its hold-out set.
 
     Its load warnings (a checkpoint from before checksums: loaded, not verified) join ``warnings``.

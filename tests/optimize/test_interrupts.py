@@ -22,12 +22,8 @@ from stages.matte.stage import matte_sequence
 from stages.nersemble.checkpoint import CheckpointError, load_checkpoint
 from stages.nersemble.trainer import TrainingProgress
 from stages.optimize.config import OptimizeConfig
-from stages.optimize.stage import (
-    checkpoint_path,
-    checkpoint_steps,
-    load_trained_model,
-    optimize_sequence,
-)
+from stages.optimize.stage import load_trained_model, optimize_sequence
+from stages.rendering.checkpoints import checkpoint_path, checkpoint_steps
 from storage import CaptureStore, SequenceWorkDir
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,7 +18,8 @@ from stages.ingest.stage import ingest_sequence
 from stages.matte.stage import matte_sequence
 from stages.nersemble.checkpoint import load_checkpoint
 from stages.nersemble.trainer import TrainingProgress
-from stages.optimize.stage import checkpoint_steps, load_trained_model, optimize_sequence
+from stages.optimize.stage import load_trained_model, optimize_sequence
+from stages.rendering.checkpoints import checkpoint_steps
 from storage import CaptureStore, SequenceWorkDir
 
 # A model small enough to learn the tiny capture in seconds, with every warm-up phase inside the run.
