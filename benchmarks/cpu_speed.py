@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cpu_scene import HEIGHT, WIDTH, SyntheticSource, build, holdout_psnr, split  # noqa: E402
-from stages.nersemble import fast  # noqa: E402
+from stages.nersemble.kernels.cpu import build as fast  # noqa: E402
 from stages.nersemble.config import preset  # noqa: E402
 from stages.nersemble.optim import choose_fused  # noqa: E402
 from stages.rendering.paths import render_intrinsics, rig_frame, turntable_path  # noqa: E402

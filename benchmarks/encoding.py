@@ -23,7 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.nersemble.config import preset  # noqa: E402
-from stages.nersemble.hash_encoding import ReferenceHashEnsemble, TorchHashEnsemble, tcnn_available  # noqa: E402
+from stages.nersemble._reference import ReferenceHashEnsemble  # noqa: E402
+from stages.nersemble.hash_encoding import TorchHashEnsemble  # noqa: E402
+from stages.nersemble.kernels.registry import tcnn_available  # noqa: E402
 
 # (preset, points per forward/backward, reference repeats): at paper size a backward pass of either backend
 # is dominated by building and zeroing the 1.6 GB dense table gradient, so few points suffice.

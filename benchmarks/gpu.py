@@ -9,7 +9,7 @@ triton rows): no zarr, Prefect or capture store, so it runs on a bare GPU machin
    once the ensemble window has opened) at the paper configuration (32 grids x 16 levels x 2^19 entries, 2
    features: the ``paper`` preset's ``hash``), ``--points`` samples per call (4096 rays x ~64 samples).
    torch and triton share one table; triton is also timed at a few points-per-program block sizes.
-2. Fused marching and compositing (``stages/nersemble/triton_packed.py``) against their torch twins, at the paper's
+2. Fused marching and compositing (``stages/nersemble/kernels/cuda/packed.py``) against their torch twins, at the paper's
    batch: ``--rays`` rays through a 128^3 occupancy grid holding a spherical shell (a head's surface), marched at
    the paper's step size, then compositing forward + backward over the marched samples.
 3. Whole training: ``Trainer.train_step`` of the ``paper`` preset (and ``standard`` where that preset exists)
@@ -39,12 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.nersemble.config import PRESETS, preset  # noqa: E402
-from stages.nersemble.hash_encoding import (  # noqa: E402
-    TcnnHashEnsemble,
-    TorchHashEnsemble,
-    tcnn_available,
-    triton_importable,
-)
+from stages.nersemble.hash_encoding import TcnnHashEnsemble, TorchHashEnsemble  # noqa: E402
+from stages.nersemble.kernels.registry import tcnn_available, triton_importable  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN_PRESETS = [name for name in ("paper", "standard") if name in PRESETS]
@@ -85,7 +81,8 @@ def encoding_rows(n_points: int, repeats: int) -> list[dict]:
 
     rows.append(row("torch", time_encoding(torch_encoding, n_points, repeats)))
     if triton_importable():
-        from stages.nersemble.triton_encoding import TritonHashEnsemble, block_points  # noqa: PLC0415
+        from stages.nersemble.hash_encoding import TritonHashEnsemble  # noqa: PLC0415
+        from stages.nersemble.kernels.cuda.hash_encoding import block_points  # noqa: PLC0415
 
         default = block_points(config.n_grids, config.features_per_level)
         for block_n in sorted({16, default, 64}):
@@ -120,7 +117,7 @@ def packed_rows(n_rays: int, repeats: int, device: str = "cuda") -> list[dict]:
     """
     from stages.nersemble.rendering import accumulate_along_rays  # noqa: PLC0415
     from stages.nersemble.sampling import march_rays  # noqa: PLC0415
-    from stages.nersemble.triton_packed import composite_packed  # noqa: PLC0415
+    from stages.nersemble.kernels.cuda.packed import composite_packed  # noqa: PLC0415
 
     sampler, r = preset("paper").sampler, 128
     generator = torch.Generator(device=device).manual_seed(0)

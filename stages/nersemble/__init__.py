@@ -45,33 +45,39 @@ A training step, in full::
     loss = sum(nersemble_losses(out, rgb, alpha, depth * cfg.scene.world_scale, cfg.loss, step).values())
     optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step(); scheduler.step()
 
-The trainer (``trainer.py``) runs that step over any ``ImageSource`` (cameras + ``load(view, t)``)::
+The trainer (``trainer.py``) runs that step over any ``ImageSource`` (``image_cache.py``: cameras + ``load(view, t)``)::
 
     trainer = Trainer(model, source, device)          # sets the training cameras' frustum mask
     trainer.train(time_budget_s=..., progress=callback, checkpoint=save, checkpoint_every=N)
+
+The checkpoint format (``checkpoint.py``)::
+
     save_checkpoint(trainer.state_dict(extra)) -> bytes; trainer.load_state_dict(load_checkpoint(data))
     model_from_checkpoint(checkpoint, device) -> NeRSembleModel (eval mode)
 
-Rays come from a rotating cache of ``train.images_per_batch`` images; a checkpoint restores it, so a resumed
-run continues exactly. ``model.filter_occupancy()`` is upstream's evaluation-time connected-component filter.
+Rays come from a rotating cache of ``train.images_per_batch`` images (``image_cache.py``); a checkpoint restores
+it, so a resumed run continues exactly. ``model.filter_occupancy()`` is upstream's evaluation-time
+connected-component filter.
 
-Building blocks, each usable alone: ``hash_encoding`` (``make_encoding``, the torch/reference/tcnn/triton
-backends), ``deformation`` (``SE3DeformationField``, ``windowed_posenc``, ``se3_exp``, ``deform_positions``),
+Building blocks, each usable alone: ``hash_encoding`` (the torch/triton/tcnn encodings; ``encodings.make_encoding``
+builds one), ``deformation`` (``SE3DeformationField``, ``windowed_posenc``, ``se3_exp``, ``deform_positions``),
 ``field`` (``NeRSembleField``, ``TimeCodes``, ``ensemble_weights``, ``trunc_exp``), ``occupancy``
 (``OccupancyGrid``, ``frustum_visibility_mask``), ``sampling`` (``march_rays``, ``ray_aabb_intersect``),
 ``rendering`` (``render_weights``, ``composite``, ``accumulate_along_rays``, ``render_samples``), ``schedules``
-(``Schedule``, ``cosine_window``); on CUDA with triton, ``triton_encoding`` and ``triton_packed`` (fused marching
-and compositing), each held against the torch code it replaces.
+(``Schedule``, ``cosine_window``). Kernels live in ``kernels/`` (C for the CPU, Triton for CUDA, each held against
+the torch code it replaces; ``kernels/registry.py`` says which runs where); ``nograd.py`` runs the CPU's batched
+no-grad queries around them, and ``model.kernels_used()`` says which ran.
 Decisions where the method is ambiguous or quirky are listed in ``README.md`` next to this file.
 """
 
 from .config import PAPER_SCENE_BOXES, NeRSembleConfig, preset
-from .hash_encoding import make_encoding, tcnn_available
+from .encodings import make_encoding
 from .losses import nersemble_losses
 from .model import NeRSembleModel, Windows, timestep_index
 from .optim import build_lr_scheduler, build_optimizer
 from .rays import Rays, camera_rays, pixel_centers, scene_box_from_cameras
 from .sampling import RaySamples
+from .kernels.registry import tcnn_available
 from .schedules import Schedule
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Reference twins of the hash-ensemble encoding: slow, literal and obviously correct (STYLE.md section 6).
 
-Nothing in training imports this module. The tests and benchmarks hold every fast backend (``torch`` in
-:mod:`stages.nersemble.hash_encoding`, ``triton`` in :mod:`stages.nersemble.triton_encoding`, ``tcnn``) against
+Training never builds these twins. The tests and benchmarks hold every fast backend (``torch`` and
+``triton`` in :mod:`stages.nersemble.hash_encoding`, ``tcnn``) against
 :class:`ReferenceHashEnsemble`, which reads the same ``table`` parameter through tcnn's index function written
 out per grid, level and corner.
 """
@@ -36,6 +36,8 @@ def tcnn_grid_index(coords: list[torch.Tensor], resolution: int, size: int, hash
 
 class ReferenceHashEnsemble(TorchHashEnsemble):
     """Per-grid, per-level, per-corner loops over the same table: the obviously-correct twin of ``torch``."""
+
+    backend = "reference"
 
     def forward(self, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
         return HashEnsembleEncoding.forward(self, x, blend)  # interpolate per grid, then blend

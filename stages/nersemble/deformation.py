@@ -11,8 +11,8 @@ import math
 import torch
 from torch import nn
 
-from . import fast
 from .config import DeformationConfig
+from .kernels.cpu import ops as cpu_ops
 from .schedules import cosine_window
 
 
@@ -102,8 +102,8 @@ class SE3DeformationField(nn.Module):
         # dtype with autocast off (upstream lets autocast run them in fp16 too: a precision choice, see README).
         with torch.autocast(device_type=x_n.device.type, enabled=False):
             v, r = v.to(x_n.dtype), r.to(x_n.dtype)
-            if x_n.dim() == 2 and fast.applies(x_n, v, r):  # the CPU fast path: one C pass each way
-                return fast.se3_warp(x_n, v, r, self.config.exp_map_eps)
+            if x_n.dim() == 2 and cpu_ops.applies(x_n, v, r):  # the CPU fast path: one C pass each way
+                return cpu_ops.se3_warp(x_n, v, r, self.config.exp_map_eps)
             rotation, translation = se3_exp(v, r, self.config.exp_map_eps)
             warped = (rotation @ x_n[..., None])[..., 0] + translation
         return torch.where(torch.isnan(warped), x_n, warped)

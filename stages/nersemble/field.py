@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .config import FieldConfig, HashEnsembleConfig, TimeCodeConfig
-from .hash_encoding import Backend, HashEnsembleEncoding, make_encoding
+from .encodings import make_encoding
+from .hash_encoding import Backend, HashEnsembleEncoding
 from .schedules import cosine_window
 
 

@@ -9,10 +9,12 @@ and sizes, so E = 6,299,960 for the paper config), which lets a single fused gat
 Backends behind :func:`make_encoding` compute the same function:
 - ``reference``: per-grid, per-level, per-corner loops with tcnn's index function written out literally
   (:mod:`stages.nersemble._reference`). Slow and obvious; tests and benchmarks hold the others against it.
-- ``torch``: vectorised, device-agnostic; the CPU path and the fallback where nothing faster runs.
-- ``triton``: fused Triton kernels over the same ``table`` parameter (:mod:`stages.nersemble.triton_encoding`),
-  for CUDA GPUs without tiny-cuda-nn; needs only the ``triton`` wheel that CUDA builds of torch bring along.
+- ``torch``: vectorised, device-agnostic; the fallback where nothing faster runs. On float32 CPU tensors it
+  runs the C kernels (:mod:`.kernels.cpu`), for which its own torch code is the twin.
+- ``triton``: fused Triton kernels over the same ``table`` parameter (:mod:`.kernels.cuda.hash_encoding`), for
+  CUDA GPUs without tiny-cuda-nn; needs only the ``triton`` wheel that CUDA builds of torch bring along.
 - ``tcnn``: tiny-cuda-nn HashGrids (CUDA only) with the same layout, when ``tinycudann`` imports.
+:func:`stages.nersemble.encodings.make_encoding` builds one; :mod:`.kernels.registry` says what ``auto`` means.
 
 Inputs are positions in [0, 1]^3 (the field maps samples outside the scene box to 0 first). Hashing mimics
 tcnn exactly, including uint32 wrap-around (emulated in int64) and the wrap-around of the dense coarse
@@ -23,61 +25,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fast
 from .config import HashEnsembleConfig
+from .kernels.cpu import ops as cpu_ops
+from .kernels.layout import GridLayout, grid_layout
+from .kernels.registry import KernelError, check_twin, fall_back
 
 PRIMES = (1, 2654435761, 805459861)  # tcnn's coherent_prime_hash factors for 3-D inputs
 UINT32 = 0xFFFFFFFF
 
 Backend = Literal["auto", "torch", "triton", "tcnn", "reference"]
-
-
-@dataclass(frozen=True)
-class GridLayout:
-    """Per-level geometry of a tcnn HashGrid, computed as tcnn computes it (float32 on the host)."""
-
-    scales: tuple[float, ...]  # s_l: an input p maps to p * s_l + 0.5
-    resolutions: tuple[int, ...]  # ceil(s_l) + 1
-    sizes: tuple[int, ...]  # entries in level l: min(next_multiple(res^3, 8), 2^log2)
-    offsets: tuple[int, ...]  # first entry of level l in the flat table
-    dense: tuple[bool, ...]  # res^3 fits the level: direct indexing, else spatial hash
-
-    @property
-    def n_entries(self) -> int:
-        return self.offsets[-1] + self.sizes[-1]
-
-    @property
-    def n_dense(self) -> int:
-        """Dense levels form a prefix, since resolutions never decrease with the level."""
-        return sum(self.dense)
-
-
-def grid_layout(n_levels: int, base_resolution: int, per_level_scale: float, log2_table_size: int) -> GridLayout:
-    """tcnn's level scales, resolutions and parameter offsets (grid.h), in float32 like tcnn's host code."""
-    log2_scale = np.log2(np.float32(per_level_scale))
-    table_size = 1 << log2_table_size
-    scales, resolutions, sizes, offsets, dense = [], [], [], [], []
-    offset = 0
-    for level in range(n_levels):
-        scale = np.exp2(np.float32(level) * log2_scale) * np.float32(base_resolution) - np.float32(1.0)
-        resolution = int(np.ceil(scale)) + 1
-        dense_size = resolution**3
-        size = min(-(-dense_size // 8) * 8, table_size)  # next multiple of 8 keeps accesses aligned in tcnn
-        scales.append(float(scale))
-        resolutions.append(resolution)
-        sizes.append(size)
-        offsets.append(offset)
-        dense.append(dense_size <= size)
-        offset += size
-    return GridLayout(tuple(scales), tuple(resolutions), tuple(sizes), tuple(offsets), tuple(dense))
 
 
 class HashEnsembleEncoding(nn.Module):
@@ -113,6 +75,8 @@ class HashEnsembleEncoding(nn.Module):
 class TorchHashEnsemble(HashEnsembleEncoding):
     """Vectorised pure-torch backend; all K grids live in one ``table[E, K*F]`` parameter."""
 
+    backend = "torch"
+
     def __init__(self, config: HashEnsembleConfig, table: nn.Parameter | None = None) -> None:
         """``table``: share an existing ``[E, K*F]`` parameter (e.g. to run two backends on one table)."""
         super().__init__(config)
@@ -128,6 +92,7 @@ class TorchHashEnsemble(HashEnsembleEncoding):
         self.register_buffer("resolutions", torch.tensor(layout.resolutions, dtype=torch.int64), persistent=False)
         self.register_buffer("sizes", torch.tensor(layout.sizes, dtype=torch.int64), persistent=False)
         self.register_buffer("offsets", torch.tensor(layout.offsets, dtype=torch.int64), persistent=False)
+        self._cpu_geometry: cpu_ops.Geometry | None = None
 
     def corners(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat table rows ``[L, N, 8]`` of every point's 8 cell corners and its in-cell position ``[L, N, 3]``.
@@ -159,23 +124,30 @@ class TorchHashEnsemble(HashEnsembleEncoding):
         index += self.offsets[:, None, None]
         return index.view(self.n_levels, x.shape[0], 8), frac
 
-    def interpolated(self, x: torch.Tensor) -> torch.Tensor:
-        """Trilinearly interpolated features of all grids, ``[L, N, K, F]``."""
+    def interpolated(self, x: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Trilinearly interpolated features of all grids, ``[L, N, K, F]`` (``table``: another one of this shape)."""
         index, frac = self.corners(x)
-        out = trilinear_rows(index, frac, self.table)  # [L, N, K*F]
+        out = trilinear_rows(index, frac, self.table if table is None else table)  # [L, N, K*F]
         return out.view(self.n_levels, x.shape[0], self.n_grids, self.features_per_level)
 
     def grid_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.interpolated(x).transpose(0, 1)
 
     def forward(self, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
-        if fast.fits(self) and fast.applies(x, blend, self.table):
-            return fast.fused_hash_encoding(self, x, blend)  # the CPU kernels; this method is their twin
+        if cpu_ops.fits(self.n_levels, self.table.shape[1]) and cpu_ops.applies(x, blend, self.table):
+            return cpu_ops.hash_ensemble(x, blend, self.table, self.cpu_geometry())  # this class is the twin
         return self.reference_forward(x, blend)
 
-    def reference_forward(self, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
-        """The vectorised torch path: the fast path's reference twin, and the path on GPUs."""
-        rows = self.interpolated(x).flatten(2)  # [L, N, K*F]
+    def cpu_geometry(self) -> cpu_ops.Geometry:
+        """The level geometry as the C kernels read it (built once)."""
+        if self._cpu_geometry is None:
+            self._cpu_geometry = cpu_ops.Geometry(self.layout, self.n_grids, self.features_per_level)
+        return self._cpu_geometry
+
+    def reference_forward(self, x: torch.Tensor, blend: torch.Tensor, table: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+        """The vectorised torch path: the kernels' reference twin, and the path where none runs."""
+        rows = self.interpolated(x, table).flatten(2)  # [L, N, K*F]
         # Blending after interpolation touches L*K*F values per sample instead of 8*L*K*F. Each grid's
         # weight is repeated over its F columns so the product broadcasts over levels only (contiguous
         # rows); an einsum here permutes and copies the features on every call.
@@ -183,6 +155,77 @@ class TorchHashEnsemble(HashEnsembleEncoding):
         levels, n = rows.shape[:2]
         blended = (rows * per_column).view(levels, n, self.n_grids, self.features_per_level).sum(2)
         return blended.transpose(0, 1).reshape(n, self.out_dim)
+
+
+class TritonHashEnsemble(TorchHashEnsemble):
+    """The ``triton`` backend: :class:`TorchHashEnsemble`'s parameter and state, forward on Triton kernels.
+
+    It adds nothing to the state (same ``table``, same non-persistent level buffers), so a state_dict or a
+    checkpoint moves between the two backends unchanged. On CPU tensors it runs the inherited path, so a model
+    built for ``triton`` still renders after ``.cpu()``; ``TRITON_INTERPRET=1`` runs the kernels there instead.
+
+    First use on a device, for each pattern of inputs that need gradients: the kernels are compiled, launched
+    and compared with the torch twin on a handful of points. A failure there (no Triton support for the GPU, an
+    old driver, a toolchain problem, wrong values) is a :class:`KernelError` naming the kernel and the device:
+    with ``strict`` (``--encoding triton``) it is raised; otherwise one warning, and this module runs the torch
+    path from then on (:attr:`failure` says why), so a training run never dies mid-way for it.
+    """
+
+    backend = "triton"
+
+    def __init__(self, config: HashEnsembleConfig, table: nn.Parameter | None = None, block_n: int | None = None,
+                 strict: bool = True) -> None:
+        super().__init__(config, table)
+        from .kernels.cuda import hash_encoding as kernels  # noqa: PLC0415 - triton is an optional dependency
+
+        self._kernels = kernels
+        self.block_n = block_n or kernels.block_points(self.n_grids, self.features_per_level)
+        self.strict = strict
+        self.failure: str | None = None
+        self._levels = None
+        self._checked: set[tuple] = set()
+
+    def uses_kernels(self, x: torch.Tensor) -> bool:
+        """Kernels run on CUDA tensors (on CPU tensors only under Triton's interpreter), unless they failed."""
+        return self.failure is None and (x.is_cuda or self._kernels.kernels_interpreted())
+
+    def _level_tables(self, device: torch.device):
+        if self._levels is None or self._levels.scales.device != device:
+            self._levels = self._kernels.LevelTables(self.layout, device)
+        return self._levels
+
+    def _triton(self, x: torch.Tensor, blend: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return self._kernels.hash_ensemble(x, blend, table, self._level_tables(x.device), self.n_grids,
+                                           self.features_per_level, self.block_n)
+
+    def forward(self, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != 3 or blend.shape != (x.shape[0], self.n_grids):
+            raise ValueError(f"expected x [N, 3] and blend [N, {self.n_grids}], got {tuple(x.shape)} and "
+                             f"{tuple(blend.shape)}")
+        if self.uses_kernels(x):
+            grads = torch.is_grad_enabled() and (x.requires_grad, blend.requires_grad, self.table.requires_grad)
+            key = (x.device, grads)
+            if key not in self._checked:
+                self._checked.add(key)
+                self._first_use(x, blend, grads or (False, False, False))
+        if not self.uses_kernels(x):
+            return super().forward(x, blend)
+        return self._triton(x, blend, self.table)
+
+    def _first_use(self, x: torch.Tensor, blend: torch.Tensor, needs: tuple[bool, bool, bool]) -> None:
+        """Compile, launch and check the kernels this call will run, on a few of its own points."""
+        from .kernels.cuda.launch import device_target  # noqa: PLC0415 - triton is optional
+
+        n = min(x.shape[0], 37)  # not a multiple of 16: the generic integer specialisation, a partial block
+        inputs = [x[:n].detach().float().clone().requires_grad_(needs[0]),
+                  blend[:n].detach().float().clone().requires_grad_(needs[1]),
+                  self.table.detach().clone().requires_grad_(needs[2])]
+        try:
+            with torch.enable_grad():
+                check_twin("hash_ensemble", self._triton, lambda *a: self.reference_forward(a[0], a[1], a[2]),
+                           inputs, device_target(x))
+        except KernelError as error:
+            self.failure = fall_back(error, self.strict, "the torch encoding")
 
 
 def _pair(low: torch.Tensor, factor: torch.Tensor | int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,6 +336,8 @@ class TcnnHashEnsemble(HashEnsembleEncoding):
     (grid k = column // F), so :meth:`load_table` moves parameters between the two exactly.
     """
 
+    backend = "tcnn"
+
     def __init__(self, config: HashEnsembleConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__(config)
         import tinycudann as tcnn  # noqa: PLC0415 - optional dependency, CUDA only
@@ -340,76 +385,3 @@ class TcnnHashEnsemble(HashEnsembleEncoding):
         fpe = self.features_per_encoding
         parts = [enc.params.detach().float().view(-1, fpe) for enc in self.encodings]
         return torch.cat(parts, dim=1)[:, :self.n_grids * self.features_per_level]
-
-
-def tcnn_available() -> bool:
-    """tinycudann imports and a CUDA device exists (tcnn has no CPU path)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import tinycudann  # noqa: F401, PLC0415
-    except Exception:  # ImportError, or an OSError from a build that does not match the driver
-        return False
-    return True
-
-
-def triton_importable() -> bool:
-    """The ``triton`` package imports (it does not say whether a GPU is there to run it)."""
-    try:
-        import triton  # noqa: F401, PLC0415
-    except Exception:  # ImportError, or a broken install
-        return False
-    return True
-
-
-def triton_available() -> bool:
-    """Triton imports and a CUDA device exists: the ``triton`` backend can run compiled kernels here."""
-    return torch.cuda.is_available() and triton_importable()
-
-
-def auto_backend(device: torch.device | str | None = None) -> str:
-    """What ``auto`` means on ``device`` (None: the default CUDA device when there is one, else the CPU).
-
-    tcnn when it imports, else triton (both need CUDA), else torch.
-    """
-    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    if on_cuda and tcnn_available():
-        return "tcnn"
-    if on_cuda and triton_available():
-        return "triton"
-    return "torch"
-
-
-def make_encoding(config: HashEnsembleConfig, backend: Backend = "auto") -> HashEnsembleEncoding:
-    """The ensemble encoding for ``backend``; ``auto`` picks ``tcnn``, else ``triton`` on CUDA, else ``torch``.
-
-    ``triton`` builds without a GPU too (the module falls back to the torch path on CPU tensors, and the
-    tests run its kernels under ``TRITON_INTERPRET=1``); it fails only when triton does not import.
-    """
-    if backend == "auto":
-        backend = auto_backend()
-    if backend == "torch":
-        return TorchHashEnsemble(config)
-    if backend == "triton":
-        if not triton_importable():
-            raise ImportError("hash-encoding backend 'triton': the triton package does not import here "
-                              "(pip install triton, or a CUDA build of torch); use backend 'torch'")
-        from .triton_encoding import TritonHashEnsemble  # noqa: PLC0415 - imports triton
-
-        return TritonHashEnsemble(config)
-    if backend == "reference":
-        from ._reference import ReferenceHashEnsemble  # noqa: PLC0415 - the twin imports this module
-
-        return ReferenceHashEnsemble(config)
-    if backend == "tcnn":
-        return TcnnHashEnsemble(config)
-    raise ValueError(f"unknown hash-encoding backend {backend!r}")
-
-
-def __getattr__(name: str):
-    """The reference twins moved to :mod:`stages.nersemble._reference`; old imports from here keep working."""
-    if name in ("ReferenceHashEnsemble", "tcnn_grid_index"):
-        from . import _reference  # noqa: PLC0415 - lazy: _reference imports this module
-
-        return getattr(_reference, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

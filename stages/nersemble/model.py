@@ -15,12 +15,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import fast
+from . import nograd
 from ._random import randint
 from .config import NeRSembleConfig
 from .deformation import SE3DeformationField, deform_positions
 from .field import NeRSembleField, TimeCodes, ensemble_weights
 from .hash_encoding import Backend
+from .kernels.cpu import build as cpu_build
+from .kernels.cpu import ops as cpu_ops
+from .kernels.registry import KernelError, check_twin, fall_back
 from .occupancy import OccupancyGrid, frustum_visibility_mask
 from .occupancy_filter import filter_occupancy
 from .packed import segment_cumsum, segment_sum
@@ -106,6 +109,8 @@ class NeRSembleModel(nn.Module):
         # With the triton encoding, marching and compositing run fused Triton kernels too (where the encoding's
         # kernels run); False keeps their torch twins, e.g. to time one against the other.
         self.fused_packed = True
+        self.packed_failure: str | None = None  # why the fused kernels stopped being used, if they did
+        self._packed_checked: set[torch.device] = set()
         self._frozen_mlps: tuple | None = None  # inside _mlps_frozen: () until the first query builds the set
 
     # --- schedules and precision ----------------------------------------------------------------------
@@ -159,8 +164,8 @@ class NeRSembleModel(nn.Module):
 
     def _fast_nograd(self, positions: torch.Tensor) -> bool:
         """No autograd wanted, float32 on a CPU, and the C kernels are there: the batched no-grad query."""
-        return (not torch.is_grad_enabled() and fast.applies(positions, self.field.encoding.table)
-                and fast.query_supported(self))
+        return (not torch.is_grad_enabled() and cpu_ops.applies(positions, self.field.encoding.table)
+                and nograd.query_supported(self))
 
     def _fast_query(self, positions: torch.Tensor, directions: torch.Tensor | None, timesteps: torch.Tensor,
                     windows: Windows, want_offset: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,7 +173,7 @@ class NeRSembleModel(nn.Module):
 
         The MLPs run as batched matrix products (torch's GEMM is far faster than per-sample loops in C); the
         posenc before them and the SE(3) warp, box normalisation and hash encoding between them run per sample
-        in C (:func:`fast.warp_encode`), so none of their many [N, ...] intermediates reaches memory. Blocks of
+        in C (:func:`cpu_ops.warp_encode`), so none of their many [N, ...] intermediates reaches memory. Blocks of
         ``QUERY_BLOCK`` samples keep every intermediate in cache.
         """
         n = positions.shape[0]
@@ -181,7 +186,8 @@ class NeRSembleModel(nn.Module):
         codes_at: torch.Tensor | int = timesteps
         if n and bool((timesteps == timesteps[0]).all()):
             codes_at = int(timesteps[0])
-        fparams = fast.box_params(self.scene_box, eps)
+        fparams = cpu_ops.box_params(self.scene_box, eps)
+        encoding = self.field.encoding
         blend = self.blend_weights(timesteps, windows)
         shifted = None if directions is None else (directions + 1.0) / 2.0
         parts = []
@@ -191,8 +197,8 @@ class NeRSembleModel(nn.Module):
             if deformation is not None:
                 screw = deformation(positions[block], codes_at if isinstance(codes_at, int) else codes_at[block],
                                     windows.deformation)
-            features, inside, offset = fast.warp_encode(self.field.encoding, positions[block], screw, blend[block],
-                                                        fparams, box_units, want_offset)
+            features, inside, offset = cpu_ops.warp_encode(encoding.table, encoding.cpu_geometry(), positions[block],
+                                                           screw, blend[block], fparams, box_units, want_offset)
             sigma, rgb = field(features, inside, None if shifted is None else shifted[block])
             parts.append((sigma, rgb, offset))
         if not parts:
@@ -202,15 +208,15 @@ class NeRSembleModel(nn.Module):
             return parts[0]
         return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
 
-    def _nograd_mlps(self) -> tuple[fast.NoGradDeformation | None, fast.NoGradField]:
+    def _nograd_mlps(self) -> tuple[nograd.NoGradDeformation | None, nograd.NoGradField]:
         """The MLP copies the fast query runs: built per query, except while :meth:`_mlps_frozen` holds one set
         for a span of queries in which the weights cannot change. A cache keyed on the tensors' version
         counters would go stale: torch's fused optimisers update parameters without moving them."""
         if self._frozen_mlps:
             return self._frozen_mlps
         deformation = (None if self.deformation is None else
-                       fast.NoGradDeformation(self.deformation, self.codes.deformation.weight, self.scene_box))
-        mlps = deformation, fast.NoGradField(self.field)
+                       nograd.NoGradDeformation(self.deformation, self.codes.deformation.weight, self.scene_box))
+        mlps = deformation, nograd.NoGradField(self.field)
         if self._frozen_mlps is not None:  # inside _mlps_frozen: the first query builds the set the rest reuse
             self._frozen_mlps = mlps
         return mlps
@@ -232,11 +238,67 @@ class NeRSembleModel(nn.Module):
     # --- rays -------------------------------------------------------------------------------------------
 
     def _fused(self, tensor: torch.Tensor) -> bool:
-        """Marching and compositing take the Triton kernels (:mod:`stages.nersemble.triton_packed`): the triton
-        encoding (the only backend with ``uses_kernels``) runs its kernels on ``tensor``, i.e. it is on CUDA (or
-        Triton's interpreter is on), and :attr:`fused_packed` is set."""
+        """Marching and compositing take the Triton kernels (:mod:`.kernels.cuda.packed`): the triton encoding
+        (the only backend with ``uses_kernels``) runs its kernels on ``tensor``, i.e. it is on CUDA (or Triton's
+        interpreter is on), :attr:`fused_packed` is set, and the kernels passed their first-use check here."""
         uses_kernels = getattr(self.field.encoding, "uses_kernels", None)
-        return self.fused_packed and uses_kernels is not None and uses_kernels(tensor)
+        if not (self.fused_packed and uses_kernels is not None and uses_kernels(tensor)):
+            return False
+        if tensor.device not in self._packed_checked:
+            self._packed_checked.add(tensor.device)
+            self._check_packed_kernels(tensor.device)
+        return self.fused_packed
+
+    def _check_packed_kernels(self, device: torch.device) -> None:
+        """First use on ``device``: compile, launch and compare the fused marcher and compositor with their torch
+        twins on a few rays. A failure keeps the twins for this model: one warning under ``auto``, an error with
+        an explicit ``triton`` encoding (the encoding's ``strict``)."""
+        from .kernels.cuda.launch import device_target  # noqa: PLC0415 - triton is optional
+
+        generator = torch.Generator().manual_seed(0)
+        counts = torch.tensor([3, 0, 4, 1, 2])
+        ray_indices = torch.repeat_interleave(torch.arange(5), counts).to(device)
+        t_starts = (torch.arange(10, dtype=torch.float32) * 0.1).to(device)
+        sigmas = (torch.rand(10, generator=generator) * 5.0).to(device).requires_grad_()
+        rgbs = torch.rand(10, 3, generator=generator).to(device).requires_grad_()
+
+        def composite(fused: bool):
+            return lambda s, c: torch.cat([part.reshape(-1) for part in render_samples(
+                s, c, t_starts, t_starts + 0.1, ray_indices, 5, fused=fused)[1].__dict__.values()])
+
+        box = self.scene_box
+        rays_o = (box[0] - 0.1 * (box[1] - box[0])).expand(16, 3).contiguous().to(device)
+        rays_d = torch.nn.functional.normalize(torch.rand(16, 3, generator=generator) + 0.2, dim=-1).to(device)
+        occupied = (torch.rand(8, 8, 8, generator=generator) < 0.5).to(device)
+        step = float((box[1] - box[0]).norm()) / 64
+
+        def march(fused: bool):
+            def run(_: torch.Tensor) -> torch.Tensor:
+                samples = march_rays(rays_o, rays_d, box.to(device), step, occupied=occupied, fused=fused)
+                return torch.cat([samples.ray_indices.float(), samples.t_starts])
+            return run
+
+        try:
+            target = device_target(rays_o)
+            check_twin("composite_fwd/composite_bwd", composite(True), composite(False), [sigmas, rgbs], target)
+            check_twin("march_kernel", march(True), march(False), [rays_o], target)
+        except KernelError as error:
+            self.fused_packed = False
+            self.packed_failure = fall_back(error, getattr(self.field.encoding, "strict", False),
+                                            "the torch marching and compositing")
+
+    def kernels_used(self) -> dict[str, object]:
+        """Which implementation runs each part on the model's device, and why a kernel fell back, for reports."""
+        encoding = self.field.encoding
+        on_cpu = self.scene_box.device.type == "cpu"
+        name = encoding.backend
+        failures = [f for f in (getattr(encoding, "failure", None), self.packed_failure) if f]
+        if getattr(encoding, "failure", None):
+            name = "torch"
+        if on_cpu and name == "torch" and cpu_build.available():
+            name = "torch+c"  # the torch module, its float32 CPU work in the C kernels
+        packed = "triton" if self._fused(self.scene_box) else ("c" if on_cpu and cpu_build.available() else "torch")
+        return {"encoding": name, "marching_compositing": packed, "fallbacks": failures}
 
     def _per_ray_timesteps(self, timesteps: torch.Tensor | int, n_rays: int, device: torch.device) -> torch.Tensor:
         t = torch.as_tensor(timesteps, device=device).long()
@@ -289,7 +351,7 @@ class NeRSembleModel(nn.Module):
         optical_depth = torch.zeros(n_rays, dtype=torch.float64, device=ray_ids.device)
         alive = torch.ones(n_rays, dtype=torch.bool, device=ray_ids.device)
         first = torch.cumsum(counts, 0) - counts
-        quick = fast.requested() and ray_ids.device.type == "cpu"
+        quick = cpu_build.requested() and ray_ids.device.type == "cpu"
         for start in range(0, int(counts.max()), slab):
             if quick:  # only the slab's samples are touched, not every sample of the chunk per slab
                 ids = _slab_ids(first, counts, alive, start, slab)
@@ -318,7 +380,7 @@ class NeRSembleModel(nn.Module):
     def _visible_fast(self, samples: RaySamples, rays_o: torch.Tensor, rays_d: torch.Tensor, timesteps: torch.Tensor,
                       windows: Windows, alpha_threshold: float,
                       full_query: bool) -> tuple[torch.Tensor, Queried | None]:
-        """:meth:`_visible` with the slab bookkeeping in C (:class:`fast.FrontToBack`); the same samples are kept.
+        """:meth:`_visible` with the slab bookkeeping in C (:class:`cpu_ops.FrontToBack`); the same samples are kept.
 
         Which samples are kept depends only on each sample's alpha and the optical depth in front of it, not on
         how many samples per ray a slab evaluates: a ray stops once it is opaque, and every sample behind that
@@ -326,7 +388,7 @@ class NeRSembleModel(nn.Module):
         per-slab overhead; it does not change the result.
         """
         eps = self.config.sampler.early_stop_eps
-        state = fast.FrontToBack(samples.ray_indices, samples.t_starts, samples.t_ends, rays_o, rays_d, timesteps,
+        state = cpu_ops.FrontToBack(samples.ray_indices, samples.t_starts, samples.t_ends, rays_o, rays_d, timesteps,
                                  full_query)
         slab = FAST_SLABS[0] if eps > 0 else max(int(state.counts.max()), 1)
         with self._mlps_frozen():

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import torch
 
-from . import fast
 from .config import NeRSembleConfig
+from .kernels.cpu import build as cpu_build
 from .model import NeRSembleModel
 
 
@@ -30,7 +30,7 @@ def choose_fused(optimizer: torch.optim.Adam) -> torch.optim.Adam:
     """
     for group in optimizer.param_groups:
         on_cpu = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in group["params"])
-        group["fused"] = True if fast.requested() and on_cpu else None
+        group["fused"] = True if cpu_build.requested() and on_cpu else None
     return optimizer
 
 

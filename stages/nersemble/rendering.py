@@ -33,7 +33,7 @@ def accumulate_along_rays(sigmas: torch.Tensor, rgbs: torch.Tensor, t_starts: to
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weights ``[S]`` and the per-ray sums ``sum w`` ``[N]``, ``sum w c`` ``[N, 3]``, ``sum w t_mid`` ``[N]``.
 
-    The torch twin of :func:`stages.nersemble.triton_packed.composite_packed`, which fuses the same steps.
+    The torch twin of :func:`.kernels.cuda.packed.composite_packed`, which fuses the same steps.
     """
     weights, _, _ = render_weights(sigmas, t_starts, t_ends, ray_indices, n_rays)
     t_mids = 0.5 * (t_starts + t_ends)
@@ -49,7 +49,7 @@ def render_samples(sigmas: torch.Tensor, rgbs: torch.Tensor, t_starts: torch.Ten
     """Weights ``[S]`` and the :class:`Composite` of packed samples; ``fused`` runs the Triton kernel instead of the
     torch twin (the caller checks that the kernels can run on these tensors)."""
     if fused:
-        from .triton_packed import composite_packed  # noqa: PLC0415 - triton is optional
+        from .kernels.cuda.packed import composite_packed  # noqa: PLC0415 - triton is optional
 
         weights, accumulation, rgb_sum, depth_sum = composite_packed(sigmas, rgbs, t_starts, t_ends, ray_indices,
                                                                      n_rays)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import fast
 from ._random import rand
+from .kernels.cpu import ops as cpu_ops
 
 
 @dataclass
@@ -76,7 +76,7 @@ def march_rays(
     ``occupied`` is an ``[R, R, R]`` bool grid over ``aabb`` (None: everything). Every occupied interval is
     returned: early ray termination (``sampler.early_stop_eps`` > 0, off in ``paper``) is the model's
     culling pass (``NeRSembleModel.sample``), not this function's. ``fused`` runs the occupancy test in the
-    Triton marcher (:func:`stages.nersemble.triton_packed.march_occupied`, the caller checks it can run here).
+    Triton marcher (:func:`.kernels.cuda.packed.march_occupied`, the caller checks it can run here).
     """
     n_rays = rays_o.shape[0]
     device = rays_o.device
@@ -92,12 +92,12 @@ def march_rays(
     counts = (k_last - k_first + 1).clamp(min=0)
     counts = torch.where(torch.isfinite(counts), counts, torch.zeros_like(counts)).long()
     if occupied is not None and fused:
-        from .triton_packed import march_occupied  # noqa: PLC0415 - triton is optional
+        from .kernels.cuda.packed import march_occupied  # noqa: PLC0415 - triton is optional
 
         return RaySamples(*march_occupied(rays_o, rays_d, t0, k_first, counts, step_size, aabb, occupied))
-    if occupied is not None and fast.applies(rays_o, rays_d, t0):
+    if occupied is not None and cpu_ops.applies(rays_o, rays_d, t0):
         # One C pass per ray: unoccupied samples are never materialised (this function is its twin).
-        return RaySamples(*fast.march_occupied(rays_o, rays_d, t0, k_first, counts, step_size, aabb, occupied))
+        return RaySamples(*cpu_ops.march_occupied(rays_o, rays_d, t0, k_first, counts, step_size, aabb, occupied))
     ray_indices = torch.repeat_interleave(torch.arange(n_rays, device=device), counts)
     first_sample = torch.cumsum(counts, 0) - counts
     k = k_first.long()[ray_indices] + torch.arange(ray_indices.shape[0], device=device) - first_sample[ray_indices]

@@ -37,7 +37,7 @@ def rerun_under_interpreter() -> Callable[[str], None]:
 @pytest.fixture
 def fast_kernels() -> None:
     """The fast path's C kernels are built: skip without a compiler, fail when one is present and the build failed."""
-    from stages.nersemble import fast
+    from stages.nersemble.kernels.cpu import build as fast
 
     if fast.compiler() is None:
         pytest.skip("no C compiler on PATH: the fast path cannot be built here")

@@ -6,17 +6,10 @@ import pytest
 import torch
 
 from stages.nersemble.config import HashEnsembleConfig, preset
-from stages.nersemble import hash_encoding
 from stages.nersemble._reference import ReferenceHashEnsemble, tcnn_grid_index
-from stages.nersemble.hash_encoding import (
-    TcnnHashEnsemble,
-    TorchHashEnsemble,
-    auto_backend,
-    grid_layout,
-    make_encoding,
-    tcnn_available,
-    trilinear_rows,
-)
+from stages.nersemble.encodings import make_encoding
+from stages.nersemble.hash_encoding import TcnnHashEnsemble, TorchHashEnsemble, grid_layout, trilinear_rows
+from stages.nersemble.kernels.registry import auto_backend, tcnn_available
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -147,11 +140,6 @@ def test_make_encoding_backends():
     assert auto_backend("cpu") == "torch"  # tcnn and triton both need CUDA
     with pytest.raises(ValueError, match="cuda"):
         make_encoding(config, "cuda")
-
-
-def test_reference_twin_still_imports_from_the_production_module():
-    assert hash_encoding.ReferenceHashEnsemble is ReferenceHashEnsemble
-    assert hash_encoding.tcnn_grid_index is tcnn_grid_index
 
 
 @pytest.mark.skipif(not tcnn_available(), reason="tinycudann and CUDA are not available")

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from stages.nersemble import fast
+from stages.nersemble.kernels.cpu import build as fast
 from stages.nersemble.config import HashEnsembleConfig
 from stages.nersemble.hash_encoding import TorchHashEnsemble
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from stages.core.cameras import look_at
-from stages.nersemble import fast
+from stages.nersemble import nograd
+from stages.nersemble.kernels.cpu import build as fast
 from stages.nersemble.model import NeRSembleModel
 from stages.nersemble.rays import scene_box_from_cameras
 
@@ -41,7 +42,7 @@ def _twin(model, p, d, t, windows, monkeypatch):
 @pytest.mark.parametrize("deformation", [True, False])
 def test_fused_query_matches_the_eager_model(step, deformation, monkeypatch, scaled_preview_model):
     model = scaled_preview_model(2.0, **({} if deformation else {"deformation.enabled": False}))
-    assert fast.query_supported(model)
+    assert nograd.query_supported(model)
     p, d, t = _inputs()
     fused, twin, fused_density, twin_density = _twin(model, p, d, t, model.windows(step), monkeypatch)
     for a, b, name in zip(fused, twin, ("sigma", "rgb", "offset"), strict=True):
@@ -131,7 +132,7 @@ def test_fused_query_matches_an_unpadded_colour_mlp(how, monkeypatch, scaled_pre
         assert model.field.color_mlp[0].in_features == 32
     else:
         model = old
-    assert fast.query_supported(model)
+    assert nograd.query_supported(model)
     p, d, t = _inputs()
     windows = model.windows(None)
     fused, twin, _, _ = _twin(model, p, d, t, windows, monkeypatch)

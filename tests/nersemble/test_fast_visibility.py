@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.nersemble import fast
+from stages.nersemble import nograd
+from stages.nersemble.kernels.cpu import build as fast
 from stages.nersemble.deformation import windowed_posenc
 from stages.nersemble.sampling import march_rays
 
@@ -24,7 +25,7 @@ def test_lean_deformation_equals_screw_axis(step, scaled_preview_model):
     alpha = model.windows(step).deformation
     box = model.scene_box
     x_n = (positions - box[0]) / (box[1] - box[0])
-    lean = fast.NoGradDeformation(model.deformation, model.codes.deformation.weight, box)
+    lean = nograd.NoGradDeformation(model.deformation, model.codes.deformation.weight, box)
     with torch.no_grad():
         v, r = model.deformation.screw_axis(x_n, model.codes.deformation(t), alpha)
         screw = lean(positions, t, alpha)

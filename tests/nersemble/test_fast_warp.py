@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.nersemble import fast
+from stages.nersemble.kernels.cpu import build as fast
+from stages.nersemble.kernels.cpu import ops
 from stages.nersemble.deformation import se3_exp
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,7 +40,7 @@ def test_fused_warp_matches_the_torch_twin(rotation_scale):
     expected = _twin(*leaves64)
     expected_grads = torch.autograd.grad(expected, leaves64, grad)
     leaves = [t.float().requires_grad_() for t in (x64, v64, r64)]
-    warped = fast.se3_warp(*leaves, EPS)
+    warped = ops.se3_warp(*leaves, EPS)
     grads = torch.autograd.grad(warped, leaves, grad.float())
     torch.testing.assert_close(warped.double(), expected.detach(), rtol=0, atol=2e-6)
     for name, got, want in zip(("x", "v", "r"), grads, expected_grads, strict=True):
@@ -52,7 +53,7 @@ def test_a_nan_warp_falls_back_to_the_input_and_passes_its_gradient_to_it():
     x = torch.rand(3, 3, requires_grad=True)
     v = torch.zeros(3, 3)
     v[1, 2] = float("nan")
-    warped = fast.se3_warp(x, v, torch.full((3, 3), 0.2), EPS)
+    warped = ops.se3_warp(x, v, torch.full((3, 3), 0.2), EPS)
     (grad_x,) = torch.autograd.grad(warped.sum(), x)
     assert torch.equal(warped[1, 2], x[1, 2]) and not torch.isnan(warped).any()
     assert grad_x[1, 2] == 1.0

@@ -91,7 +91,7 @@ def test_param_groups_and_step_lr():
 def test_fast_path_adam_is_fused_and_takes_the_plain_adams_steps(monkeypatch):
     """The CPU fast path fuses Adam's passes over the tables; the update is the same up to float rounding, and
     a state saved by either path resumes under the path now in use."""
-    from stages.nersemble import fast
+    from stages.nersemble.kernels.cpu import build as fast
     from stages.nersemble.optim import choose_fused
 
     runs = {}

@@ -21,8 +21,9 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton does not import here (pip install triton; it is in the test extra)")
 
 from stages.nersemble.config import HashEnsembleConfig, preset  # noqa: E402
-from stages.nersemble.hash_encoding import TorchHashEnsemble, make_encoding  # noqa: E402
-from stages.nersemble.triton_encoding import TritonHashEnsemble, interpreting  # noqa: E402
+from stages.nersemble.encodings import make_encoding  # noqa: E402
+from stages.nersemble.hash_encoding import TorchHashEnsemble, TritonHashEnsemble  # noqa: E402
+from stages.nersemble.kernels.cuda.hash_encoding import kernels_interpreted as interpreting  # noqa: E402
 
 CONFIGS = {
     "mixed": HashEnsembleConfig(n_grids=3, n_levels=5, log2_table_size=12, base_resolution=8, per_level_scale=1.5),
@@ -102,7 +103,7 @@ def _ragged_samples(n_rays: int, device: str) -> dict:
 
 def test_compiled_compositing_matches_the_torch_twin(compiled):
     from stages.nersemble.rendering import accumulate_along_rays  # noqa: PLC0415
-    from stages.nersemble.triton_packed import composite_packed  # noqa: PLC0415
+    from stages.nersemble.kernels.cuda.packed import composite_packed  # noqa: PLC0415
 
     p = _ragged_samples(4096, "cuda")
     sigmas, rgbs = p["sigmas"].requires_grad_(), p["rgbs"].requires_grad_()

@@ -18,11 +18,13 @@ if "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton does not import here (pip install triton; it is in the test extra)")
 
-from stages.nersemble import triton_kernels  # noqa: E402
 from stages.nersemble._reference import ReferenceHashEnsemble  # noqa: E402
 from stages.nersemble.config import HashEnsembleConfig, preset  # noqa: E402
-from stages.nersemble.hash_encoding import TorchHashEnsemble, auto_backend, make_encoding  # noqa: E402
-from stages.nersemble.triton_encoding import TritonHashEnsemble, block_points, interpreting  # noqa: E402
+from stages.nersemble.encodings import make_encoding  # noqa: E402
+from stages.nersemble.hash_encoding import TorchHashEnsemble, TritonHashEnsemble  # noqa: E402
+from stages.nersemble.kernels.cuda.hash_encoding import backward_block_points, block_points  # noqa: E402
+from stages.nersemble.kernels.cuda.hash_encoding import kernels_interpreted as interpreting  # noqa: E402
+from stages.nersemble.kernels.registry import auto_backend  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,7 +18,7 @@ if "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton does not import here (pip install triton; it is in the test extra)")
 
-from stages.nersemble import triton_packed  # noqa: E402
+from stages.nersemble.kernels.cuda import packed as triton_packed  # noqa: E402
 from stages.nersemble.config import preset  # noqa: E402
 from stages.nersemble.rendering import accumulate_along_rays, render_samples  # noqa: E402
 from stages.nersemble.sampling import march_rays  # noqa: E402
@@ -37,13 +37,13 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def interpreted():
-    if not triton_packed.interpreting():
+    if not triton_packed.kernels_interpreted():
         pytest.skip("triton was imported (compiled) before this module could switch its interpreter on; "
                     "test_in_a_fresh_interpreter_process runs these tests in a child process")
 
 
 def test_in_a_fresh_interpreter_process(rerun_under_interpreter):
-    if triton_packed.interpreting():
+    if triton_packed.kernels_interpreted():
         return  # the tests below run in this process
     rerun_under_interpreter(__file__)
 

@@ -1,17 +1,15 @@
-"""C source of the CPU fast path's kernels (built by :mod:`stages.nersemble.fast` on first use).
-
-Plain C99 + OpenMP with no torch headers: it builds in about a second, where a torch C++ extension takes a
-minute, and it is called through ctypes on the tensors' data pointers. Each kernel has a torch twin that
-the tests hold it against (values and gradients): :class:`stages.nersemble.hash_encoding.TorchHashEnsemble`.
-
-The hash ensemble, fused: for each sample and level, the 8 cell corners' table rows are found (tcnn's dense
-indexing with wrap-around, or its coherent prime hash) and trilinearly interpolated, and the K grids' features
-are blended with the sample's weights at once, so nothing of size [L, N, 8] or [L, N, K*F] ever reaches memory.
-Arithmetic follows the twin's order (corner weights wx * (wy * wz), corners accumulated x slowest, z fastest,
-grids blended after interpolation), so values agree to float32 rounding.
-"""
-
-SOURCE = r"""
+/* The CPU fast path's kernels, built by build.py on first use and called through ctypes (ops.py).
+ *
+ * Plain C99 + OpenMP with no torch headers: it builds in about a second, where a torch C++ extension takes a
+ * minute, and it works on the tensors' data pointers. Each kernel has a torch twin the tests hold it against
+ * (values and gradients); ops.py names the twin of each.
+ *
+ * The hash ensemble, fused: for each sample and level, the 8 cell corners' table rows are found (tcnn's dense
+ * indexing with wrap-around, or its coherent prime hash) and trilinearly interpolated, and the K grids' features
+ * are blended with the sample's weights at once, so nothing of size [L, N, 8] or [L, N, K*F] reaches memory.
+ * Arithmetic follows the twin's order (corner weights wx * (wy * wz), corners accumulated x slowest, z fastest,
+ * grids blended after interpolation), so values agree to float32 rounding.
+ */
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
@@ -518,4 +516,3 @@ void march(const float *o, const float *d, const float *t0, const int64_t *k_fir
         }
     }
 }
-"""

@@ -1,10 +1,8 @@
 """Fused Triton kernels for packed samples: volume-rendering compositing and occupancy-grid ray marching.
 
-Twins (STYLE.md section 6): :func:`composite_packed` computes what :func:`stages.nersemble.rendering.render_weights`
-followed by the per-ray sums of :func:`~stages.nersemble.rendering.composite` compute
-(:func:`~stages.nersemble.rendering.accumulate_along_rays`); :func:`march_occupied` what the torch expansion
-and occupancy test in :func:`stages.nersemble.sampling.march_rays` compute (and the CPU's
-:func:`stages.nersemble.fast.march_occupied`, same signature).
+Twins (STYLE.md section 6): :func:`composite_packed` computes what ``rendering.accumulate_along_rays`` computes
+(``render_weights`` and the per-ray sums); :func:`march_occupied` what the torch expansion and occupancy test in
+``sampling.march_rays`` compute (and the CPU's :func:`..cpu.ops.march_occupied`, same signature).
 
 Why fused: on a GPU the torch twins are a chain of small ops over ``S`` samples (float64 cumsum, bincount,
 gathers, ``index_add``), each writing its ``[S]`` intermediate to memory, and the marcher materialises every
@@ -15,7 +13,8 @@ stored. Lanes of a program walk rays of different lengths, up to the longest in 
 
 Kernels compute in the dtype of their inputs (float32 in training; float64 lets the tests run
 ``torch.autograd.gradcheck`` on them under ``TRITON_INTERPRET=1``). They run on CUDA tensors, and on CPU
-tensors only under Triton's interpreter; the model reaches them only with the ``triton`` encoding.
+tensors only under Triton's interpreter; the model reaches them only with the ``triton`` encoding. Each launch
+is built by a ``*_launch`` function (:class:`.launch.Launch`), which the compile gate compiles as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +22,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .launch import Launch, interpreting
 
 RAYS_PER_PROGRAM = 64
 
@@ -113,37 +114,58 @@ def _programs(n_rays: int) -> tuple[int]:
     return (triton.cdiv(n_rays, RAYS_PER_PROGRAM),)
 
 
+def composite_forward_launch(sigmas: torch.Tensor, rgbs: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor,
+                             starts: torch.Tensor, counts: torch.Tensor
+                             ) -> tuple[Launch, tuple[torch.Tensor, ...]]:
+    """The forward launch and its outputs: weights, transmittance ``[S]``, accumulation, rgb and depth sums."""
+    n_rays, dtype, device = counts.shape[0], sigmas.dtype, sigmas.device
+    weights = torch.empty_like(sigmas)
+    transmittance = torch.empty_like(sigmas)
+    accumulation = torch.zeros(n_rays, dtype=dtype, device=device)
+    rgb_sum = torch.zeros(n_rays, 3, dtype=dtype, device=device)
+    depth_sum = torch.zeros(n_rays, dtype=dtype, device=device)
+    launch = Launch(composite_fwd, _programs(n_rays),
+                    (sigmas, t_starts, t_ends, rgbs, starts, counts, weights, transmittance, accumulation, rgb_sum,
+                     depth_sum, n_rays), {"BLOCK": RAYS_PER_PROGRAM})
+    return launch, (weights, transmittance, accumulation, rgb_sum, depth_sum)
+
+
+def composite_backward_launch(saved: tuple[torch.Tensor, ...], grad_weights: torch.Tensor,
+                              grad_accumulation: torch.Tensor, grad_rgb_sum: torch.Tensor,
+                              grad_depth_sum: torch.Tensor) -> tuple[Launch, torch.Tensor, torch.Tensor]:
+    """The backward launch from the forward's saved tensors, and the gradients it fills (sigmas, rgbs)."""
+    sigmas, rgbs, t_starts, t_ends, starts, counts, weights, transmittance = saved
+    grad_sigmas = torch.zeros_like(sigmas)
+    grad_rgbs = torch.zeros_like(rgbs)
+    n_rays = counts.shape[0]
+    launch = Launch(composite_bwd, _programs(n_rays),
+                    (sigmas, t_starts, t_ends, rgbs, starts, counts, weights, transmittance,
+                     grad_weights.contiguous(), grad_accumulation.contiguous(), grad_rgb_sum.contiguous(),
+                     grad_depth_sum.contiguous(), grad_sigmas, grad_rgbs, n_rays), {"BLOCK": RAYS_PER_PROGRAM})
+    return launch, grad_sigmas, grad_rgbs
+
+
 class _CompositeFunction(torch.autograd.Function):
     """``(sigmas[S], rgbs[S, 3]) -> weights[S], accumulation[N], rgb_sum[N, 3], depth_sum[N]``; the interval
     bounds are constants (the marcher's samples carry no gradient)."""
 
     @staticmethod
     def forward(ctx, sigmas, rgbs, t_starts, t_ends, starts, counts):
-        n_rays, dtype, device = counts.shape[0], sigmas.dtype, sigmas.device
-        weights = torch.empty_like(sigmas)
-        transmittance = torch.empty_like(sigmas)
-        accumulation = torch.zeros(n_rays, dtype=dtype, device=device)
-        rgb_sum = torch.zeros(n_rays, 3, dtype=dtype, device=device)
-        depth_sum = torch.zeros(n_rays, dtype=dtype, device=device)
-        if sigmas.numel() and n_rays:
-            composite_fwd[_programs(n_rays)](sigmas, t_starts, t_ends, rgbs, starts, counts, weights,
-                                             transmittance, accumulation, rgb_sum, depth_sum, n_rays,
-                                             BLOCK=RAYS_PER_PROGRAM)
+        launch, (weights, transmittance, accumulation, rgb_sum, depth_sum) = composite_forward_launch(
+            sigmas, rgbs, t_starts, t_ends, starts, counts)
+        if sigmas.numel() and counts.shape[0]:
+            launch.run()
         ctx.save_for_backward(sigmas, rgbs, t_starts, t_ends, starts, counts, weights, transmittance)
         return weights, accumulation, rgb_sum, depth_sum
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_weights, grad_accumulation, grad_rgb_sum, grad_depth_sum):
-        sigmas, rgbs, t_starts, t_ends, starts, counts, weights, transmittance = ctx.saved_tensors
-        grad_sigmas = torch.zeros_like(sigmas)
-        grad_rgbs = torch.zeros_like(rgbs)
-        n_rays = counts.shape[0]
-        if sigmas.numel() and n_rays:
-            composite_bwd[_programs(n_rays)](
-                sigmas, t_starts, t_ends, rgbs, starts, counts, weights, transmittance,
-                grad_weights.contiguous(), grad_accumulation.contiguous(), grad_rgb_sum.contiguous(),
-                grad_depth_sum.contiguous(), grad_sigmas, grad_rgbs, n_rays, BLOCK=RAYS_PER_PROGRAM)
+        saved = ctx.saved_tensors
+        launch, grad_sigmas, grad_rgbs = composite_backward_launch(saved, grad_weights, grad_accumulation,
+                                                                   grad_rgb_sum, grad_depth_sum)
+        if saved[0].numel() and saved[5].shape[0]:
+            launch.run()
         return grad_sigmas, grad_rgbs, None, None, None, None
 
 
@@ -213,46 +235,64 @@ def march_kernel(rays_o, rays_d, t0s, k_firsts, counts, step, box, occupied, kep
         tl.store(kept_counts + ray, kept, mask=ray_mask)
 
 
+def march_launch(rays_o: torch.Tensor, rays_d: torch.Tensor, t0: torch.Tensor, k_first: torch.Tensor,
+                 counts: torch.Tensor, step: torch.Tensor, box: torch.Tensor, grid: torch.Tensor, kept: torch.Tensor,
+                 out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Launch:
+    """The counting launch (``out`` None: kept samples per ray into ``kept``) or the writing one (``out``: the
+    rays' output offsets, ray indices and ``t_starts``)."""
+    n_rays = rays_o.shape[0]
+    empty_long = torch.empty(0, dtype=torch.int64, device=rays_o.device)
+    empty = torch.empty(0, dtype=rays_o.dtype, device=rays_o.device)
+    out_starts, ray_indices, t_starts = out if out is not None else (empty_long, empty_long, empty)
+    return Launch(march_kernel, _programs(n_rays),
+                  (rays_o, rays_d, t0, k_first, counts, step, box, grid, kept, out_starts, ray_indices, t_starts,
+                   n_rays), {"R": grid.shape[0], "WRITE": out is not None, "BLOCK": RAYS_PER_PROGRAM})
+
+
+def march_inputs(rays_o: torch.Tensor, rays_d: torch.Tensor, t0: torch.Tensor, k_first: torch.Tensor,
+                 counts: torch.Tensor, step_size: float, aabb: torch.Tensor, occupied: torch.Tensor
+                 ) -> tuple[torch.Tensor, ...]:
+    """:func:`march_launch`'s first eight arguments, in the types and layout the kernel reads."""
+    r = occupied.shape[0]
+    if occupied.shape != (r, r, r):
+        raise ValueError(f"occupied must be a cubic [R, R, R] grid, got {tuple(occupied.shape)}")
+    device, dtype = rays_o.device, rays_o.dtype
+    rays_o, rays_d, t0 = (t.contiguous() for t in (rays_o, rays_d, t0.to(dtype)))
+    step = torch.tensor([step_size], dtype=dtype, device=device)
+    return (rays_o, rays_d, t0, k_first.long().contiguous(), counts.long().contiguous(), step,
+            aabb.to(device=device, dtype=dtype).contiguous(), occupied.contiguous().to(torch.uint8))
+
+
 def march_occupied(rays_o: torch.Tensor, rays_d: torch.Tensor, t0: torch.Tensor, k_first: torch.Tensor,
                    counts: torch.Tensor, step_size: float, aabb: torch.Tensor, occupied: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(ray_indices, t_starts, t_ends)`` of the lattice samples whose midpoint lies in an occupied cell.
 
-    The arguments are :func:`stages.nersemble.sampling.march_rays`'s per-ray lattice (``t0``, first step
-    ``k_first`` and step ``counts``); two passes (count, then write at the prefix-sum offsets), so nothing but
-    the kept samples is stored. Grid cubic, ``[R, R, R]``.
+    The arguments are ``sampling.march_rays``'s per-ray lattice (``t0``, first step ``k_first`` and step
+    ``counts``); two passes (count, then write at the prefix-sum offsets), so nothing but the kept samples is
+    stored. Grid cubic, ``[R, R, R]``.
     """
-    r = occupied.shape[0]
-    if occupied.shape != (r, r, r):
-        raise ValueError(f"occupied must be a cubic [R, R, R] grid, got {tuple(occupied.shape)}")
+    inputs = march_inputs(rays_o, rays_d, t0, k_first, counts, step_size, aabb, occupied)
     n_rays, device, dtype = rays_o.shape[0], rays_o.device, rays_o.dtype
-    rays_o, rays_d, t0 = (t.contiguous() for t in (rays_o, rays_d, t0.to(dtype)))
-    k_first, counts = k_first.long().contiguous(), counts.long().contiguous()
-    grid = occupied.contiguous().to(torch.uint8)
-    box = aabb.to(device=device, dtype=dtype).contiguous()
     kept = torch.zeros(n_rays, dtype=torch.int64, device=device)
-    empty_long, empty = torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=dtype, device=device)
     if n_rays == 0:
-        return empty_long, empty, empty
-    step = torch.tensor([step_size], dtype=dtype, device=device)
-    args = (rays_o, rays_d, t0, k_first, counts, step, box, grid)
-    march_kernel[_programs(n_rays)](*args, kept, empty_long, empty_long, empty, n_rays,
-                                    R=r, WRITE=False, BLOCK=RAYS_PER_PROGRAM)
+        empty = torch.empty(0, dtype=dtype, device=device)
+        return torch.empty(0, dtype=torch.int64, device=device), empty, empty
+    march_launch(*inputs, kept).run()
     out_starts = torch.cumsum(kept, 0) - kept
     total = int(kept.sum())  # one device-to-host sync, as in nerfacc: the output size
     ray_indices = torch.empty(total, dtype=torch.int64, device=device)
     t_starts = torch.empty(total, dtype=dtype, device=device)
     if total:
-        march_kernel[_programs(n_rays)](*args, kept, out_starts, ray_indices, t_starts, n_rays,
-                                        R=r, WRITE=True, BLOCK=RAYS_PER_PROGRAM)
+        march_launch(*inputs, kept, (out_starts, ray_indices, t_starts)).run()
     return ray_indices, t_starts, t_starts + step_size
 
 
-def interpreting() -> bool:
+def kernels_interpreted() -> bool:
     """These kernels were built by Triton's interpreter (``TRITON_INTERPRET=1`` at import): they take CPU tensors."""
-    return type(composite_fwd).__name__ == "InterpretedFunction"
+    return interpreting(composite_fwd)
 
 
 def uses_kernels(tensor: torch.Tensor) -> bool:
     """Kernels run on CUDA tensors, and on CPU tensors only under Triton's interpreter."""
-    return tensor.is_cuda or interpreting()
+    return tensor.is_cuda or kernels_interpreted()
