@@ -287,17 +287,24 @@ class NeRSembleModel(nn.Module):
             self.packed_failure = fall_back(error, getattr(self.field.encoding, "strict", False),
                                             "the torch marching and compositing")
 
+    def allow_kernel_fallback(self, allowed: bool = True) -> NeRSembleModel:
+        """Whether a kernel that fails on first use falls back to its torch twin with a warning (the backend came
+        from ``auto``) or raises (the backend was named). Only the ``triton`` encoding has kernels that can fail
+        so; the C kernels always fall back (:mod:`.kernels.cpu.build`)."""
+        if hasattr(self.field.encoding, "strict"):
+            self.field.encoding.strict = not allowed
+        return self
+
     def kernels_used(self) -> dict[str, object]:
         """Which implementation runs each part on the model's device, and why a kernel fell back, for reports."""
         encoding = self.field.encoding
         on_cpu = self.scene_box.device.type == "cpu"
-        name = encoding.backend
-        failures = [f for f in (getattr(encoding, "failure", None), self.packed_failure) if f]
-        if getattr(encoding, "failure", None):
-            name = "torch"
-        if on_cpu and name == "torch" and cpu_build.available():
+        c_kernels = on_cpu and cpu_build.available()
+        packed = "triton" if self._fused(self.scene_box) else ("c" if c_kernels else "torch")  # checks on first use
+        name = "torch" if getattr(encoding, "failure", None) else encoding.backend
+        if name == "torch" and c_kernels:
             name = "torch+c"  # the torch module, its float32 CPU work in the C kernels
-        packed = "triton" if self._fused(self.scene_box) else ("c" if on_cpu and cpu_build.available() else "torch")
+        failures = [f for f in (getattr(encoding, "failure", None), self.packed_failure) if f]
         return {"encoding": name, "marching_compositing": packed, "fallbacks": failures}
 
     def _per_ray_timesteps(self, timesteps: torch.Tensor | int, n_rays: int, device: torch.device) -> torch.Tensor:

@@ -220,12 +220,13 @@ def plan_training(store: CaptureStore, config: OptimizeConfig) -> TrainPlan:
 
 
 def build_trainer(store: CaptureStore, train: list[str], cfg: NeRSembleConfig, device: torch.device, backend: str,
-                  use_depth: bool, box_m: tuple | None = None,
-                  resumed: dict | None = None) -> tuple[Trainer, str]:
+                  use_depth: bool, box_m: tuple | None = None, resumed: dict | None = None,
+                  kernel_fallback: bool = True) -> tuple[Trainer, str]:
     """The model and its trainer on the store's training cameras, and where the scene box came from.
 
     Fresh: the box and the occupancy mask come from the mattes' hull, the weights from the config's seed.
     ``resumed``: box, weights, occupancy masks and optimiser state come back from that checkpoint.
+    ``kernel_fallback``: a Triton kernel failing on first use falls back to torch (``--encoding auto``) or raises.
     """
     if resumed is not None:
         hull, box, box_source = None, resumed["scene_box"], "checkpoint"
@@ -235,6 +236,7 @@ def build_trainer(store: CaptureStore, train: list[str], cfg: NeRSembleConfig, d
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # the initial weights are part of what the seed fixes
         model = NeRSembleModel(cfg, store.n_frames, box, backend=backend).to(device)
+        model.allow_kernel_fallback(kernel_fallback)
     trainer = Trainer(model, StoreImageSource(store, train, use_depth), device)
     if resumed is not None:
         trainer.load_state_dict(resumed)
@@ -262,7 +264,8 @@ def _train(run: StageRun, config: OptimizeConfig, plan: TrainPlan, progress: Pro
     resumed = latest_checkpoint(work, skipped=warnings, warnings=warnings) if config.resume else None
     if resumed is not None and resumed.get("run_id") != run_id:
         resumed = None  # another config or other upstream results: start over
-    trainer, box_source = build_trainer(store, train, cfg, device, backend, use_depth, config.scene_box, resumed)
+    trainer, box_source = build_trainer(store, train, cfg, device, backend, use_depth, config.scene_box, resumed,
+                                        kernel_fallback=config.encoding == "auto")
     model, box = trainer.model, trainer.model.scene_box.cpu()
     if resumed is None:
         _remove_checkpoints(work)
@@ -318,6 +321,7 @@ def _train(run: StageRun, config: OptimizeConfig, plan: TrainPlan, progress: Pro
         "rays": trainer.state.rays,
         "device": str(device),
         "encoding": model.field.encoding.__class__.__name__,
+        "kernels": model.kernels_used(),  # which implementation ran each part, and any fallback's reason
         "train_cameras": train,
         "holdout_cameras": holdout,
         "holdout": store.holdout,  # the sequence's record: these cameras, how and why they were chosen

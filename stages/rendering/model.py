@@ -54,6 +54,7 @@ def load_trained_model(sequence_work_dir: str | os.PathLike[str], device: str = 
         raise StageOrderError(f"{work.uri}: no trained model in nersemble/{CHECKPOINTS}/: run "
                               f"`{PRODUCED_BY['optimize']}` first")
     model = model_from_checkpoint(checkpoint, target, resolve_backend(encoding, target), eval_substeps)
+    model.allow_kernel_fallback(encoding == "auto")  # a named backend fails loudly; auto falls back
     return TrainedModel(model=model, config=model.config, step=int(checkpoint["step"]),
                         train_cameras=list(checkpoint["train_cameras"]),
                         holdout_cameras=list(checkpoint["holdout_cameras"]), n_timesteps=model.n_timesteps,

@@ -181,9 +181,10 @@ def test_state_dict_moves_between_torch_and_triton(interpreted):
 def test_block_points_is_a_power_of_two_tile():
     paper = preset("paper").hash
     assert block_points(paper.n_grids, paper.features_per_level) == 32  # 32 x 64 lanes
+    assert backward_block_points(paper.n_grids, paper.features_per_level) == 8  # a quarter of the tile
     for k, f in [(1, 1), (3, 3), (32, 2), (64, 8)]:
-        b = block_points(k, f)
-        assert b >= 16 and b & (b - 1) == 0
+        b, back = block_points(k, f), backward_block_points(k, f)
+        assert b >= 16 and b & (b - 1) == 0 and back >= 8 and back & (back - 1) == 0 and back <= b
 
 
 def test_auto_backend_on_the_cpu_is_torch():
@@ -235,3 +236,87 @@ def test_a_model_on_the_triton_backend_matches_the_torch_backend(interpreted):
     for fast, ref, what in zip(results["triton"], results["torch"], ["sigma", "rgb", "table grad", "code grad"]):
         assert float(ref.detach().abs().max()) > 0, what
         _close(fast, ref, what)
+
+
+# --- a kernel that fails on first use never crashes a run -------------------------------------------------------
+
+
+def _broken(monkeypatch, kernel_name: str, error: str = "ptxas fatal: Unsupported .version 9.9") -> None:
+    """Make every launch of ``kernel_name`` fail as a compiler or driver error would."""
+    from stages.nersemble.kernels.cuda.launch import Launch  # noqa: PLC0415
+    from stages.nersemble.kernels.registry import KernelError  # noqa: PLC0415
+
+    run = Launch.run
+
+    def failing(self):
+        if self.name == kernel_name:
+            raise KernelError(self.name, "NVIDIA Old GPU (sm_50)", RuntimeError(error))
+        return run(self)
+
+    monkeypatch.setattr(Launch, "run", failing)
+
+
+@pytest.mark.parametrize("kernel", ["hash_ensemble_fwd", "hash_ensemble_bwd"])
+def test_auto_falls_back_to_torch_with_one_warning_naming_the_kernel(interpreted, monkeypatch, kernel):
+    config = CONFIGS["mixed"]
+    encoding, reference = _pair(config)
+    encoding.strict = False  # what --encoding auto builds
+    _broken(monkeypatch, kernel)
+    x = _points(N_POINTS, torch.Generator().manual_seed(1)).requires_grad_()
+    blend = torch.rand(N_POINTS, config.n_grids).requires_grad_()
+    with pytest.warns(RuntimeWarning, match=rf"{kernel} failed on NVIDIA Old GPU \(sm_50\).*Unsupported"):
+        out = encoding(x, blend)
+    assert encoding.failure is not None and kernel in encoding.failure
+    _close(out, reference(x, blend), "values after the fallback")
+    out.sum().backward()  # the step goes on: gradients through the torch path
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    import warnings  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning only: later calls run the torch path silently
+        encoding(x, blend)
+
+
+def test_an_explicit_triton_encoding_fails_with_the_kernel_and_the_alternative(interpreted, monkeypatch):
+    from stages.nersemble.kernels.registry import KernelError  # noqa: PLC0415
+
+    encoding, _ = _pair(CONFIGS["mixed"])
+    assert encoding.strict  # make_encoding(config, "triton"), i.e. --encoding triton
+    _broken(monkeypatch, "hash_ensemble_bwd")
+    x = _points(N_POINTS, torch.Generator().manual_seed(1)).requires_grad_()
+    with pytest.raises(KernelError, match=r"hash_ensemble_bwd failed on NVIDIA Old GPU.*--encoding torch"):
+        encoding(x, torch.rand(N_POINTS, CONFIGS["mixed"].n_grids))
+
+
+def test_a_kernel_giving_wrong_values_is_caught_on_first_use(interpreted, monkeypatch):
+    """A miscompiled kernel that runs but computes the wrong thing falls back too, before training uses it."""
+    from stages.nersemble.kernels.cuda.launch import Launch  # noqa: PLC0415
+
+    run = Launch.run
+
+    def off_by_a_half(self):
+        run(self)
+        if self.name == "hash_ensemble_fwd":
+            self.args[3].mul_(0.5)  # the output
+
+    monkeypatch.setattr(Launch, "run", off_by_a_half)
+    encoding, reference = _pair(CONFIGS["mixed"])
+    encoding.strict = False
+    x, blend = _points(N_POINTS, torch.Generator().manual_seed(2)), torch.rand(N_POINTS, CONFIGS["mixed"].n_grids)
+    with pytest.warns(RuntimeWarning, match="hash_ensemble.*differ from the torch twin"):
+        out = encoding(x, blend)
+    _close(out, reference(x, blend), "values after the fallback")
+
+
+def test_the_model_reports_the_backends_and_falls_back_for_packed_kernels(interpreted, monkeypatch):
+    from stages.nersemble import NeRSembleModel  # noqa: PLC0415
+
+    model = NeRSembleModel(preset("preview"), 2, torch.tensor([[-1.0] * 3, [1.0] * 3]), backend="triton")
+    model.allow_kernel_fallback()
+    assert model.kernels_used() == {"encoding": "triton", "marching_compositing": "triton", "fallbacks": []}
+    fresh = NeRSembleModel(preset("preview"), 2, torch.tensor([[-1.0] * 3, [1.0] * 3]), backend="triton")
+    fresh.allow_kernel_fallback()
+    _broken(monkeypatch, "march_kernel")
+    with pytest.warns(RuntimeWarning, match="march_kernel failed.*torch marching and compositing"):
+        used = fresh.kernels_used()
+    assert used["marching_compositing"] != "triton" and "march_kernel" in used["fallbacks"][0]

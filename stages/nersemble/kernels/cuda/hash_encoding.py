@@ -226,10 +226,11 @@ def hash_ensemble_bwd(x_ptr, blend_ptr, table_ptr, grad_out_ptr, grad_x_ptr, gra
 # Points per program: a tile of BLOCK_N x (K_PAD * F_PAD) values. The forward holds a gathered corner tile and
 # one accumulator: 2048 lanes (16 per thread at 4 warps) fit in registers at the paper's 64 features. The
 # backward holds four tiles at once (blend, the level's gradient row, the interpolated row, the blend
-# gradient) besides the gathered one, and at 2048 lanes ptxas spills them (the compile gate's figures); half
-# the lanes keep every preset's backward free of spills.
+# gradient) besides the gathered one; ptxas spills them on some targets (Ampere and Ada first) until each
+# thread holds 4 lanes of a tile, so the backward runs a quarter of the forward's tile. The compile gate
+# (benchmarks/gpu_compile.py) records registers and spills per preset and target.
 TILE_LANES = 2048
-BACKWARD_TILE_LANES = TILE_LANES // 2
+BACKWARD_TILE_LANES = TILE_LANES // 4
 MAX_BLOCK_N = 128
 
 
@@ -237,15 +238,15 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def block_points(n_grids: int, features: int, tile_lanes: int = TILE_LANES) -> int:
-    """Points per program for a ``K x F`` ensemble (a power of two, at least 16)."""
+def block_points(n_grids: int, features: int, tile_lanes: int = TILE_LANES, fewest: int = 16) -> int:
+    """Points per program of the forward for a ``K x F`` ensemble (a power of two, at least ``fewest``)."""
     lanes = _next_pow2(n_grids) * _next_pow2(features)
-    return max(16, min(MAX_BLOCK_N, tile_lanes // lanes))
+    return max(fewest, min(MAX_BLOCK_N, tile_lanes // lanes))
 
 
 def backward_block_points(n_grids: int, features: int) -> int:
-    """Points per program of the backward (half the forward's tile, see :data:`BACKWARD_TILE_LANES`)."""
-    return block_points(n_grids, features, BACKWARD_TILE_LANES)
+    """Points per program of the backward (a quarter of the forward's tile, see :data:`BACKWARD_TILE_LANES`)."""
+    return block_points(n_grids, features, BACKWARD_TILE_LANES, fewest=8)
 
 
 def kernels_interpreted() -> bool:
