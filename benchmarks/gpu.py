@@ -240,6 +240,53 @@ def train_row(preset_name: str, backend: str, source: SphereSource, seconds: flo
     return row
 
 
+class HeldOut:
+    """``source`` without one camera: the cameras training sees."""
+
+    def __init__(self, source: SphereSource, holdout: int) -> None:
+        self.source, self.n_timesteps = source, source.n_timesteps
+        self.views = [v for i, v in enumerate(source.views) if i != holdout]
+        self._index = [i for i in range(len(source.views)) if i != holdout]
+
+    def load(self, view: int, timestep: int):
+        return self.source.load(self._index[view], timestep)
+
+
+def track_row(preset_name: str, backend: str, source: SphereSource, steps: int, holdout: int = 5,
+              every: int = 25) -> dict:
+    """``steps`` steps of ``preset_name`` from its seed on every camera but ``holdout``: the loss every ``every``
+    steps and the hold-out camera's PSNR at the end (a quarter-size render against the exact sphere). Run per
+    backend from the same seed, the curves and scores should track each other."""
+    from stages.nersemble import NeRSembleModel, scene_box_from_cameras  # noqa: PLC0415
+    from stages.nersemble.trainer import Trainer  # noqa: PLC0415
+
+    cfg = preset(preset_name)
+    box = scene_box_from_cameras([v.world_2_cam for v in source.views], cfg.scene.box_size_m, cfg.scene.world_scale)
+    torch.manual_seed(cfg.train.seed)
+    model = NeRSembleModel(cfg, source.n_timesteps, box, backend=backend).cuda()
+    trainer = Trainer(model, HeldOut(source, holdout), torch.device("cuda"))
+    losses = []
+    for step in range(1, steps + 1):
+        loss = trainer.train_step()["total"]
+        if step % every == 0:
+            losses.append(round(float(loss), 6))
+    small = SphereSource(len(source.views), source.n_timesteps, source.width // 4, source.height // 4)
+    view = small.views[holdout]
+    psnrs = []
+    model.eval()
+    with torch.no_grad():
+        for t in range(source.n_timesteps):
+            image = model.render_image(view.K, view.world_2_cam, small.width, small.height, t)["rgb"].float().cpu()
+            exact = torch.from_numpy(small.load(holdout, t).rgb).float() / 255.0
+            mse = float(((image.clamp(0, 1) - exact) ** 2).mean())
+            psnrs.append(-10.0 * math.log10(max(mse, 1e-10)))
+    row = {"preset": preset_name, "backend": backend, "steps": steps, "loss_every": every, "losses": losses,
+           "holdout_psnr": float(np.mean(psnrs)), "kernels": model.kernels_used()}
+    model = trainer = None  # noqa: F841 - free the GPU before the next row
+    torch.cuda.empty_cache()
+    return row
+
+
 def _ratio(rows: list[dict], key: str, match: dict) -> float | None:
     def pick(backend: str) -> dict | None:
         found = [r for r in rows if r.get("backend") == backend and key in r
@@ -275,6 +322,12 @@ def markdown(result: dict) -> str:
         lines.append(f"\n{name}: triton / torch steps/s {ratio:.2f}x" if ratio else f"\n{name}: ratio not measured")
     for name, ratio in result.get("training_ratio_fused_over_torch_march_composite", {}).items():
         lines.append(f"\n{name}: triton with / without fused marching and compositing, steps/s {ratio:.2f}x")
+    if result.get("tracking"):
+        lines += ["", "## standard, same seed and steps per backend (loss curve, hold-out PSNR against the exact sphere)",
+                  "", "| backend | steps | hold-out PSNR (dB) | last losses | kernels |", "| --- | ---: | ---: | --- | --- |"]
+        for r in result["tracking"]:
+            lines.append(f"| {r['backend']} | {r['steps']} | {r['holdout_psnr']:.2f} | {r['losses'][-3:]} | "
+                         f"{r['kernels']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -287,6 +340,9 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=200, help="at most this many timed steps per row")
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--track-steps", type=int, default=0,
+                        help="also train `standard` this many steps per backend from one seed and compare loss "
+                             "curves and hold-out PSNR (0: skip)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -335,6 +391,15 @@ def main() -> None:
         if fused and unfused:
             fused_ratio[name] = fused / unfused
     result["training_ratio_fused_over_torch_march_composite"] = fused_ratio
+
+    result["tracking"] = []
+    if args.track_steps and triton_importable():
+        source = SphereSource(n_timesteps=2)
+        for backend in ("torch", "triton"):
+            print(f"tracking standard / {backend} for {args.track_steps} steps ...", flush=True)
+            row = track_row("standard", backend, source, args.track_steps)
+            print(f"  hold-out PSNR {row['holdout_psnr']:.2f} dB, last loss {row['losses'][-1:]}", flush=True)
+            result["tracking"].append(row)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
