@@ -94,6 +94,20 @@ def _level(scales, resolutions, sizes, offsets, dense_flags, level):
 
 
 @triton.jit
+def _tile(n_points, K: tl.constexpr, F: tl.constexpr, K_PAD: tl.constexpr, F_PAD: tl.constexpr,
+          BLOCK_N: tl.constexpr):
+    """This program's points and lanes: point mask and int64 index ``[BLOCK_N]``, each lane's grid ``k`` and
+    feature ``f``, its table column ``k * F + f``, and the ``[BLOCK_N, K_PAD * F_PAD]`` mask of real values."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < n_points
+    lanes = tl.arange(0, K_PAD * F_PAD)
+    k = lanes // F_PAD
+    f = lanes % F_PAD
+    mask = n_mask[:, None] & ((k < K) & (f < F))[None, :]
+    return n_mask, n.to(tl.int64), k, f, k * F + f, mask
+
+
+@triton.jit
 def hash_ensemble_fwd(x_ptr, blend_ptr, table_ptr, out_ptr,
                       scales, resolutions, sizes, offsets, dense_flags, n_points,
                       K: tl.constexpr, F: tl.constexpr, L: tl.constexpr, K_PAD: tl.constexpr,
@@ -105,15 +119,7 @@ def hash_ensemble_fwd(x_ptr, blend_ptr, table_ptr, out_ptr,
     """
     W: tl.constexpr = K * F
     level = tl.program_id(1)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < n_points
-    n64 = n.to(tl.int64)
-    lanes = tl.arange(0, K_PAD * F_PAD)
-    k = lanes // F_PAD
-    f = lanes % F_PAD
-    lane_mask = (k < K) & (f < F)
-    column = k * F + f
-    mask = n_mask[:, None] & lane_mask[None, :]
+    n_mask, n64, k, f, column, mask = _tile(n_points, K, F, K_PAD, F_PAD, BLOCK_N)
 
     scale, res, size, offset, dense = _level(scales, resolutions, sizes, offsets, dense_flags, level)
     cx, fx = _cell(tl.load(x_ptr + n64 * 3 + 0, mask=n_mask, other=0.0), scale)
@@ -151,15 +157,7 @@ def hash_ensemble_bwd(x_ptr, blend_ptr, table_ptr, grad_out_ptr, grad_x_ptr, gra
     """
     W: tl.constexpr = K * F
     NEED_ROWS: tl.constexpr = NEED_X or NEED_BLEND
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < n_points
-    n64 = n.to(tl.int64)
-    lanes = tl.arange(0, K_PAD * F_PAD)
-    k = lanes // F_PAD
-    f = lanes % F_PAD
-    lane_mask = (k < K) & (f < F)
-    column = k * F + f
-    mask = n_mask[:, None] & lane_mask[None, :]
+    n_mask, n64, k, f, column, mask = _tile(n_points, K, F, K_PAD, F_PAD, BLOCK_N)
 
     px = tl.load(x_ptr + n64 * 3 + 0, mask=n_mask, other=0.0)
     py = tl.load(x_ptr + n64 * 3 + 1, mask=n_mask, other=0.0)
