@@ -19,7 +19,7 @@ export U2NET_HOME := $(CURDIR)/models
 LOCAL_API := http://127.0.0.1:4200/api
 PREFECT := $(VENV)/bin/prefect
 
-.PHONY: install demo test bench ui worker deploy clean
+.PHONY: install browser demo test bench ui worker deploy clean
 
 install: $(STAMP) $(MODEL)
 
@@ -37,7 +37,14 @@ $(MODEL): | $(STAMP)
 demo: install
 	$(CLI) demo --out $(DEMO_OUT)
 
-test: install
+# Debian's Chromium for the viewer's browser tests (tests/pipeline/test_viewer.py); where it cannot be installed
+# those tests skip and say why.
+browser:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium could not be installed: the viewer's browser tests will skip"
+
+test: install browser
 	$(PY) -m pytest -q
 
 bench: install

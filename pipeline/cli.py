@@ -359,6 +359,22 @@ def evaluate(
     _print_report(report, ("metrics", "seconds"))
 
 
+@app.command()
+@_user_errors
+def view(
+    sequence_work_dir: Annotated[Path, typer.Argument(help="<WORK>/<PID>/<SEQ>, holding a trained model")],
+    host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the viewer's page")] = 8080,
+    device: Annotated[str, typer.Option(help="render on auto, cpu or cuda")] = "auto",
+    checkpoint: Annotated[Optional[int], typer.Option(help="the checkpoint of this step (default: the newest)")]
+    = None,
+) -> None:
+    """Open a trained sequence in the browser: orbit, scrub time, compare with rig cameras, save views."""
+    from pipeline.viewer.server import serve
+
+    serve(str(sequence_work_dir), host=host, port=port, device=device, checkpoint=checkpoint, echo=typer.echo)
+
+
 @app.command("list")
 @_user_errors
 def list_captures(

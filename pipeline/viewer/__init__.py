@@ -1,0 +1,7 @@
+"""``nersemble-pipeline view``: a trained sequence in the browser (viser), rendered by the model as export renders it.
+
+One room, one job a module: ``sequence`` loads what a viewer shows, ``camera`` turns a browser camera into the
+pipeline's OpenCV convention, ``frames`` renders one view in cancellable strips, ``progressive`` schedules coarse
+and full renders, ``scene`` and ``panel`` build the page, ``keyframes`` writes the camera path, ``session`` ties
+one browser tab together and ``server`` serves them all.
+"""
