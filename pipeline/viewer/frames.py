@@ -20,6 +20,9 @@ from stages.rendering.sheets import colourise_depth, grey_to_rgb, to_uint8
 Mode = Literal["colour", "depth", "alpha"]
 MODES: tuple[Mode, ...] = ("colour", "depth", "alpha")
 DEPTH_MIN_ALPHA = 0.5  # as export's depth videos: fog has no surface
+# A coarse image (160 px wide) in one call: it is never cancelled, and one call is about a quarter faster on the
+# CPU than 8192-ray strips (each strip marches and queries on its own).
+COARSE_RAYS = 1 << 16
 
 
 class Cancelled(Exception):

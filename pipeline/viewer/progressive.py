@@ -1,5 +1,8 @@
 """Progressive rendering for one tab: a coarse image at once for the newest view, the full size once it rests.
 
+A view that has already rested by the time the renderer picks it up (the last pose of a drag, found after the
+coarse render in flight) goes straight to the full size: its coarse image would only delay the refine.
+
 Only the newest view matters: views that arrive while a render runs replace each other, and a full-size render
 is cancelled (between strips) as soon as a newer view arrives. A coarse render is never cancelled, so a view that
 changes continuously (a drag, playback) still shows an image every coarse render time.
@@ -94,7 +97,7 @@ class ProgressiveRenderer:
     def _render_progressively(self, version: int, request: ViewRequest) -> int | None:
         """Coarse now, full once the view rests; the version fully shown, or None when a newer one came."""
         coarse, full = self.sizes.coarse(request.pose.aspect), self.sizes.full(request.pose.aspect)
-        if coarse != full:
+        if coarse != full and not self._rested():  # a view that already rests goes straight to the full size
             self._emit(version, request, coarse, full=False, cancelled=lambda: False)
         if not self._wait_for_rest(version):
             return None
@@ -103,6 +106,10 @@ class ProgressiveRenderer:
         except Cancelled:
             return None
         return version
+
+    def _rested(self) -> bool:
+        with self._changed:
+            return time.monotonic() - self._last_change >= self.rest_s
 
     def _wait_for_rest(self, version: int) -> bool:
         """Wait until no new view came for ``rest_s``; False when one came (or the tab closed)."""

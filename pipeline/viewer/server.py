@@ -19,10 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline.viewer.camera import RenderSizes, ViewPose, vertical_fov
-from pipeline.viewer.frames import FrameRenderer
 from pipeline.viewer.keyframes import KeyframeFile
 from pipeline.viewer.sequence import ViewerSequence
 from pipeline.viewer.session import Session, SharedRendering
@@ -92,11 +90,7 @@ class Viewer:
                                 f"`nersemble-pipeline view {sequence.work.uri} --port {port + 1}`")
         self.host = host
         cams = sequence.cameras
-        one_at_a_time = threading.Lock()  # renders share the CPU's cores (or the GPU): interleaved, never parallel
-        self.rendering = SharedRendering(
-            full=FrameRenderer(sequence.trained.model, one_at_a_time),
-            coarse=FrameRenderer(sequence.coarse.model, one_at_a_time),
-            sizes=sizes or RenderSizes(full_pixels=cams.width * cams.height), threads=torch.get_num_threads())
+        self.rendering = SharedRendering.for_sequence(sequence, sizes)
         self.keyframes = KeyframeFile(path_file or default_path_file(sequence), (cams.width, cams.height),
                                       sequence.n_timesteps)
         self.initial = initial_pose(sequence)

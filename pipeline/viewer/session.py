@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.viewer.camera import RenderSizes, ViewPose, pose_of_rig_camera
 from pipeline.viewer.compare import Comparison, CompareWorker
-from pipeline.viewer.frames import FrameRenderer, Mode, depth_range, picture
+from pipeline.viewer.frames import COARSE_RAYS, FrameRenderer, Mode, depth_range, picture
 from pipeline.viewer.keyframes import KeyframeFile
 from pipeline.viewer.panel import Panel, PanelActions
 from pipeline.viewer.progressive import Delivered, ProgressiveRenderer, ViewRequest
@@ -50,6 +51,15 @@ class SharedRendering:
     coarse: FrameRenderer
     sizes: RenderSizes
     threads: int
+
+    @classmethod
+    def for_sequence(cls, sequence: ViewerSequence, sizes: RenderSizes | None = None) -> "SharedRendering":
+        """Full renders in cancellable strips, coarse ones in one call; one lock, since they share the cores."""
+        one_at_a_time = threading.Lock()
+        cams = sequence.cameras
+        return cls(full=FrameRenderer(sequence.trained.model, one_at_a_time),
+                   coarse=FrameRenderer(sequence.coarse.model, one_at_a_time, strip_rays=COARSE_RAYS),
+                   sizes=sizes or RenderSizes(full_pixels=cams.width * cams.height), threads=torch.get_num_threads())
 
 
 def render_picture(rendering: SharedRendering, box: np.ndarray, request: ViewRequest, size: tuple[int, int],

@@ -390,32 +390,59 @@ def test_strips_render_what_one_call_renders(sequence):
         FrameRenderer(model).render(K, w2c, cams.width, cams.height, 1, cancelled=lambda: True)
 
 
-def test_a_new_view_cancels_the_full_render_in_flight():
-    """Coarse at once for every view; the full size only for the view that rested; a superseded full render stops."""
-    started, delivered = [], []
-    release = threading.Event()
+def _scripted_renders(hold: dict[tuple[int, int], threading.Event]):  # noqa: ANN202
+    """A render function that records what it was asked for and, for the sizes in ``hold``, waits (cancellably)."""
+    started = []
 
     def render(request, size, cancelled):  # noqa: ANN001, ANN202
         started.append((request.timestep, size))
-        if size == (40, 40):  # full size: wait (cancellably) until released
-            while not release.wait(0.01):
-                if cancelled():
-                    raise Cancelled
+        release = hold.get(size)
+        while release is not None and not release.wait(0.01):
+            if cancelled():
+                raise Cancelled
         return np.zeros((size[1], size[0], 3), np.uint8)
 
-    progressive = ProgressiveRenderer(render, delivered.append, RenderSizes(coarse_width=20, full_pixels=1600),
-                                      rest_s=0.05)
-    pose = ViewPose((0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0), 1.0, 1.0)
+    return render, started
+
+
+POSE = ViewPose((0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0), 1.0, 1.0)
+SIZES = RenderSizes(coarse_width=20, full_pixels=1600)  # coarse 20x20, full 40x40
+
+
+def test_a_new_view_cancels_the_full_render_in_flight():
+    """Coarse at once for a new view, the full size once it rests; a newer view stops the full render in flight."""
+    release = threading.Event()
+    render, started = _scripted_renders({(40, 40): release})
+    delivered = []
+    progressive = ProgressiveRenderer(render, delivered.append, SIZES, rest_s=0.3)
     try:
-        progressive.show(ViewRequest(pose, 0, "colour"))
+        progressive.show(ViewRequest(POSE, 0, "colour"))
         wait_for(lambda: (0, (40, 40)) in started, "the full render of view 0", timeout=5)
-        progressive.show(ViewRequest(pose, 1, "colour"))  # cancels view 0's full render
+        progressive.show(ViewRequest(POSE, 1, "colour"))  # cancels view 0's full render
         wait_for(lambda: (1, (40, 40)) in started, "the full render of view 1", timeout=5)
         release.set()
         wait_for(lambda: any(d.full for d in delivered), "a full picture", timeout=5)
     finally:
         progressive.stop()
     assert [(d.request.timestep, d.full) for d in delivered] == [(0, False), (1, False), (1, True)]
+
+
+def test_a_view_that_already_rests_goes_straight_to_full_size():
+    """The last pose of a drag, picked up after the coarse render in flight, needs no coarse image of its own."""
+    release = threading.Event()
+    render, started = _scripted_renders({(20, 20): release})
+    delivered = []
+    progressive = ProgressiveRenderer(render, delivered.append, SIZES, rest_s=0.05)
+    try:
+        progressive.show(ViewRequest(POSE, 0, "colour"))
+        wait_for(lambda: (0, (20, 20)) in started, "the coarse render of view 0", timeout=5)
+        progressive.show(ViewRequest(POSE, 1, "colour"))
+        time.sleep(0.2)  # view 1 rests while view 0's coarse render is still running
+        release.set()
+        wait_for(lambda: any(d.full and d.request.timestep == 1 for d in delivered), "view 1 in full", timeout=5)
+    finally:
+        progressive.stop()
+    assert [(d.request.timestep, d.full) for d in delivered] == [(0, False), (1, True)]
 
 
 # --- bad input: one line naming the problem and the command that fixes it ----------------------------------------
