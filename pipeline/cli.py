@@ -553,6 +553,24 @@ def ui(
 
 @app.command()
 @_user_errors
+def server(
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface, for workers on other "
+                                           "hosts)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the UI and API")] = 4200,
+    data: Annotated[Optional[Path], typer.Option(help="folder for the database (default: $NERSEMBLE_SERVER_DATA, "
+                                                      "else ./server-data)")] = None,
+    db_port: Annotated[int, typer.Option(help="PostgreSQL's port (on 127.0.0.1 only)")] = 5433,
+) -> None:
+    """Start the Prefect server on PostgreSQL (installed and initialised on first use), for many workers."""
+    from pipeline.server.prefect_server import default_data_dir, serve
+
+    set_defaults()
+    code = serve(data or default_data_dir(), host=host, port=port, db_port=db_port, echo=typer.echo)
+    raise typer.Exit(code)
+
+
+@app.command()
+@_user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="folder for the synthetic archive and the work tree")] = Path("demo-output"),
     frames: Annotated[int, typer.Option(help="frames per camera")] = 12,
