@@ -5,6 +5,13 @@ Sequences whose last run finished with the same stages and configs are skipped (
 work pool (``sequence_deployment``), at most ``max_concurrent`` at a time. A sequence that fails is a row in
 the summary, never the end of the batch; the archive run itself ends Failed when any sequence failed, with
 their errors in its message, after the summary table artifact is written.
+
+A finished sequence costs one cheap check (its ``reports/sequence.json`` and store records) and nothing else:
+no task run, no API call, no walk of its store; a re-run over a large archive is bookkeeping, so it must stay
+proportional to the sequences that still need work. Two archive runs over one archive share the work: a run
+claims a sequence (``<work>/<PID>/<SEQ>/.archive-claim``, a kernel lock held while its sequence run goes on and
+dropped when the holder dies) before running it; a sequence claimed by another run is a ``running elsewhere``
+row here, and one that another run finished in the meantime is ``skipped``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from stages.core.interrupts import forward_stop_signals
 from stages.core.raw_capture import list_archive
 from storage import SequenceWorkDir
 
+CLAIM_LOCK = ".archive-claim"
+RUNNING_ELSEWHERE = "running elsewhere"
 SUMMARY_COLUMNS = ("participant", "sequence", "status", "seconds", "psnr", "error", "flow_run", "store_bytes",
                    "dropped_bytes")
 
@@ -79,12 +88,16 @@ def _psnr_of(work: SequenceWorkDir) -> float | None:
 def _storage(work_root: str, row: dict, drop_arrays: bool) -> dict:
     """The row with its store's bytes, after dropping its arrays when asked and its export has succeeded.
 
-    A sequence another run holds the lock of is left as it is; it is dropped by a later archive run.
+    A sequence another run holds the lock of is left as it is; it is dropped by a later archive run. Rows of
+    sequences this run did not process are not measured (walking every store of a large archive would make a
+    re-run cost what the archive weighs) unless arrays are to be dropped.
     """
     from storage import CaptureStore, SequenceLockedError, sequence_lock
     from storage.lifecycle import drop_arrays as drop, dropped_arrays, tree_bytes
 
     work = SequenceWorkDir.for_sequence(work_root, row["participant"], row["sequence"])
+    if row["status"] not in ("completed", "failed") and not drop_arrays:
+        return {**row, "store_bytes": None, "dropped_bytes": None}
     if "*" in (row["participant"], row["sequence"]) or not CaptureStore.exists(work.capture_uri):
         return {**row, "store_bytes": None, "dropped_bytes": None}
     freed = None
@@ -99,10 +112,41 @@ def _storage(work_root: str, row: dict, drop_arrays: bool) -> dict:
     return {**row, "store_bytes": tree_bytes(work.capture_uri), "dropped_bytes": freed}
 
 
+def _holder_text(holder: dict) -> str:
+    return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {holder.get('since', '?')}"
+            if holder else "a run that has not written its details yet")
+
+
 @task(name="sequence", task_run_name="{participant}/{sequence}", cache_policy=NO_CACHE)
 def run_sequence(participant: str, sequence: str, raw_sequence_dir: str, work_root: str, parameters: dict,
                  sequence_deployment: str | None = None) -> dict:
-    """One sequence as a subflow (or a deployment run); always returns its summary row, failed or not."""
+    """One sequence as a subflow (or a deployment run), under this run's claim on it; always returns its row.
+
+    Another archive run holding the claim: a ``running elsewhere`` row, at once (waiting would only idle this
+    run's slot while the other does the work). The claim won: the sequence is checked again, since another run
+    may have finished it between this run's listing and now.
+    """
+    from storage import SequenceLockedError, sequence_lock
+
+    work = SequenceWorkDir.for_sequence(work_root, participant, sequence)
+    try:
+        with sequence_lock(work.uri, create=True, lock_name=CLAIM_LOCK):
+            done = finished_sequence(work, parameters["stages"], parameters["config"])
+            if done is not None:
+                get_run_logger().info("%s/%s was finished by another archive run meanwhile; skipped",
+                                      participant, sequence)
+                return _row(participant, sequence, "skipped", 0.0, psnr=done.get("psnr"))
+            return _run_claimed(participant, sequence, raw_sequence_dir, work_root, parameters, sequence_deployment)
+    except SequenceLockedError as busy:
+        get_run_logger().warning("%s/%s is being processed by another archive run (%s); skipped here",
+                                 participant, sequence, _holder_text(busy.holder))
+        return _row(participant, sequence, RUNNING_ELSEWHERE, 0.0,
+                    error=f"claimed by another archive run ({_holder_text(busy.holder)})")
+
+
+def _run_claimed(participant: str, sequence: str, raw_sequence_dir: str, work_root: str, parameters: dict,
+                 sequence_deployment: str | None) -> dict:
+    """Run one claimed sequence; its summary row, failed or not."""
     started = time.monotonic()
     work = SequenceWorkDir.for_sequence(work_root, participant, sequence)
     if sequence_deployment:
@@ -206,11 +250,15 @@ def process_archive(
     for raw in found:
         work = SequenceWorkDir.for_sequence(work_root, raw.participant, raw.sequence)
         done = None if rerun_finished else finished_sequence(work, wanted, config)
-        if done is not None:
-            logger.info("%s/%s finished earlier (%s); skipped", raw.participant, raw.sequence, done["finished_at"])
+        if done is not None:  # one debug line each (not sent at the default level), one info line for all
+            logger.debug("%s/%s finished earlier (%s); skipped", raw.participant, raw.sequence, done["finished_at"])
             rows.append(_row(raw.participant, raw.sequence, "skipped", 0.0, psnr=done.get("psnr")))
         else:
             todo.append(raw)
+    skipped = [f"{row['participant']}/{row['sequence']}" for row in rows if row["status"] == "skipped"]
+    if skipped:
+        logger.info("finished earlier, skipped: %s", ", ".join(skipped[:20])
+                    + (f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""))
     logger.info("%d sequence(s) to run, %d finished earlier, %d unreadable or not found", len(todo),
                 sum(row["status"] == "skipped" for row in rows), sum(row["status"] == "failed" for row in rows))
 

@@ -110,6 +110,7 @@ def sequence_lock(
     poll: float = 0.2,
     stale_after: float = DEFAULT_STALE_AFTER,
     create: bool = False,
+    lock_name: str = LOCK_NAME,
 ) -> Iterator[None]:
     """Hold the sequence's write lock for the ``with`` block.
 
@@ -121,26 +122,30 @@ def sequence_lock(
     ``timeout=0`` fails at once with :class:`SequenceLockedError`; a positive ``timeout`` waits
     up to that many seconds. Not re-entrant: a second acquire in the same process behaves like
     one from another process (fails at once or after ``timeout``), it never hangs.
-    ``stale_after`` only applies to non-local filesystems.
+    ``stale_after`` only applies to non-local filesystems. ``lock_name`` names another lock file in the same
+    folder: the archive flow's claim on a sequence (held while a sequence run it started goes on) is separate
+    from the writers' lock, which that sequence run's stages take themselves.
     """
     work_uri = uris.normalize(work_uri)
     if uris.is_local(work_uri):
-        with _local_lock(work_uri, timeout=timeout, poll=poll, create=create):
+        with _local_lock(work_uri, timeout=timeout, poll=poll, create=create, lock_name=lock_name):
             yield
     else:
-        with _fsspec_lock(work_uri, timeout=timeout, poll=poll, stale_after=stale_after, create=create):
+        with _fsspec_lock(work_uri, timeout=timeout, poll=poll, stale_after=stale_after, create=create,
+                          lock_name=lock_name):
             yield
 
 
 @contextmanager
-def _local_lock(work_uri: str, *, timeout: float, poll: float, create: bool = False) -> Iterator[None]:
+def _local_lock(work_uri: str, *, timeout: float, poll: float, create: bool = False,
+                lock_name: str = LOCK_NAME) -> Iterator[None]:
     import fcntl
 
     if create:
         os.makedirs(work_uri, exist_ok=True)
     elif not os.path.isdir(work_uri):
         raise SequenceFolderMissingError(work_uri)
-    path = os.path.join(work_uri, LOCK_NAME)
+    path = os.path.join(work_uri, lock_name)
     fh: IO[str] = open(path, "a+", encoding="utf-8")
     start = time.monotonic()
     try:
@@ -174,13 +179,13 @@ def _local_lock(work_uri: str, *, timeout: float, poll: float, create: bool = Fa
 
 @contextmanager
 def _fsspec_lock(work_uri: str, *, timeout: float, poll: float, stale_after: float,
-                 create: bool = False) -> Iterator[None]:
+                 create: bool = False, lock_name: str = LOCK_NAME) -> Iterator[None]:
     fs, base = uris.filesystem(work_uri)
     if create:
         fs.makedirs(base, exist_ok=True)
     elif not fs.isdir(base):
         raise SequenceFolderMissingError(work_uri)
-    path = f"{base.rstrip('/')}/{LOCK_NAME}"
+    path = f"{base.rstrip('/')}/{lock_name}"
     token = uuid.uuid4().hex
     payload = json.dumps(_holder_info(token)).encode()
     start = time.monotonic()
