@@ -238,6 +238,10 @@ def test_first_image_arrives(session, page):
     shot = wait_for(lambda: (lambda s: s if canvas_region(s).std() > 5 else None)(page.screenshot()),
                     "the render to appear on the page", timeout=10)
     assert canvas_region(shot).std() > 5
+    # The side panel names the sequence, the model's step and the device rendering.
+    text = page.evaluate("document.body.innerText")
+    sequence = session.sequence
+    assert sequence.name in text and f"model step {sequence.trained.step}" in text and "rendering on cpu" in text
 
 
 def test_camera_move_changes_the_image(session, page):
@@ -264,6 +268,17 @@ def test_time_slider_changes_the_timestep(session, page):
     frame = wait_for(lambda: next((f for f in list(session.shown)[count:] if f.full and f.timestep == 1), None),
                      "a full-size render of timestep 1")
     assert frame.timestep == 1
+
+
+def test_render_modes_change_the_picture(session):
+    sums = {}
+    for mode in ("depth", "alpha", "colour"):
+        count = len(session.shown)
+        session.panel.mode.value = mode  # as the dropdown does
+        frame = wait_for(lambda: next((f for f in list(session.shown)[count:] if f.full and f.mode == mode), None),
+                         f"a full-size {mode} picture")
+        sums[mode] = frame.checksum
+    assert len(set(sums.values())) == 3
 
 
 def camera_at_rest(tab, quiet_s: float = 0.5) -> bool:  # noqa: ANN001
@@ -368,6 +383,20 @@ def test_rig_camera_pose_round_trips(sequence):
         assert np.allclose(pose.world_2_cam(), cams.world_2_cam[serial], atol=1e-5)
         K = pose.intrinsics(cams.width, cams.height)
         assert K[1, 1] == pytest.approx(cams.intrinsics[serial][1, 1], rel=1e-5)
+
+
+def test_holdout_scores_come_from_the_evaluate_report_first(tmp_path):
+    from pipeline.viewer.sequence import holdout_scores
+
+    work = SequenceWorkDir(str(tmp_path / "001" / "SEQ"))
+    assert holdout_scores(work) is None
+    work.write_json("export/metrics.json", {"model_step": 7, "results": {"matte": {"overall": {"psnr": 21.5,
+                                                                                             "ssim": 0.8}}}})
+    scores = holdout_scores(work)
+    assert (scores.psnr, scores.ssim, scores.step) == (21.5, 0.8, 7) and "metrics.json" in scores.source
+    work.write_report("evaluate", {"psnr": 24.25, "ssim": 0.9, "model_step": 9})
+    scores = holdout_scores(work)
+    assert (scores.psnr, scores.ssim, scores.step, scores.source) == (24.25, 0.9, 9, "reports/evaluate.json")
 
 
 def test_render_sizes_keep_the_pixel_budget():
