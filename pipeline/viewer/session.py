@@ -117,6 +117,10 @@ class Session:
         self.mode = mode
         self.refresh()
 
+    @property
+    def playing(self) -> bool:
+        return self._playing.is_set()
+
     def play(self, on: bool) -> None:
         """Play through time at the capture's frame rate, looping; the renders keep up as far as they can."""
         if on and not self._playing.is_set() and self.sequence.n_timesteps > 1:

@@ -270,6 +270,25 @@ def test_time_slider_changes_the_timestep(session, page):
     assert frame.timestep == 1
 
 
+def _click_button(page, label: str) -> bool:  # noqa: ANN001
+    return page.evaluate("(() => { const b = Array.from(document.querySelectorAll('button'))"
+                         f".find(b => b.textContent.trim() === {json.dumps(label)}); if (!b) return false;"
+                         " b.click(); return true; })()")
+
+
+def test_play_runs_through_time_and_pause_stops_it(session, page):
+    count = len(session.shown)
+    assert _click_button(page, "Play")
+    seen = wait_for(lambda: (lambda steps: steps if len(steps) >= 2 else None)(
+        {f.timestep for f in list(session.shown)[count:]}), "pictures of two timesteps while playing")
+    assert len(seen) >= 2
+    assert wait_for(lambda: _click_button(page, "Pause"), "the Pause button")
+    wait_for(lambda: not session.playing, "playback to stop")
+    stopped_at = session.timestep
+    time.sleep(0.3)
+    assert session.timestep == stopped_at
+
+
 def test_render_modes_change_the_picture(session):
     sums = {}
     for mode in ("depth", "alpha", "colour"):
@@ -344,10 +363,7 @@ def test_clicking_a_rig_camera_shows_its_stored_frame(session, page, trained):
 
 
 def test_save_view_writes_a_keyframe_export_reads(session, page, viewer):
-    clicked = page.evaluate("(() => { const b = Array.from(document.querySelectorAll('button'))"
-                            ".find(b => b.textContent.trim() === 'Save view'); if (!b) return false;"
-                            " b.click(); return true; })()")
-    assert clicked
+    assert _click_button(page, "Save view")
     path = wait_for(lambda: viewer.keyframes.file.exists() and read_camera_path(viewer.keyframes.file),
                     "the camera path file")
     assert len(path.keyframes) == 1
