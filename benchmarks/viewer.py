@@ -11,8 +11,9 @@ the coarse one 160 px wide.
 - ``full_refine_s``: from the last pose of a drag (the view rests) to the full-size picture, median of rests.
 
 Without ``--work`` it synthesises a 16-camera capture and trains a ``preview`` model first (``--train-seconds``,
-cached under ``--cache`` and reused). CPU with 1 and 2 threads, and CUDA where torch sees one. Writes
-``benchmarks/results/viewer.json`` (headline keys for the CPU with 2 threads) and ``viewer.md``.
+cached under ``--cache`` and reused). CPU with 1 and 2 threads (the viewer's strip workers, torch on one thread
+each; and for comparison one worker with torch on 2 threads), and CUDA where torch sees one. Writes
+``benchmarks/results/viewer.json`` (headline keys for the CPU with 2 threads: 2 strip workers) and ``viewer.md``.
 
     .venv/bin/python benchmarks/viewer.py [--work WORK/PID/SEQ] [--drag-seconds 4] [--rests 3]
 """
@@ -108,12 +109,16 @@ class Recorder:
                 self.arrived.wait(0.05)
 
 
-def measure(sequence: ViewerSequence, device: str, threads: int, drag_seconds: float, rests: int) -> dict:
-    """One configuration through the viewer's render path."""
+def measure(sequence: ViewerSequence, device: str, workers: int, drag_seconds: float, rests: int,
+            intra_op: int = 0) -> dict:
+    """One configuration through the viewer's render path: ``workers`` strip threads (torch on one thread each),
+    or with ``intra_op`` one worker whose torch runs that many threads."""
     cams = sequence.cameras
     aspect = cams.width / cams.height
-    rendering = SharedRendering.for_sequence(sequence, RenderSizes(coarse_width=160,
-                                                                    full_pixels=cams.width * cams.height))
+    sizes = RenderSizes(coarse_width=160, full_pixels=cams.width * cams.height)
+    rendering = SharedRendering.for_sequence(sequence, sizes, workers=workers)
+    if intra_op:  # the comparison: one worker whose torch runs ``intra_op`` threads
+        torch.set_num_threads(intra_op)
     recorder = Recorder()
     progressive = ProgressiveRenderer(lambda request, size, cancelled: render_picture(
         rendering, sequence.box, request, size, cancelled), recorder, rendering.sizes)
@@ -150,9 +155,13 @@ def measure(sequence: ViewerSequence, device: str, threads: int, drag_seconds: f
         coarse_render = [d.seconds for _, d in recorder.delivered if not d.full]
     finally:
         progressive.stop()
+        rendering.pool.shutdown()
     coarse_size, full_size = rendering.sizes.coarse(aspect), rendering.sizes.full(aspect)
     return {
-        "device": device, "threads": threads,
+        "device": device, "threads": workers if not intra_op else intra_op, "workers": workers,
+        "intra_op_threads": intra_op or 1,
+        "how": (f"{workers} strip worker{'s' if workers > 1 else ''}, torch 1 thread each" if not intra_op
+                else f"1 strip worker, torch {intra_op} threads"),
         "coarse_size": list(coarse_size), "full_size": list(full_size),
         "first_image_s": round(first_image_s, 3),
         "first_full_image_s": round(full_at - opened, 3),
@@ -168,7 +177,7 @@ def markdown(results: dict) -> str:
     rows = ["| device | threads | first image s | coarse fps (160 px) | full refine s | coarse render s | "
             "full render s |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["runs"]:
-        rows.append(f"| {r['device']} | {r['threads']} | {r['first_image_s']} | {r['coarse_fps']} | "
+        rows.append(f"| {r['device']} | {r['how']} | {r['first_image_s']} | {r['coarse_fps']} | "
                     f"{r['full_refine_s']} | {r['coarse_render_s']} | {r['full_render_s']} |")
     head = results["headline"]
     goals = ", ".join(f"{key} {head[key]} (goal {'<' if key != 'coarse_fps' else '>='} {goal})"
@@ -176,7 +185,9 @@ def markdown(results: dict) -> str:
     return (f"# Viewer speed\n\n{results['sequence']} (model step {results['model_step']}, "
             f"{results['preset_note']}), coarse {results['runs'][0]['coarse_size']} px, full "
             f"{results['runs'][0]['full_size']} px, measured through pipeline.viewer's render path on "
-            f"{results['machine']}.\n\nCPU, 2 threads: {goals}.\n\n" + "\n".join(rows) + "\n")
+            f"{results['machine']} (1-minute load average {results['load_average'][0]} before, "
+            f"{results['load_average'][1]} after).\n\nCPU, 2 threads (2 strip workers): {goals}.\n\n"
+            + "\n".join(rows) + "\n")
 
 
 def main() -> None:
@@ -191,21 +202,23 @@ def main() -> None:
     args = parser.parse_args()
 
     work = args.work or trained_sequence(Path(args.cache), args.train_seconds)
+    load_before = os.getloadavg()[0]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     runs = []
     for device in devices:
         sequence = open_sequence(work, device=device)
-        for threads in ((1, 2) if device == "cpu" else (torch.get_num_threads(),)):
-            torch.set_num_threads(threads)
-            run = measure(sequence, device, threads, args.drag_seconds, args.rests)
+        configs = [(1, 0), (2, 0), (1, 2)] if device == "cpu" else [(1, 0)]
+        for workers, intra_op in configs:
+            run = measure(sequence, device, workers, args.drag_seconds, args.rests, intra_op)
             runs.append(run)
-            print(f"{device} {threads} thread(s): first image {run['first_image_s']} s, coarse "
-                  f"{run['coarse_fps']} fps, full refine {run['full_refine_s']} s", flush=True)
-    headline = next(r for r in runs if r["device"] == "cpu" and r["threads"] == 2)
+            print(f"{device} {run['how']}: first image {run['first_image_s']} s, coarse {run['coarse_fps']} fps, "
+                  f"full refine {run['full_refine_s']} s", flush=True)
+    headline = next(r for r in runs if r["device"] == "cpu" and r["workers"] == 2)
     results = {
         "sequence": work, "model_step": sequence.trained.step,
         "preset_note": f"eval_substeps {sequence.trained.config.sampler.eval_substeps} full, 1 coarse",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # others' jobs share the cores
         "first_image_s": headline["first_image_s"], "coarse_fps": headline["coarse_fps"],
         "full_refine_s": headline["full_refine_s"], "goals": GOALS,
         "headline": {k: headline[k] for k in GOALS}, "runs": runs,

@@ -1,28 +1,32 @@
-"""One view rendered by the trained model, in horizontal strips so that a newer view can cancel it.
+"""One view rendered by the trained model, in horizontal strips: a newer view cancels it between strips, and
+the strips render side by side on a pool of threads.
 
-``model.render_image`` renders a whole image; cutting the image into strips (each strip is the same camera with
-its principal point shifted up) lets the viewer look for a cancellation between strips, and lets several tabs
-take turns on the one model strip by strip instead of frame by frame. The pixels are the same as one call's.
+``model.render_image`` renders a whole image; a strip is the same camera with its principal point shifted up, so
+the pixels are the same as one call's. On the CPU the pool has a worker per core, each running torch on one
+thread: on this 2-core machine two intra-op threads made a coarse image several times slower whenever another
+process held a core (their barriers spin), while two strips on one thread each degrade to one thread's speed.
+Every tab's strips share the pool, first come first served, so tabs take turns strip by strip.
 """
 
 from __future__ import annotations
 
-import threading
+import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from stages.rendering.sheets import colourise_depth, grey_to_rgb, to_uint8
 
 Mode = Literal["colour", "depth", "alpha"]
 MODES: tuple[Mode, ...] = ("colour", "depth", "alpha")
 DEPTH_MIN_ALPHA = 0.5  # as export's depth videos: fog has no surface
-# A coarse image (160 px wide) in one call: it is never cancelled, and one call is about a quarter faster on the
-# CPU than 8192-ray strips (each strip marches and queries on its own).
-COARSE_RAYS = 1 << 16
+FULL_STRIP_RAYS = 8192  # a full-size frame in strips of about this many rays: the cancellation's granularity
+COARSE_STRIP_RAYS = 1 << 16  # a coarse image is never cancelled: one strip per worker
 
 
 class Cancelled(Exception):
@@ -39,31 +43,68 @@ class Frame:
     seconds: float
 
 
-class FrameRenderer:
-    """The one model every tab renders with; a lock (shareable between renderers) lets one strip render at a time."""
+class StripPool:
+    """The threads every renderer's strips run on; on the CPU torch is set to one thread per strip."""
 
-    def __init__(self, model: Any, lock: threading.Lock | None = None, strip_rays: int = 8192) -> None:
-        self.model = model
-        self.strip_rays = strip_rays
-        self.lock = lock or threading.Lock()
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, workers)
+        self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="viewer-strip")
+
+    @classmethod
+    def for_device(cls, device: torch.device, workers: int | None = None) -> "StripPool":
+        """A worker per torch thread on the CPU (torch then runs one thread each); one on a GPU."""
+        if device.type != "cpu":
+            return cls(1)
+        workers = workers or torch.get_num_threads()
+        torch.set_num_threads(1)
+        return cls(workers)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class FrameRenderer:
+    """One model (shared by every tab) rendering views in strips on a shared pool."""
+
+    def __init__(self, model: Any, pool: StripPool, strip_rays: int = FULL_STRIP_RAYS) -> None:
+        self.model, self.pool, self.strip_rays = model, pool, strip_rays
 
     def render(self, K: np.ndarray, world_2_cam: np.ndarray, width: int, height: int, timestep: int,
                cancelled: Callable[[], bool] = lambda: False) -> Frame:
         started = time.perf_counter()
-        rows = max(1, self.strip_rays // width)
-        parts: dict[str, list[np.ndarray]] = {"rgb": [], "alpha": [], "z_depth": []}
-        for top in range(0, height, rows):
-            if cancelled():
-                raise Cancelled
-            strip_K = np.array(K, dtype=np.float64)
-            strip_K[1, 2] -= top
-            strip = min(rows, height - top)
-            with self.lock:
-                out = self.model.render_image(strip_K, world_2_cam, width, strip, timestep, chunk=self.strip_rays)
-                for key in parts:
-                    parts[key].append(out[key].detach().float().clamp_min(0).cpu().numpy())
-        return Frame(*(np.concatenate(parts[key]) for key in ("rgb", "alpha", "z_depth")),
+        strips = max(self.pool.workers, math.ceil(width * height / self.strip_rays))
+        rows = math.ceil(height / min(strips, height))
+        futures = [self.pool.executor.submit(self._strip, K, world_2_cam, width, top, min(rows, height - top),
+                                             timestep, cancelled) for top in range(0, height, rows)]
+        parts = _gather(futures)
+        return Frame(*(np.concatenate([part[i] for part in parts]) for i in range(3)),
                      seconds=time.perf_counter() - started)
+
+    def _strip(self, K: np.ndarray, world_2_cam: np.ndarray, width: int, top: int, rows: int, timestep: int,
+               cancelled: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if cancelled():
+            raise Cancelled
+        strip_K = np.array(K, dtype=np.float64)
+        strip_K[1, 2] -= top
+        out = self.model.render_image(strip_K, world_2_cam, width, rows, timestep, chunk=width * rows)
+        return tuple(out[key].detach().float().clamp_min(0).cpu().numpy() for key in ("rgb", "alpha", "z_depth"))
+
+
+def _gather(futures: list[Future]) -> list:
+    """Every strip's result in order; on a cancellation, the strips not started are dropped and the running ones
+    awaited, so no strip of a cancelled view is still rendering when the next view starts."""
+    try:
+        return [future.result() for future in futures]
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        for future in futures:
+            if not future.cancelled():
+                try:
+                    future.result()
+                except BaseException:  # noqa: BLE001 - the first error is the one raised
+                    pass
+        raise
 
 
 def picture(frame: Frame, mode: Mode, depth_range: tuple[float, float]) -> np.ndarray:

@@ -47,7 +47,7 @@ def summary_markdown(sequence: ViewerSequence, threads: int) -> str:
         ssim = "" if scores.ssim is None else f" · SSIM {scores.ssim:.3f}"
         stale = "" if scores.step in (None, trained.step) else f", step {scores.step}"
         lines.append(f"hold-out PSNR {scores.psnr:.2f} dB{ssim} ({scores.source}{stale})")
-    device = f"{sequence.device.type}" + (f", {threads} threads" if sequence.device.type == "cpu" else "")
+    device = f"{sequence.device.type}" + (f", {threads} render threads" if sequence.device.type == "cpu" else "")
     lines.append(f"rendering on {device}")
     return "  \n".join(lines)
 

@@ -77,7 +77,8 @@ class Viewer:
     """Serves one loaded sequence to any number of tabs."""
 
     def __init__(self, sequence: ViewerSequence, host: str = "127.0.0.1",
-                 port: int = 8080, sizes: RenderSizes | None = None, path_file: Path | None = None) -> None:
+                 port: int = 8080, sizes: RenderSizes | None = None, path_file: Path | None = None,
+                 workers: int | None = None) -> None:
         import viser
 
         self.sequence = sequence
@@ -90,7 +91,7 @@ class Viewer:
                                 f"`nersemble-pipeline view {sequence.work.uri} --port {port + 1}`")
         self.host = host
         cams = sequence.cameras
-        self.rendering = SharedRendering.for_sequence(sequence, sizes)
+        self.rendering = SharedRendering.for_sequence(sequence, sizes, workers)
         self.keyframes = KeyframeFile(path_file or default_path_file(sequence), (cams.width, cams.height),
                                       sequence.n_timesteps)
         self.initial = initial_pose(sequence)
@@ -139,6 +140,7 @@ class Viewer:
             session.close()
         with contextlib.redirect_stdout(io.StringIO()):
             self.server.stop()
+        self.rendering.pool.shutdown()
 
     def serve_forever(self) -> None:
         """Until Ctrl-C (or SIGTERM, through ``serve``); then stop every session and the server."""

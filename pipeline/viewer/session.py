@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.viewer.camera import RenderSizes, ViewPose, pose_of_rig_camera
 from pipeline.viewer.compare import Comparison, CompareWorker
-from pipeline.viewer.frames import COARSE_RAYS, FrameRenderer, Mode, depth_range, picture
+from pipeline.viewer.frames import COARSE_STRIP_RAYS, FrameRenderer, Mode, StripPool, depth_range, picture
 from pipeline.viewer.keyframes import KeyframeFile
 from pipeline.viewer.panel import Panel, PanelActions
 from pipeline.viewer.progressive import Delivered, ProgressiveRenderer, ViewRequest
@@ -45,21 +44,22 @@ class ShownFrame:
 
 @dataclass
 class SharedRendering:
-    """What every tab renders with: the full-quality renderer, the fast one for coarse images, the sizes."""
+    """What every tab renders with: the full-quality renderer, the fast one for coarse images, their threads."""
 
     full: FrameRenderer
     coarse: FrameRenderer
     sizes: RenderSizes
-    threads: int
+    pool: StripPool
 
     @classmethod
-    def for_sequence(cls, sequence: ViewerSequence, sizes: RenderSizes | None = None) -> "SharedRendering":
-        """Full renders in cancellable strips, coarse ones in one call; one lock, since they share the cores."""
-        one_at_a_time = threading.Lock()
+    def for_sequence(cls, sequence: ViewerSequence, sizes: RenderSizes | None = None,
+                     workers: int | None = None) -> "SharedRendering":
+        """Full renders in cancellable strips, coarse ones a strip per worker, all on one pool of threads."""
+        pool = StripPool.for_device(sequence.device, workers)
         cams = sequence.cameras
-        return cls(full=FrameRenderer(sequence.trained.model, one_at_a_time),
-                   coarse=FrameRenderer(sequence.coarse.model, one_at_a_time, strip_rays=COARSE_RAYS),
-                   sizes=sizes or RenderSizes(full_pixels=cams.width * cams.height), threads=torch.get_num_threads())
+        return cls(full=FrameRenderer(sequence.trained.model, pool),
+                   coarse=FrameRenderer(sequence.coarse.model, pool, strip_rays=COARSE_STRIP_RAYS),
+                   sizes=sizes or RenderSizes(full_pixels=cams.width * cams.height), pool=pool)
 
 
 def render_picture(rendering: SharedRendering, box: np.ndarray, request: ViewRequest, size: tuple[int, int],
@@ -86,7 +86,7 @@ class Session:
         self.panel = Panel(client.gui, sequence, PanelActions(
             timestep=self.set_timestep, play=self.play, mode=self.set_mode, box=self.scene.show_box,
             rig=self.scene.show_rig, camera=self.select_camera, reset_view=self.reset_view,
-            save_view=self.save_view), rendering.threads, str(keyframes.file))
+            save_view=self.save_view), rendering.pool.workers, str(keyframes.file))
         self.progressive = ProgressiveRenderer(self._render, self._deliver, rendering.sizes,
                                                name=f"viewer-render-{client.client_id}")
         self.compare = CompareWorker(sequence, rendering.full, rendering.sizes.full_pixels, self._show_comparison)
@@ -184,7 +184,8 @@ class Session:
             return
         image = delivered.image
         self.client.scene.set_background_image(image, format="jpeg", jpeg_quality=JPEG_QUALITY)
-        shown = ShownFrame(delivered.request.pose, delivered.request.timestep, delivered.request.mode, (image.shape[1], image.shape[0]),
+        request = delivered.request
+        shown = ShownFrame(request.pose, request.timestep, request.mode, (image.shape[1], image.shape[0]),
                            delivered.full, delivered.seconds, time.monotonic(), int(image.sum()))
         self.shown.append(shown)
         quality = "full" if shown.full else "coarse"

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.synthetic import synthesize_capture
 from pipeline.viewer.camera import RenderSizes, ViewPose, pose_of_rig_camera
-from pipeline.viewer.frames import Cancelled, FrameRenderer
+from pipeline.viewer.frames import Cancelled, FrameRenderer, StripPool
 from pipeline.viewer.progressive import ProgressiveRenderer, ViewRequest
 from stages.calibrate.config import CalibrateConfig
 from stages.ingest.config import IngestConfig
@@ -102,8 +102,9 @@ def viewer(sequence, tmp_path_factory):
     from pipeline.viewer.server import Viewer
 
     # The full size has a stored frame's pixels (48x64); the coarse image is half as wide, so both kinds run.
+    # Two strip workers, as on this 2-core machine: the strips of a view render side by side.
     served = Viewer(sequence, host="127.0.0.1", port=0, sizes=RenderSizes(coarse_width=32, full_pixels=48 * 64),
-                    path_file=tmp_path_factory.mktemp("paths") / "camera_path.json")
+                    path_file=tmp_path_factory.mktemp("paths") / "camera_path.json", workers=2)
     yield served
     served.stop()
 
@@ -375,13 +376,19 @@ def test_save_view_writes_a_keyframe_export_reads(session, page, viewer):
 
 
 def test_a_tab_closing_mid_render_leaves_the_server_serving(viewer, session, page):
-    with viewer.rendering.full.lock:  # every render stops at its next strip: the new tab's first one stays in flight
+    pool, held = viewer.rendering.pool, threading.Event()
+    busy = [pool.executor.submit(held.wait, 30) for _ in range(pool.workers)]  # every strip waits behind these
+    try:
         target = page.call("Target.createTarget", url=viewer.url)["targetId"]
         second = wait_for(lambda: next((s for s in viewer.sessions.values() if s is not session), None),
                           "the second tab to connect", timeout=30)
-        wait_for(lambda: second.progressive.current is not None, "the second tab's first view")
+        wait_for(lambda: second.progressive.current is not None, "the second tab's first render to start")
         page.call("Target.closeTarget", targetId=target)
         wait_for(lambda: second.client.client_id not in viewer.sessions, "the closed tab to leave")
+        assert not second.shown  # it left before a picture of it was done
+    finally:
+        held.set()
+    wait_for(lambda: all(job.done() for job in busy), "the pool to run again")
     count = len(session.shown)
     page.drag((250, 250), (200, 320))
     settled(session, count)  # the first tab still renders
@@ -428,11 +435,17 @@ def test_strips_render_what_one_call_renders(sequence):
     serial = cams.serials[0]
     K, w2c = cams.intrinsics[serial], cams.world_2_cam[serial]
     whole = model.render_image(K, w2c, cams.width, cams.height, 1)
-    strips = FrameRenderer(model, strip_rays=48 * 5).render(K, w2c, cams.width, cams.height, 1)  # 5-row strips
-    assert np.allclose(strips.rgb, whole["rgb"].numpy(), atol=1e-5)
-    assert np.allclose(strips.alpha, whole["alpha"].numpy(), atol=1e-5)
-    with pytest.raises(Cancelled):
-        FrameRenderer(model).render(K, w2c, cams.width, cams.height, 1, cancelled=lambda: True)
+    pool = StripPool(2)
+    try:
+        for _ in range(3):  # 13 five-row strips, two at a time on one model
+            strips = FrameRenderer(model, pool, strip_rays=48 * 5).render(K, w2c, cams.width, cams.height, 1)
+            assert np.allclose(strips.rgb, whole["rgb"].numpy(), atol=1e-5)
+            assert np.allclose(strips.alpha, whole["alpha"].numpy(), atol=1e-5)
+            assert np.allclose(strips.z_depth, whole["z_depth"].numpy(), atol=1e-5)
+        with pytest.raises(Cancelled):
+            FrameRenderer(model, pool).render(K, w2c, cams.width, cams.height, 1, cancelled=lambda: True)
+    finally:
+        pool.shutdown()
 
 
 def _scripted_renders(hold: dict[tuple[int, int], threading.Event]):  # noqa: ANN202
