@@ -19,7 +19,7 @@ export U2NET_HOME := $(CURDIR)/models
 LOCAL_API := http://127.0.0.1:4200/api
 PREFECT := $(VENV)/bin/prefect
 
-.PHONY: install browser demo test bench ui server worker deploy clean
+.PHONY: install browser cluster-tools demo test bench ui server worker deploy clean
 
 install: $(STAMP) $(MODEL)
 
@@ -44,7 +44,14 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium could not be installed: the viewer's browser tests will skip"
 
-test: install browser
+# iproute2 for the cluster test's network namespaces (tests/flows/test_cluster.py); where it cannot be installed
+# that test skips and says why.
+cluster-tools:
+	@command -v ip >/dev/null || { command -v apt-get >/dev/null && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; } || \
+	  echo "iproute2 could not be installed: the cluster test will skip"
+
+test: install browser cluster-tools
 	$(PY) -m pytest -q
 
 bench: install
