@@ -482,7 +482,7 @@ class NeRSembleModel(nn.Module):
         e, grid = self.config.eval, self.occupancy
         r = grid.resolution
         keep = filter_occupancy(grid.occs.view(r, r, r), e.filter_threshold, e.filter_sigma_thinning,
-                                e.filter_sigma_erosion)
+                                e.filter_sigma_erosion, occupied=grid.occupied())
         before = int(grid.binary.sum())
         grid.binary &= keep
         return before - int(grid.binary.sum())

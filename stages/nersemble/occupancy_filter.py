@@ -10,7 +10,12 @@ removes them from hold-out views. Plain torch, so it runs where the model runs:
 
 Not upstream: a grid with no candidate, or whose largest component holds under half of the candidates (the
 scattered noise of a model trained for a few steps), is left as it is rather than emptied; the component
-itself is always kept, even where the blur of a small one floors to 0.
+itself is always kept, even where the blur of a small one floors to 0. And a grid where the cells the filter
+would switch off hold more of the occupied cells' opacity than the cells it keeps is left as it is: floaters
+are a small share of what a grid holds, so a filter about to remove most of it has found a speck, not the
+subject. That happens to a young model whose field is still a fog of about the candidate level (density x
+step ~0.1 is u8 ~12 against a cut of 12.75): one probe that lands on a denser point lifts one cell over the
+cut, that cell is the whole of the candidates, and without this guard it would be all that is left to render.
 """
 
 from __future__ import annotations
@@ -96,8 +101,12 @@ def _not_wrapped(labels: torch.Tensor, shift: int, axis: int) -> torch.Tensor:
 
 
 def filter_occupancy(occs: torch.Tensor, threshold: float = 0.05, sigma_thinning: float = 1.0,
-                     sigma_erosion: float = 7.0) -> torch.Tensor:
-    """The mask ([R, R, R] bool) of cells to keep, from the grid's EMA values ``occs`` ([R, R, R])."""
+                     sigma_erosion: float = 7.0, occupied: torch.Tensor | None = None) -> torch.Tensor:
+    """The mask ([R, R, R] bool) of cells to keep, from the grid's EMA values ``occs`` ([R, R, R]).
+
+    ``occupied`` ([R, R, R] bool, None: every cell) are the cells renders march through; the guard against
+    removing most of the grid weighs their opacity only.
+    """
     u8 = torch.floor((torch.sigmoid(occs.float()) - 0.5) * 2 * 255).clamp(0, 255)
     thinned = gaussian_blur3d(u8, sigma_thinning, integer=True)  # upstream blurs the uint8 array itself
     candidates = thinned >= 255 * threshold
@@ -109,7 +118,14 @@ def filter_occupancy(occs: torch.Tensor, threshold: float = 0.05, sigma_thinning
     if 2 * int(component.sum()) < int(candidates.sum()):
         return torch.ones_like(candidates)
     grown = gaussian_blur3d(component.float() * 100, sigma_erosion, integer=True)  # an integer array upstream too
-    return (grown > 0) | component  # a small blob's blur can floor to 0 everywhere; never drop the blob
+    keep = (grown > 0) | component  # a small blob's blur can floor to 0 everywhere; never drop the blob
+    # occs is density x step: 1 - exp(-occs) is the opacity of one marching step there, at most 1 a cell.
+    opacity = -torch.expm1(-occs.float().clamp(min=0.0))
+    if occupied is not None:
+        opacity = opacity * occupied.to(opacity.device, opacity.dtype)
+    if float(opacity[~keep].sum()) > float(opacity[keep].sum()):  # it would remove most of what renders
+        return torch.ones_like(candidates)
+    return keep
 
 
 __all__ = ["filter_occupancy", "gaussian_blur3d", "largest_component"]

@@ -127,6 +127,27 @@ def test_evaluation_filter_leaves_an_undertrained_grid_alone():
     assert bool(keep[10:12, 10:12, 10].all()) and not bool(keep[30, 30, 30])
 
 
+def test_evaluation_filter_never_removes_most_of_what_renders():
+    """A young model's grid is a fog of about the candidate level (the evaluate test's model after 60 steps: occs
+    0.07-0.12, u8 ~12 against a cut of 12.75). One probe on a denser point lifted one cell over the cut; that cell
+    was all of the candidates, the filter kept it alone and the hold-out render came out white. Floaters are a
+    small share of what a grid holds: a filter that would remove most of its opacity leaves it as it is."""
+    e, r = preset("preview").eval, preset("preview").occupancy.resolution
+    fog = torch.full((r, r, r), 0.095)
+    fog[16, 16, 16] = 0.126
+    assert bool(filter_occupancy(fog, e.filter_threshold, e.filter_sigma_thinning, e.filter_sigma_erosion).all())
+    # Only the cells renders march through count: fog outside them (e.g. outside the matte hull) does not stop
+    # the filter from removing a floater beside a dense subject.
+    occupied = torch.zeros(r, r, r, dtype=torch.bool)
+    occupied[4:28, 4:28, 4:30] = True
+    occs = torch.full((r, r, r), 0.095)
+    occs[8:20, 8:20, 8:20] = 5.0  # the head
+    occs[13:15, 13:15, 26:28] = 5.0  # a floater 6 cells beside it
+    keep = filter_occupancy(occs, e.filter_threshold, e.filter_sigma_thinning, e.filter_sigma_erosion,
+                            occupied=occupied)
+    assert bool(keep[8:20, 8:20, 8:20].all()) and not bool(keep[14, 14, 27])
+
+
 def test_preview_filter_removes_a_floater_on_its_coarse_grid():
     """The preview's filter sigmas are scaled to its grid: upstream's 7 cells would keep all of a 32^3 grid."""
     e, r = preset("preview").eval, preset("preview").occupancy.resolution
