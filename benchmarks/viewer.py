@@ -110,11 +110,12 @@ class Recorder:
 
 
 def measure(sequence: ViewerSequence, device: str, workers: int, drag_seconds: float, rests: int,
-            intra_op: int = 0) -> dict:
+            intra_op: int = 0, aspect: float | None = None) -> dict:
     """One configuration through the viewer's render path: ``workers`` strip threads (torch on one thread each),
-    or with ``intra_op`` one worker whose torch runs that many threads."""
+    or with ``intra_op`` one worker whose torch runs that many threads; the canvas has the rig's ``aspect``
+    unless told otherwise (the full size keeps a stored frame's pixel count, the coarse one its 160 px width)."""
     cams = sequence.cameras
-    aspect = cams.width / cams.height
+    aspect = aspect or cams.width / cams.height
     sizes = RenderSizes(coarse_width=160, full_pixels=cams.width * cams.height)
     rendering = SharedRendering.for_sequence(sequence, sizes, workers=workers)
     if intra_op:  # the comparison: one worker whose torch runs ``intra_op`` threads
@@ -158,7 +159,7 @@ def measure(sequence: ViewerSequence, device: str, workers: int, drag_seconds: f
         rendering.pool.shutdown()
     coarse_size, full_size = rendering.sizes.coarse(aspect), rendering.sizes.full(aspect)
     return {
-        "device": device, "threads": workers if not intra_op else intra_op, "workers": workers,
+        "device": device, "aspect": round(aspect, 4), "threads": workers if not intra_op else intra_op, "workers": workers,
         "intra_op_threads": intra_op or 1,
         "how": (f"{workers} strip worker{'s' if workers > 1 else ''}, torch 1 thread each" if not intra_op
                 else f"1 strip worker, torch {intra_op} threads"),
@@ -174,19 +175,20 @@ def measure(sequence: ViewerSequence, device: str, workers: int, drag_seconds: f
 
 
 def markdown(results: dict) -> str:
-    rows = ["| device | threads | first image s | coarse fps (160 px) | full refine s | coarse render s | "
-            "full render s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| device | threads | coarse / full px | first image s | coarse fps | full refine s | coarse render s | "
+            "full render s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["runs"]:
-        rows.append(f"| {r['device']} | {r['how']} | {r['first_image_s']} | {r['coarse_fps']} | "
+        sizes = "x".join(map(str, r["coarse_size"])) + " / " + "x".join(map(str, r["full_size"]))
+        rows.append(f"| {r['device']} | {r['how']} | {sizes} | {r['first_image_s']} | {r['coarse_fps']} | "
                     f"{r['full_refine_s']} | {r['coarse_render_s']} | {r['full_render_s']} |")
     head = results["headline"]
     goals = ", ".join(f"{key} {head[key]} (goal {'<' if key != 'coarse_fps' else '>='} {goal})"
                       for key, goal in GOALS.items())
     return (f"# Viewer speed\n\n{results['sequence']} (model step {results['model_step']}, "
-            f"{results['preset_note']}), coarse {results['runs'][0]['coarse_size']} px, full "
-            f"{results['runs'][0]['full_size']} px, measured through pipeline.viewer's render path on "
+            f"{results['preset_note']}), measured through pipeline.viewer's render path on "
             f"{results['machine']} (1-minute load average {results['load_average'][0]} before, "
-            f"{results['load_average'][1]} after).\n\nCPU, 2 threads (2 strip workers): {goals}.\n\n"
+            f"{results['load_average'][1]} after). Headline: the CPU with 2 threads (2 strip workers) at the rig's "
+            f"aspect: {goals}. The last row is a 16:9 browser canvas.\n\n"
             + "\n".join(rows) + "\n")
 
 
@@ -207,13 +209,13 @@ def main() -> None:
     runs = []
     for device in devices:
         sequence = open_sequence(work, device=device)
-        configs = [(1, 0), (2, 0), (1, 2)] if device == "cpu" else [(1, 0)]
-        for workers, intra_op in configs:
-            run = measure(sequence, device, workers, args.drag_seconds, args.rests, intra_op)
+        configs = [(1, 0, None), (2, 0, None), (1, 2, None), (2, 0, 16 / 9)] if device == "cpu" else [(1, 0, None)]
+        for workers, intra_op, aspect in configs:
+            run = measure(sequence, device, workers, args.drag_seconds, args.rests, intra_op, aspect)
             runs.append(run)
-            print(f"{device} {run['how']}: first image {run['first_image_s']} s, coarse {run['coarse_fps']} fps, "
-                  f"full refine {run['full_refine_s']} s", flush=True)
-    headline = next(r for r in runs if r["device"] == "cpu" and r["workers"] == 2)
+            print(f"{device} {run['how']}, {run['coarse_size']} coarse: first image {run['first_image_s']} s, "
+                  f"coarse {run['coarse_fps']} fps, full refine {run['full_refine_s']} s", flush=True)
+    headline = runs[1]  # the CPU, 2 strip workers, the rig's aspect
     results = {
         "sequence": work, "model_step": sequence.trained.step,
         "preset_note": f"eval_substeps {sequence.trained.config.sampler.eval_substeps} full, 1 coarse",
