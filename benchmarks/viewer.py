@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.viewer.camera import RenderSizes, ViewPose  # noqa: E402
 from pipeline.viewer.progressive import Delivered, ProgressiveRenderer, ViewRequest  # noqa: E402
 from pipeline.viewer.sequence import ViewerSequence, open_sequence  # noqa: E402
-from pipeline.viewer.server import initial_pose  # noqa: E402
+from pipeline.viewer.scene import initial_pose  # noqa: E402
 from pipeline.viewer.session import SharedRendering, render_picture  # noqa: E402
 from stages.core.cameras import quaternion_to_rotation, rotation_to_quaternion  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""The 3D scene of one tab: the rig's cameras as frusta (training and hold-out in two colours), the scene box.
+"""The 3D scene of one tab: the rig's cameras as frusta (training and hold-out in two colours), the scene box,
+and where every tab's view starts.
 
 Each tab builds its own nodes so that toggling an overlay or highlighting a camera in one tab leaves the others
 alone; a click on a frustum reports the camera's serial.
@@ -11,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.viewer.camera import pose_of_rig_camera
+from pipeline.viewer.camera import ViewPose, pose_of_rig_camera, vertical_fov
 from pipeline.viewer.sequence import ViewerSequence
+from stages.core.cameras import camera_center, look_at, rotation_to_quaternion
+from stages.rendering.paths import rig_frame
 
 TRAINING_COLOUR = (40, 110, 255)
 HOLDOUT_COLOUR = (255, 130, 0)
@@ -59,3 +62,18 @@ class RigScene:
     def show_rig(self, visible: bool) -> None:
         for handle in self.frusta.values():
             handle.visible = visible
+
+
+def initial_pose(sequence: ViewerSequence, aspect: float = 1.0) -> ViewPose:
+    """The rig's mean camera: its mean viewing direction and distance, looking at the scene box centre."""
+    cams, centre = sequence.cameras, sequence.box_centre
+    poses = [np.asarray(cams.world_2_cam[s], dtype=np.float64) for s in cams.serials]
+    offsets = np.array([camera_center(p) for p in poses]) - centre
+    distances = np.linalg.norm(offsets, axis=1)
+    direction = (offsets / distances[:, None]).mean(axis=0)
+    direction /= np.linalg.norm(direction)
+    up = rig_frame(poses, centre).up
+    eye = centre + direction * float(distances.mean())
+    w2c = look_at(eye, centre, up)
+    fov = float(np.median([vertical_fov(cams.intrinsics[s], cams.height) for s in cams.serials]))
+    return ViewPose.of(eye, rotation_to_quaternion(w2c[:3, :3].T), fov, aspect)

@@ -18,15 +18,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
-from pipeline.viewer.camera import RenderSizes, ViewPose, vertical_fov
+from pipeline.viewer.camera import RenderSizes, ViewPose
 from pipeline.viewer.keyframes import KeyframeFile
 from pipeline.viewer.sequence import ViewerSequence
+from pipeline.viewer.scene import initial_pose
 from pipeline.viewer.session import Session, SharedRendering
-from stages.core.cameras import camera_center, look_at, rotation_to_quaternion
 from stages.core.errors import PipelineError
-from stages.rendering.paths import rig_frame
 
 
 def default_path_file(sequence: ViewerSequence) -> Path:
@@ -35,21 +32,6 @@ def default_path_file(sequence: ViewerSequence) -> Path:
     if work.is_local:
         return Path(work.path("viewer", "camera_path.json"))
     return Path.cwd() / f"camera_path_{work.participant}_{work.sequence}.json"
-
-
-def initial_pose(sequence: ViewerSequence, aspect: float = 1.0) -> ViewPose:
-    """The rig's mean camera: its mean viewing direction and distance, looking at the scene box centre."""
-    cams, centre = sequence.cameras, sequence.box_centre
-    poses = [np.asarray(cams.world_2_cam[s], dtype=np.float64) for s in cams.serials]
-    offsets = np.array([camera_center(p) for p in poses]) - centre
-    distances = np.linalg.norm(offsets, axis=1)
-    direction = (offsets / distances[:, None]).mean(axis=0)
-    direction /= np.linalg.norm(direction)
-    up = rig_frame(poses, centre).up
-    eye = centre + direction * float(distances.mean())
-    w2c = look_at(eye, centre, up)
-    fov = float(np.median([vertical_fov(cams.intrinsics[s], cams.height) for s in cams.serials]))
-    return ViewPose.of(eye, rotation_to_quaternion(w2c[:3, :3].T), fov, aspect)
 
 
 def check_port(host: str, port: int, sequence_dir: str) -> None:

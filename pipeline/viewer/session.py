@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from pipeline.viewer.sequence import ViewerSequence
 
 PLAY_TICK_HZ = 30.0  # the slider moves at most this often; time itself runs at the capture's frame rate
 JPEG_QUALITY = 90
+ARRIVAL_S = 3.0  # at most this long a new tab's camera may take to reach the initial pose
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Session:
         self.comparisons: deque[Comparison] = deque(maxlen=32)
         self._playing = threading.Event()
         self._closed = False
+        self._arrived, self._connected_at = False, time.monotonic()
         self.scene = RigScene(client.scene, sequence, self.select_camera)
         self.panel = Panel(client.gui, sequence, PanelActions(
             timestep=self.set_timestep, play=self.play, mode=self.set_mode, box=self.scene.show_box,
@@ -99,11 +101,21 @@ class Session:
         """Render the tab's current view next (a newer view replaces any render in flight)."""
         if self._closed:
             return
-        camera = self.client.camera
-        pose = ViewPose.of(camera.position, camera.wxyz, camera.fov, camera.aspect)
-        self.progressive.show(ViewRequest(pose, self.timestep, self.mode))
+        self.progressive.show(ViewRequest(self._pose(), self.timestep, self.mode))
         if self.selected is not None:
             self.compare.request(self.selected, self.timestep)
+
+    def _pose(self) -> ViewPose:
+        """The browser's camera; until it has glided from its default pose to the initial one, the initial one
+        (so the first image is of the view the page is about to show, not of the poses on the way)."""
+        camera = self.client.camera
+        reported = ViewPose.of(camera.position, camera.wxyz, camera.fov, camera.aspect)
+        if not self._arrived:
+            near = np.allclose(camera.position, self.initial.position, atol=1e-3)
+            if not near and time.monotonic() - self._connected_at < ARRIVAL_S:
+                return replace(self.initial, aspect=reported.aspect)
+            self._arrived = True
+        return reported
 
     def set_timestep(self, timestep: int) -> None:
         timestep = int(np.clip(timestep, 0, self.sequence.n_timesteps - 1))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import shutil
 import socket
 import subprocess
@@ -232,6 +231,11 @@ def settled(tab, after: int, timeout: float = 20.0):  # noqa: ANN001, ANN201
 def test_first_image_arrives(session, page):
     first = session.shown[0]
     assert first.timestep == 0 and first.mode == "colour"
+    # The page opened at the rig's mean camera (the server's initial camera), looking at the scene box centre.
+    assert np.allclose(first.pose.position, session.initial.position, atol=1e-4)
+    forward = first.pose.world_2_cam()[2, :3]
+    to_centre = session.sequence.box_centre - np.asarray(first.pose.position)
+    assert forward @ to_centre / np.linalg.norm(to_centre) > 0.9999
     assert not first.full  # coarse first, then the full size
     full = next(frame for frame in session.shown if frame.full)
     assert full.size[0] * full.size[1] == pytest.approx(48 * 64, rel=0.1)
@@ -420,6 +424,17 @@ def test_holdout_scores_come_from_the_evaluate_report_first(tmp_path):
     work.write_report("evaluate", {"psnr": 24.25, "ssim": 0.9, "model_step": 9})
     scores = holdout_scores(work)
     assert (scores.psnr, scores.ssim, scores.step, scores.source) == (24.25, 0.9, 9, "reports/evaluate.json")
+
+
+def test_the_view_starts_at_the_rigs_mean_camera(sequence):
+    from pipeline.viewer.scene import initial_pose
+
+    pose, cams, centre = initial_pose(sequence), sequence.cameras, sequence.box_centre
+    distances = [np.linalg.norm(-cams.world_2_cam[s][:3, :3].T @ cams.world_2_cam[s][:3, 3] - centre)
+                 for s in cams.serials]
+    assert np.linalg.norm(np.asarray(pose.position) - centre) == pytest.approx(np.mean(distances), rel=1e-5)
+    forward = pose.world_2_cam()[2, :3]
+    assert forward @ (centre - pose.position) / np.linalg.norm(centre - pose.position) == pytest.approx(1.0)
 
 
 def test_render_sizes_keep_the_pixel_budget():
