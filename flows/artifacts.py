@@ -23,6 +23,7 @@ from flows.figures import stage_figures
 from stages.rendering.thumbnails import image_file_uri, markdown_image, video_strip_uri
 from stages.table import STAGE_NAMES, stage as stage_row
 from storage import SequenceWorkDir
+from storage.viewers import running_viewer_url
 
 _log = logging.getLogger(__name__)
 
@@ -251,7 +252,8 @@ class SequenceOverview:
     hold each stage's full report and pictures.
     """
 
-    def __init__(self, participant: str, sequence: str, stages: list[str]):
+    def __init__(self, participant: str, sequence: str, stages: list[str], work: SequenceWorkDir | None = None):
+        self.work = work  # names the viewer command once the model is trained
         self.key = artifact_key("sequence", participant, sequence)
         self.label = f"{participant}/{sequence}"
         self.rows: dict[str, tuple[str, str]] = {stage: ("waiting", "") for stage in stages}
@@ -274,6 +276,11 @@ class SequenceOverview:
                 lines.append(f"| {stage} | {status} | {_cell(figures) or ' '} |")
         lines += ["", "Each stage's report, pictures and per-camera table: the task run of that stage "
                       "(`<stage> " + self.label + "`), or this run's Artifacts tab under *Task runs*."]
+        if self.work is not None and self.rows.get("optimize", ("",))[0] in ("completed", "done", "skipped"):
+            lines += ["", f"Orbit the trained head in a browser: `nersemble-pipeline view {self.work.uri}`."]
+            url = running_viewer_url(self.work)
+            if url:
+                lines.append(f"A viewer is running for it: [{url}]({url})")
         return "\n".join(lines)
 
     def publish(self) -> None:

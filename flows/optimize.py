@@ -18,7 +18,8 @@ import os
 import signal
 import threading
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
@@ -43,7 +44,6 @@ def ensure_concurrency_limit(name: str, slots: int = 1) -> bool:
 
     An existing limit is left alone: an operator may have set 2 slots for a GPU with room for two models.
     """
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
@@ -58,6 +58,21 @@ def ensure_concurrency_limit(name: str, slots: int = 1) -> bool:
             return True
         except ObjectAlreadyExists:  # another run created it a moment ago
             return False
+
+
+def name_parent_task(name: str) -> None:
+    """Run as a subflow, Prefect tracks this run with a task run in the parent named after the flow
+    (``optimize-sequence-0``); name it after the sequence, as the other stages' task runs are. Cosmetic: a
+    failure is logged, never raised."""
+    context = FlowRunContext.get()
+    parent = getattr(getattr(context, "flow_run", None), "parent_task_run_id", None)
+    if parent is None:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_task_run_name(parent, name)
+    except Exception as error:  # noqa: BLE001 - the UI must never stop training
+        get_run_logger().warning("could not name the task run of this subflow: %s", error)
 
 
 def _run_name() -> str:
@@ -85,6 +100,7 @@ def optimize_sequence(
     """
     logger = get_run_logger()
     work = SequenceWorkDir(sequence_work_dir)
+    name_parent_task(f"optimize-sequence {work.participant}/{work.sequence}")
     limit = gpu_limit_name(gpu_limit)
     if ensure_concurrency_limit(limit):
         logger.info("created global concurrency limit %r with 1 slot", limit)

@@ -98,14 +98,16 @@ def process_sequence(
     participant, sequence = path.parent.parent.name, path.name
     work = SequenceWorkDir.for_sequence(work_root, participant, sequence)
     reports: dict[str, dict] = {}
-    overview = SequenceOverview(participant, sequence, wanted)
+    overview = SequenceOverview(participant, sequence, wanted, work)
 
-    def record(stage: str, report: dict) -> None:
-        """Keep the report, log its key figures, and show it in the overview while later stages run.
+    def record(stage: str, report: dict, logged: bool = False) -> None:
+        """Keep the report, log its key figures (unless a subflow in this process ``logged`` them already), and
+        show it in the overview while later stages run.
 
         The stage's own artifacts were published by its task run (optimize: by the optimize flow's task).
         """
-        logger.info("%s", stage_line(stage, report))
+        if not logged:
+            logger.info("%s", stage_line(stage, report))
         overview.stage(stage, str(report.get("status")), stage_figures(stage, report))
         reports[stage] = report
 
@@ -138,10 +140,9 @@ def _run_stages(wanted: list[str], path: Path, work_root: str, work: SequenceWor
     if "optimize" in wanted:
         if optimize_deployment:
             logger.info("optimize runs as a deployment run of %s", optimize_deployment)
-            report = optimize_via_deployment(optimize_deployment, work, config.optimize)
-        else:
-            report = optimize_sequence(work.uri, config.optimize)
-        record("optimize", report)
+            record("optimize", optimize_via_deployment(optimize_deployment, work, config.optimize))
+        else:  # a subflow in this process: it logs its own line (and its console is this one)
+            record("optimize", optimize_sequence(work.uri, config.optimize), logged=True)
     if "export" in wanted:
         record("export", export_task(work.uri, config.export))
     if "evaluate" in wanted:

@@ -98,6 +98,12 @@ class SequenceWorkDir:
     def exists(self, *parts: str) -> bool:
         return bool(self._fs.exists(self._fs_path(*parts)))
 
+    def remove(self, rel_path: str) -> None:
+        """Delete a file inside; nothing happens when it is not there."""
+        target = self._fs_path(rel_path)
+        if self._fs.exists(target):
+            self._fs.rm(target)
+
     def listdir(self, *parts: str) -> list[str]:
         """Names (not paths) of the entries in a folder inside; [] if it does not exist."""
         target = self._fs_path(*parts)

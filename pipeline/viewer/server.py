@@ -24,6 +24,7 @@ from pipeline.viewer.sequence import ViewerSequence
 from pipeline.viewer.scene import initial_pose
 from pipeline.viewer.session import Session, SharedRendering
 from stages.core.errors import PipelineError
+from storage.viewers import announce_viewer, withdraw_viewer
 
 
 def default_path_file(sequence: ViewerSequence) -> Path:
@@ -151,7 +152,11 @@ def serve(sequence_dir: str, host: str = "127.0.0.1", port: int = 8080, device: 
          f"(Ctrl-C stops it)")
     if threading.current_thread() is threading.main_thread():  # a service manager's SIGTERM stops it as Ctrl-C does
         signal.signal(signal.SIGTERM, _interrupt)
-    viewer.serve_forever()
+    announce_viewer(sequence.work, viewer.url)  # the sequence's overview in the Prefect UI links to it meanwhile
+    try:
+        viewer.serve_forever()
+    finally:
+        withdraw_viewer(sequence.work)
 
 
 def _interrupt(_signum: int, _frame: object) -> None:

@@ -144,3 +144,24 @@ def test_the_overview_lists_stages_in_pipeline_order_and_updates_in_place(prefec
     assert rows == ["ingest", "matte", "optimize"]
     assert "failed after 3.0 s" in artifact.data and "TrainingError: no rays" in artifact.data
     json.dumps(artifact.data)  # plain text: what the UI renders
+
+
+def test_the_overview_names_the_viewer_and_links_a_running_one(tmp_path):
+    from storage import SequenceWorkDir  # noqa: PLC0415
+    from storage.viewers import MARKER, announce_viewer, running_viewer_url, withdraw_viewer  # noqa: PLC0415
+
+    work = SequenceWorkDir.for_sequence(str(tmp_path), "903", "VIEW")
+    overview = SequenceOverview("903", "VIEW", ["optimize"], work)
+    assert "nersemble-pipeline view" not in overview.markdown()  # nothing to view before training
+    overview.rows["optimize"] = ("completed", "")
+    assert f"`nersemble-pipeline view {work.uri}`" in overview.markdown()
+    assert "is running" not in overview.markdown()
+    announce_viewer(work, "http://127.0.0.1:8080/")  # this process plays the viewer
+    assert running_viewer_url(work) == "http://127.0.0.1:8080/"
+    assert "[http://127.0.0.1:8080/](http://127.0.0.1:8080/)" in overview.markdown()
+    withdraw_viewer(work)
+    assert not work.exists(MARKER) and running_viewer_url(work) is None
+    work.write_json(MARKER, {"url": "http://127.0.0.1:9/", "host": __import__("socket").gethostname(),
+                             "pid": 2**22 + 12345})  # a viewer that was killed: its process is gone
+    assert running_viewer_url(work) is None and "is running" not in overview.markdown()
+

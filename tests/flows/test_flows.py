@@ -55,6 +55,13 @@ async def _task_run_names() -> set[str]:
         return {run.name for run in await client.read_task_runs()}
 
 
+async def _log_messages() -> list[str]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return [log.message for log in await client.read_logs()]
+
+
 async def _artifact_keys() -> set[str]:
     from prefect.client.orchestration import get_client
 
@@ -89,7 +96,13 @@ def test_sequence_flow_runs_every_stage_publishes_and_skips_on_rerun(prefect_har
     expected |= {f"{what}-{KEY}" for what in ("training-progress", "training-status", "turntable", "metrics",
                                              "matte-preview", "depth-preview", "training-curves", "sequence")}
     assert expected <= keys, sorted(expected - keys)
-    assert {f"{stage} 001/EXP-1-head" for stage in STAGES} <= asyncio.run(_task_run_names())
+    names = asyncio.run(_task_run_names())
+    assert {f"{stage} 001/EXP-1-head" for stage in STAGES} <= names
+    # the task run Prefect makes for the optimize subflow is named after the sequence, not optimize-sequence-0
+    assert "optimize-sequence 001/EXP-1-head" in names and not any(n.startswith("optimize-sequence-") for n in names)
+    # each stage's line once: the optimize subflow logs its own, the sequence run does not repeat it
+    lines = [m for m in asyncio.run(_log_messages()) if m.startswith(("optimize completed", "optimize done"))]
+    assert len(lines) == 1, lines
 
     summary = work.read_report("sequence")
     assert summary["status"] == "completed" and summary["psnr"] == pytest.approx(reports["evaluate"]["psnr"], abs=1e-3)
