@@ -75,7 +75,8 @@ server: install
 worker: install
 	PREFECT_API_URL=$${PREFECT_API_URL:-$(LOCAL_API)} exec $(PY) -m flows.worker --pool $(POOL) $(WORKER_ARGS)
 
-# Work pools cpu and gpu, the gpu concurrency limit (1 slot) where missing, then prefect.yaml's deployments.
+# Work pools cpu and gpu, the gpu concurrency limit (1 slot) and the automation that marks flow runs whose
+# heartbeats stopped Crashed (flows/heartbeats.py), each where missing, then prefect.yaml's deployments.
 deploy: install
 	export PREFECT_API_URL=$${PREFECT_API_URL:-$(LOCAL_API)}; \
 	for pool in cpu gpu; do \
@@ -83,6 +84,7 @@ deploy: install
 	done; \
 	$(PREFECT) global-concurrency-limit inspect gpu >/dev/null 2>&1 || \
 	  $(PREFECT) global-concurrency-limit create gpu --limit 1 || exit 1; \
+	$(PY) -m flows.heartbeats || exit 1; \
 	cd $(CURDIR) && PWD=$(CURDIR) $(PREFECT) --no-prompt deploy --all
 
 clean:

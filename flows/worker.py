@@ -15,6 +15,9 @@ check every few seconds; on an outage it prints one line and pauses the worker p
 separate processes, go on), and on recovery it prints one line and resumes it, so the worker neither floods
 its log nor gives up, and polls again as soon as the database is back.
 
+A worker machine can die mid-run. The launcher turns on flow-run heartbeats for the runs its worker starts and
+creates the server's automation that marks a run Crashed once its heartbeats stop (see ``flows.heartbeats``).
+
 Usage: ``python -m flows.worker --pool cpu [more prefect worker start options]``.
 """
 
@@ -30,6 +33,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+from flows.heartbeats import AUTOMATION_NAME, ensure_heartbeat_automation, window_s, with_heartbeats
 
 WATCH_INTERVAL_S = float(os.environ.get("NERSEMBLE_WORKER_WATCH_S", "2"))
 
@@ -126,6 +131,21 @@ class Watchdog(threading.Thread):
             pass
 
 
+def ensure_crash_detection(say: Callable[[str], None] = print) -> None:
+    """Create the server's automation that marks runs without heartbeats Crashed, if missing (flows.heartbeats).
+
+    Here rather than only in ``make deploy`` so that any server our workers poll has it; a failure is one line
+    and the worker starts anyway: crash detection is worth having, not worth refusing work for.
+    """
+    try:
+        if ensure_heartbeat_automation():
+            say(f"created the automation {AUTOMATION_NAME!r}: flow runs without a heartbeat for "
+                f"{window_s():g} s end Crashed")
+    except Exception as error:  # noqa: BLE001 - one clear line, not a traceback
+        say(f"could not create the automation {AUTOMATION_NAME!r} ({error}); a dead worker's runs will stay "
+            f"Running until it exists (make deploy creates it)")
+
+
 def run_worker(args: list[str]) -> int:
     """Run the worker until it exits; the first SIGINT or SIGTERM here becomes one SIGINT to it."""
     url = api_url()
@@ -141,7 +161,10 @@ def run_worker(args: list[str]) -> int:
     signal.signal(signal.SIGTERM, early_stop)
     if url and not wait_until_ready(url, lambda: stopping, say=_say):
         return 0
-    worker = subprocess.Popen(worker_command(args), start_new_session=True)
+    if url:
+        ensure_crash_detection(say=_say)
+    # Its flow runs inherit its environment: heartbeats on, so a run whose machine dies ends Crashed.
+    worker = subprocess.Popen(worker_command(args), start_new_session=True, env=with_heartbeats(dict(os.environ)))
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
