@@ -43,7 +43,7 @@ from stages.nersemble.trainer import ProgressCallback, Trainer, TrainingProgress
 from stages.optimize.curves import training_curves_png
 from stages.rendering.backend import resolve_backend
 from stages.rendering.checkpoints import checkpoint_path, checkpoint_steps, latest_checkpoint
-from stages.rendering.model import load_trained_model  # noqa: F401 - public here: README names it
+from stages.rendering.model import load_trained_model  # noqa: F401 - public here: docs/stages.md names it
 from storage import CaptureStore, SequenceWorkDir
 
 STAGE = "optimize"
