@@ -218,7 +218,9 @@ def main() -> None:
     headline = runs[1]  # the CPU, 2 strip workers, the rig's aspect
     results = {
         "sequence": work, "model_step": sequence.trained.step,
-        "preset_note": f"eval_substeps {sequence.trained.config.sampler.eval_substeps} full, 1 coarse",
+        "preset_note": (f"full at step {sequence.trained.config.sampler.step_size:g} / eval_substeps "
+                        f"{sequence.trained.config.sampler.eval_substeps}, coarse at step "
+                        f"{sequence.coarse.config.sampler.step_size:g}"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # others' jobs share the cores
         "first_image_s": headline["first_image_s"], "coarse_fps": headline["coarse_fps"],

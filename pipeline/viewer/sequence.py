@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ from storage import CaptureStore, SequenceWorkDir
 
 STAGE = "view"
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
+# Images drawn while the view moves are previews, replaced by the full-size render once it rests: they march at
+# twice the training step, half the samples of a ray, which a drag on a CPU needs to keep up with the hand.
+COARSE_STEP_FACTOR = 2.0
 
 
 @dataclass
@@ -45,7 +48,7 @@ class ViewerSequence:
     store: CaptureStore
     cameras: StoreCameras
     trained: Any  # a stages.rendering TrainedModel
-    coarse: Any  # the same weights marching at the training step (eval_substeps 1): the images while moving
+    coarse: Any  # the same weights marching at COARSE_STEP_FACTOR x the training step: the images while moving
     device: torch.device
     fps: float
     box: np.ndarray  # (2, 3) scene box corners, metres
@@ -89,12 +92,20 @@ def open_sequence(sequence_work_dir: str, device: str = "auto", checkpoint: int 
     step = None if checkpoint in (None, steps[-1]) else checkpoint
     warnings: list[str] = []
     trained = _load(work, store, target, step, None, warnings)
-    coarse = trained
-    if trained.config.sampler.eval_substeps != 1:
-        coarse = _load(work, store, target, step, 1, [])
+    coarse = coarse_copy(_load(work, store, target, step, 1, []))
     box = trained.model.scene_box.detach().cpu().double().numpy() / float(trained.config.scene.world_scale)
     return ViewerSequence(work=work, store=store, cameras=cameras, trained=trained, coarse=coarse, device=target,
                           fps=store.fps, box=box, scores=holdout_scores(work), warnings=warnings)
+
+
+def coarse_copy(trained: Any) -> Any:
+    """The model that draws while the view moves: its own copy of the weights, marching COARSE_STEP_FACTOR times
+    the training step."""
+    sampler = trained.config.sampler
+    config = trained.config.with_overrides({"sampler.step_size": sampler.step_size * COARSE_STEP_FACTOR,
+                                            "sampler.eval_substeps": 1})
+    trained.model.config = config
+    return replace(trained, config=config)
 
 
 def _load(work: SequenceWorkDir, store: CaptureStore, device: torch.device, step: int | None,
