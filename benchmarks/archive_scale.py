@@ -148,32 +148,31 @@ def child(archive: str, work_root: str) -> None:
 
     counts = {"calls": 0, "failed": 0, "errors": []}
 
+    def failed(request, why: str) -> None:  # noqa: ANN001 - an httpx request
+        counts["failed"] += 1
+        counts["errors"].append(f"{request.method} {request.url.path}: {why}")
+
+    def answered(request, response):  # noqa: ANN001, ANN202 - httpx's request and response
+        if response.status_code == 429 or response.status_code >= 500:
+            failed(request, str(response.status_code))
+        return response
+
     def counted(send):  # noqa: ANN001, ANN202 - wraps httpx's send
         async def async_send(self, request, *args, **kwargs):  # noqa: ANN001, ANN202
             counts["calls"] += 1
             try:
-                response = await send(self, request, *args, **kwargs)
+                return answered(request, await send(self, request, *args, **kwargs))
             except Exception as error:
-                counts["failed"] += 1
-                counts["errors"].append(f"{request.method} {request.url.path}: {type(error).__name__}")
+                failed(request, type(error).__name__)
                 raise
-            if response.status_code == 429 or response.status_code >= 500:
-                counts["failed"] += 1
-                counts["errors"].append(f"{request.method} {request.url.path}: {response.status_code}")
-            return response
 
         def sync_send(self, request, *args, **kwargs):  # noqa: ANN001, ANN202
             counts["calls"] += 1
             try:
-                response = send(self, request, *args, **kwargs)
+                return answered(request, send(self, request, *args, **kwargs))
             except Exception as error:
-                counts["failed"] += 1
-                counts["errors"].append(f"{request.method} {request.url.path}: {type(error).__name__}")
+                failed(request, type(error).__name__)
                 raise
-            if response.status_code == 429 or response.status_code >= 500:
-                counts["failed"] += 1
-                counts["errors"].append(f"{request.method} {request.url.path}: {response.status_code}")
-            return response
 
         import inspect
 
