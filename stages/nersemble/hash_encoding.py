@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -194,10 +195,6 @@ class TritonHashEnsemble(TorchHashEnsemble):
             self._levels = self._kernels.LevelTables(self.layout, device)
         return self._levels
 
-    def _triton(self, x: torch.Tensor, blend: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        return self._kernels.hash_ensemble(x, blend, table, self._level_tables(x.device), self.n_grids,
-                                           self.features_per_level, self.block_n)
-
     def forward(self, x: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != 3 or blend.shape != (x.shape[0], self.n_grids):
             raise ValueError(f"expected x [N, 3] and blend [N, {self.n_grids}], got {tuple(x.shape)} and "
@@ -210,20 +207,35 @@ class TritonHashEnsemble(TorchHashEnsemble):
                 self._first_use(x, blend, grads or (False, False, False))
         if not self.uses_kernels(x):
             return super().forward(x, blend)
-        return self._triton(x, blend, self.table)
+        return self._kernels.hash_ensemble(x, blend, self.table, self._level_tables(x.device), self.n_grids,
+                                           self.features_per_level, self.block_n)
 
     def _first_use(self, x: torch.Tensor, blend: torch.Tensor, needs: tuple[bool, bool, bool]) -> None:
-        """Compile, launch and check the kernels this call will run, on a few of its own points."""
+        """Compile, launch and check the kernels this call will run, on a few of its own points.
+
+        The check's table is a small one of the same grids, levels and features: those (and the point count's
+        specialisation) are what a kernel is compiled for, the table's size is not, and a copy of the real table
+        with two dense gradients would cost three times the paper's 1.6 GB on the GPU.
+        """
         from .kernels.cuda.launch import device_target  # noqa: PLC0415 - triton is optional
 
+        small = TorchHashEnsemble(replace(self.config, log2_table_size=min(self.config.log2_table_size, 12)))
+        small = small.to(x.device)
+        with torch.no_grad():
+            small.table.normal_(generator=torch.Generator(device=x.device).manual_seed(0))  # O(1) values
+        levels = self._kernels.LevelTables(small.layout, x.device)
         n = min(x.shape[0], 37)  # not a multiple of 16: the generic integer specialisation, a partial block
         inputs = [x[:n].detach().float().clone().requires_grad_(needs[0]),
                   blend[:n].detach().float().clone().requires_grad_(needs[1]),
-                  self.table.detach().clone().requires_grad_(needs[2])]
+                  small.table.detach().requires_grad_(needs[2])]
+
+        def kernels(x_: torch.Tensor, blend_: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+            return self._kernels.hash_ensemble(x_, blend_, table, levels, self.n_grids, self.features_per_level,
+                                               self.block_n)
+
         try:
             with torch.enable_grad():
-                check_twin("hash_ensemble", self._triton, lambda *a: self.reference_forward(a[0], a[1], a[2]),
-                           inputs, device_target(x))
+                check_twin("hash_ensemble", kernels, small.reference_forward, inputs, device_target(x))
         except KernelError as error:
             self.failure = fall_back(error, self.strict, "the torch encoding")
 
