@@ -280,7 +280,8 @@ class NeRSembleModel(nn.Module):
 
         try:
             target = device_target(rays_o)
-            check_twin("composite_fwd/composite_bwd", composite(True), composite(False), [sigmas, rgbs], target)
+            with torch.enable_grad():  # the first use may come inside a no-grad render or marching pass
+                check_twin("composite_fwd/composite_bwd", composite(True), composite(False), [sigmas, rgbs], target)
             check_twin("march_kernel", march(True), march(False), [rays_o], target)
         except KernelError as error:
             self.fused_packed = False

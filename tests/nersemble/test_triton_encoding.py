@@ -320,3 +320,14 @@ def test_the_model_reports_the_backends_and_falls_back_for_packed_kernels(interp
     with pytest.warns(RuntimeWarning, match="march_kernel failed.*torch marching and compositing"):
         used = fresh.kernels_used()
     assert used["marching_compositing"] != "triton" and "march_kernel" in used["fallbacks"][0]
+
+
+def test_the_first_use_check_runs_inside_a_no_grad_render(interpreted):
+    """A render's marching pass is the packed kernels' first use, under no_grad: the check still runs and passes."""
+    from stages.nersemble import NeRSembleModel  # noqa: PLC0415
+
+    model = NeRSembleModel(preset("preview"), 2, torch.tensor([[-1.0] * 3, [1.0] * 3]), backend="triton")
+    model.allow_kernel_fallback(False)  # a failing check would raise here
+    with torch.no_grad():
+        assert model._fused(torch.zeros(1, 3))
+    assert model.packed_failure is None and model.kernels_used()["marching_compositing"] == "triton"

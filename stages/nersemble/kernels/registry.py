@@ -94,6 +94,9 @@ def check_twin(name: str, op: Callable[..., torch.Tensor], twin: Callable[..., t
         pairs += zip(torch.autograd.grad(out, wanted, grad_out), torch.autograd.grad(expected, wanted, grad_out),
                      [f"gradient {i}" for i in range(len(wanted))], strict=True)
     for got, want, what in pairs:
+        if got.shape != want.shape:
+            raise KernelError(name, target, f"its {what} have shape {tuple(got.shape)}, the torch twin's "
+                              f"{tuple(want.shape)}")
         scale = max(float(want.detach().abs().max()) if want.numel() else 0.0, 1e-6)
         error = float((got.detach().float() - want.detach().float()).abs().max()) if want.numel() else 0.0
         if not error <= tolerance * scale:  # also catches NaN
