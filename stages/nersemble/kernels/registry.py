@@ -84,9 +84,11 @@ def check_twin(name: str, op: Callable[..., torch.Tensor], twin: Callable[..., t
                inputs: list[torch.Tensor], target: str, tolerance: float = 1e-3) -> None:
     """Run ``op`` and its torch ``twin`` on ``inputs``, forward and (for inputs that require it) backward, and
     raise a :class:`KernelError` when the op fails or its values or gradients differ beyond ``tolerance``
-    (relative to the largest magnitude; a kernel that computes the wrong thing is off by O(1))."""
-    out = op(*inputs)
-    expected = twin(*inputs)
+    (relative to the largest magnitude; a kernel that computes the wrong thing is off by O(1)). Autocast is off
+    inside: the first use may come in a mixed-precision step, and an fp16 twin would differ by its own rounding."""
+    with torch.autocast(device_type=inputs[0].device.type, enabled=False):
+        out = op(*inputs)
+        expected = twin(*inputs)
     pairs = [(out, expected, "values")]
     wanted = [t for t in inputs if t.requires_grad]
     if wanted:
