@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,13 +98,6 @@ def _tree_cpu_s(pid: int) -> float:
     return total
 
 
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/ready", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
 
 def start_server(database: str, home: Path) -> tuple[subprocess.Popen, str]:
     """A Prefect server on ``database`` (sqlite: ``prefect server start``; postgresql: our ``server`` command)."""
@@ -121,9 +113,11 @@ def start_server(database: str, home: Path) -> tuple[subprocess.Popen, str]:
                    "--data", str(home / "server-data"), "--db-port", str(free_port())]
     log = open(home / f"server-{database}.log", "wb")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    from flows.worker import readiness  # noqa: PLC0415 - the workers' own check, after sys.path is set
+
     api_url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while not _healthy(api_url):
+    while readiness(api_url, timeout=2) is not None:
         if server.poll() is not None or time.monotonic() > deadline:
             stop_server(server)
             raise RuntimeError(f"{database} server did not start: {(home / f'server-{database}.log').read_text()[-2000:]}")

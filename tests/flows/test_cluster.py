@@ -23,11 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from flows.worker import readiness
 from pipeline.synthetic import synthesize_capture
 
 _spec = importlib.util.spec_from_file_location("cluster_netns", Path(__file__).with_name("netns.py"))
@@ -45,13 +45,6 @@ TINY = {
 SERVER_READY_S = 240
 RUNS_S = 540
 
-
-def _ready(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/ready", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 class Cluster:
@@ -83,7 +76,7 @@ class Cluster:
                                         "--port", "4200", "--data", str(self.server_data), "--db-port", "5433"]),
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.tmp)
         deadline = time.monotonic() + SERVER_READY_S
-        while not _ready(self.api_url):
+        while readiness(self.api_url, timeout=2) is not None:
             if self.server.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"server did not become ready: {self.logs('server-*.log')}")
             time.sleep(0.5)
