@@ -7,7 +7,6 @@ host. It lives with the sequence's other outputs so every flow run that has the 
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import HashEnsembleConfig
 from .kernels.cpu import ops as cpu_ops
-from .kernels.layout import GridLayout, grid_layout
+from .kernels.layout import grid_layout
 from .kernels.registry import KernelError, check_twin, fall_back
 
 PRIMES = (1, 2654435761, 805459861)  # tcnn's coherent_prime_hash factors for 3-D inputs
